@@ -1,0 +1,3 @@
+"""mlx-edgelora (integration in progress)."""
+
+from . import _blas  # noqa: F401

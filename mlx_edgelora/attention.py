@@ -1,0 +1,254 @@
+"""Long-context layer recompute: chunked attention with its own VJP, MLP over token chunks.
+
+Paper: "Going beyond the paper" (long-context layer recompute), serving technique 2
+(checkpointing): when a block is recomputed in the backward pass, no tensor of size L x L
+(attention scores) or L x intermediate (SwiGLU) exists at once.
+Why: MLX's fused attention has no fused backward, so autodiff of `layer(x, "causal")`
+holds [B, H, L, L] scores and probabilities; autodiff of the MLP holds every token's
+[intermediate] activations. Here attention is FlashAttention-2 style (online softmax forward
+saving only O and the log-sum-exp; backward recomputes scores tile by tile), and the MLP has
+a custom VJP that recomputes one token chunk at a time. Both sit next to a plain reference.
+`mx.depends` chains the tiles so that MLX's evaluator finishes one tile (and frees its
+scores) before starting the next; without it, tiles feeding two accumulators stay alive.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import UserError
+
+
+def block_forward(layer: nn.Module, x: mx.array, attn_chunk: int, mlp_chunk: int) -> mx.array:
+    """Exactly `layer(x, mask="causal")` for an mlx-lm Llama/Qwen2 block, in chunks.
+
+    attn_chunk / mlp_chunk = 0 (or >= the sequence) use the plain, unchunked path.
+    """
+    h = x + attention_forward(layer.self_attn, layer.input_layernorm(x), attn_chunk)
+    return h + mlp_forward(layer.mlp, layer.post_attention_layernorm(h), mlp_chunk)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_forward(attn: nn.Module, x: mx.array, chunk: int) -> mx.array:
+    """mlx-lm's Attention.__call__ (no cache, causal) with the core swapped for chunks."""
+    B, L, _ = x.shape
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    # [B, L, H*hd] -> [B, H, L, hd]
+    q = attn.rope(q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3))
+    k = attn.rope(k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3))
+    v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if chunk <= 0 or chunk >= L:
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask="causal")
+    else:
+        o = chunked_attention(q, k, v, attn.scale, chunk)
+    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int):
+    """Causal softmax(scale q k^T) v over chunk x chunk tiles, with a FlashAttention-2 VJP.
+
+    q [B, H, L, hd]; k, v [B, Hkv, L, hd] with H a multiple of Hkv (GQA, never repeated).
+    Returns o [B, H, L, hd]. `chunked_attention_lse` also returns the log-sum-exp.
+    """
+    return chunked_attention_lse(q, k, v, scale, chunk)[0]
+
+
+def chunked_attention_lse(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.array]:
+    """(o [B, H, L, hd], lse [B, H, L]); differentiable in q, k, v (lse's cotangent too)."""
+    fn = mx.custom_function(lambda q, k, v: _flash_forward(q, k, v, scale, chunk))
+
+    def vjp(primals, cotangents, outputs):
+        return _flash_backward(*primals, *outputs, *cotangents, scale, chunk)
+
+    fn.vjp(vjp)
+    return fn(q, k, v)
+
+
+def attention_reference(q, k, v, scale: float) -> tuple[mx.array, mx.array]:
+    """Plain causal attention (full L x L scores, repeated K/V): (o, lse), autodiff only."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
+    L = q.shape[2]
+    s = (q * scale) @ k.swapaxes(-1, -2)
+    causal = mx.arange(L)[:, None] >= mx.arange(L)[None, :]
+    s = mx.where(causal, s, -mx.inf)
+    lse = mx.logsumexp(s, axis=-1)
+    return mx.exp(s - lse[..., None]) @ v, lse
+
+
+def _spans(L: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+
+
+def _rows(a: mx.array, kv: int, s: int, e: int) -> mx.array:
+    """Rows s:e of a [B, H, L, ...] tensor as [B, Hkv, rep*(e-s), ...] (query heads grouped)."""
+    B, H, L = a.shape[:3]
+    g = a.reshape(B, kv, H // kv, L, *a.shape[3:])[:, :, :, s:e]
+    return g.reshape(B, kv, (H // kv) * (e - s), *a.shape[3:])
+
+
+def _unrows(tiles: list[mx.array], H: int) -> mx.array:
+    """Inverse of _rows over all spans: [B, Hkv, rep*n_i, ...] list -> [B, H, L, ...]."""
+    B, kv = tiles[0].shape[:2]
+    rest = tiles[0].shape[3:]
+    g = [t.reshape(B, kv, H // kv, -1, *rest) for t in tiles]
+    out = mx.concatenate(g, axis=3)
+    return out.reshape(B, H, out.shape[3], *rest)
+
+
+def _scores(qi: mx.array, kj: mx.array, diagonal: bool, rep: int) -> mx.array:
+    """Scaled scores of one tile [B, Hkv, rep*n, m] in float32, -inf above the diagonal."""
+    s = (qi @ kj.swapaxes(-1, -2)).astype(mx.float32)
+    if diagonal:  # query chunk == key chunk: keep key position <= query position
+        n = kj.shape[2]
+        causal = mx.arange(n)[:, None] >= mx.arange(n)[None, :]
+        s = mx.where(mx.tile(causal, (rep, 1)), s, -mx.inf)
+    return s
+
+
+def _flash_forward(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.array]:
+    """Online-softmax forward, query chunk outer; saves only o and lse."""
+    H, kv = q.shape[1], k.shape[1]
+    spans, qs = _spans(q.shape[2], chunk), q * scale
+    outs, lses = [], []
+    for i, (s, e) in enumerate(spans):
+        qi = _rows(qs, kv, s, e)  # [B, Hkv, rep*n, hd]
+        m = l = acc = None
+        for j in range(i + 1):
+            ks, ke = spans[j]
+            if acc is not None:  # finish the previous tile before this one starts
+                qi = mx.depends(qi, [acc, l])
+            t = _scores(qi, k[:, :, ks:ke], j == i, H // kv)
+            m_new = t.max(axis=-1) if m is None else mx.maximum(m, t.max(axis=-1))
+            p = mx.exp(t - m_new[..., None])
+            pv = p.astype(v.dtype) @ v[:, :, ks:ke]
+            if acc is None:
+                l, acc = p.sum(axis=-1), pv
+            else:
+                alpha = mx.exp(m - m_new)
+                l = alpha * l + p.sum(axis=-1)
+                acc = alpha[..., None].astype(acc.dtype) * acc + pv
+            m = m_new
+        outs.append((acc / l[..., None]).astype(q.dtype))
+        lses.append(m + mx.log(l))
+    return _unrows(outs, H), _unrows(lses, H)
+
+
+def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int):
+    """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile."""
+    H, kv, rep = q.shape[1], k.shape[1], q.shape[1] // k.shape[1]
+    spans, qs = _spans(q.shape[2], chunk), q * scale
+    # D = rowsum(dO * O) - dlse, so that dS = P * (dP - D) also carries lse's cotangent
+    d = (do * o).sum(axis=-1).astype(mx.float32) - dlse
+    rows = [[_rows(a, kv, s, e) for s, e in spans] for a in (qs, do, lse, d)]
+    dq: list[mx.array | None] = [None] * len(spans)
+    dks, dvs, last = [], [], []
+    for j, (ks, ke) in enumerate(spans):
+        kj, vj, dk, dv = k[:, :, ks:ke], v[:, :, ks:ke], None, None
+        for i in range(j, len(spans)):
+            qi, doi, lse_i, d_i = (r[i] for r in rows)
+            if last:  # finish the previous tile (free its P, dS) before this one starts
+                qi = mx.depends(qi, last)
+            p = mx.exp(_scores(qi, kj, i == j, rep) - lse_i[..., None])
+            ds = p * ((doi @ vj.swapaxes(-1, -2)).astype(mx.float32) - d_i[..., None])
+            p, ds = p.astype(q.dtype), ds.astype(q.dtype)
+            dv = _acc(dv, p.swapaxes(-1, -2) @ doi)  # sums over the rep query heads
+            dk = _acc(dk, ds.swapaxes(-1, -2) @ qi)
+            dq[i] = _acc(dq[i], ds @ kj)
+            last = [dv, dk, dq[i]]
+        dks.append(dk)
+        dvs.append(dv)
+    dq_full = _unrows(dq, H) * scale
+    return dq_full, mx.concatenate(dks, axis=2), mx.concatenate(dvs, axis=2)
+
+
+def _acc(total: mx.array | None, term: mx.array) -> mx.array:
+    return term if total is None else total + term
+
+
+# ----------------------------------------------------------------------------------- MLP
+
+
+def mlp_forward(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
+    """`mlp(x)`, over token chunks with a recomputing VJP when 0 < chunk < B*L."""
+    if chunk <= 0 or chunk >= x.shape[0] * x.shape[1]:
+        return mlp(x)
+    return chunked_mlp(mlp, x, chunk)
+
+
+def mlp_reference(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
+    """Plain reference: the same token chunks, autodiff through the loop (keeps all)."""
+    flat = x.reshape(-1, x.shape[-1])  # [B*L, D]
+    ys = [mlp(flat[s:e]) for s, e in _spans(flat.shape[0], chunk)]
+    return mx.concatenate(ys, axis=0).reshape(*x.shape[:-1], -1)
+
+
+def chunked_mlp(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
+    """`mlp(x)` whose VJP recomputes each chunk's [chunk, intermediate] SwiGLU activations.
+
+    The mlp's trainable parameters (e.g. LoRA A/B) are explicit inputs of the custom
+    function, so their gradients flow back to whatever arrays the module holds now.
+    """
+    _check_no_dropout(mlp)
+    flat = tree_flatten(mlp.trainable_parameters())
+    names, params = [n for n, _ in flat], [p for _, p in flat]
+    pure = _pure_call(mlp, names)
+    # the output must be a tuple: a bare array would be unpacked along its first axis
+    fn = mx.custom_function(lambda x, *ps: (_mlp_chunks(pure, x, ps, chunk),))
+
+    def vjp(primals, cotangents, outputs):
+        return _mlp_backward(pure, primals[0], primals[1:], cotangents[0], chunk)
+
+    fn.vjp(vjp)
+    return fn(x, *params)[0]
+
+
+def _pure_call(mlp: nn.Module, names: list[str]):
+    """A pure function (x, params) -> mlp(x): sets params, calls, restores the module."""
+
+    def call(x: mx.array, params) -> mx.array:
+        saved = mlp.parameters()
+        mlp.update(tree_unflatten(list(zip(names, params))))
+        try:
+            return mlp(x)
+        finally:
+            mlp.update(saved)
+
+    return call
+
+
+def _mlp_chunks(pure, x: mx.array, params, chunk: int) -> mx.array:
+    flat = x.reshape(-1, x.shape[-1])  # [B*L, D]
+    ys, prev = [], None
+    for s, e in _spans(flat.shape[0], chunk):
+        xc = flat[s:e] if prev is None else mx.depends(flat[s:e], prev)
+        ys.append(pure(xc, params))
+        prev = ys[-1]
+    return mx.concatenate(ys, axis=0).reshape(*x.shape[:-1], -1)
+
+
+def _mlp_backward(pure, x: mx.array, params, dy: mx.array, chunk: int):
+    """Per chunk: recompute, mx.vjp w.r.t. (x chunk, params); sum parameter cotangents."""
+    flat, dflat = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dxs, dps = [], [None] * len(params)
+    for s, e in _spans(flat.shape[0], chunk):
+        xc = flat[s:e] if not dxs else mx.depends(flat[s:e], [dxs[-1], *dps])
+        _, (dxc, *dpc) = mx.vjp(lambda a, *ps: pure(a, ps), [xc, *params], [dflat[s:e]])
+        dxs.append(dxc)
+        dps = [_acc(t, c) for t, c in zip(dps, dpc)]
+    dx = mx.concatenate(dxs, axis=0).reshape(x.shape)
+    return (dx, *dps)
+
+
+def _check_no_dropout(mlp: nn.Module) -> None:
+    """Recompute would draw a second dropout mask; refuse instead of a silent mismatch."""
+    for _, m in mlp.named_modules():
+        if isinstance(m, nn.Dropout) and m.training and m._p_1 < 1.0:
+            raise UserError(
+                "--lora-dropout: active dropout cannot be recomputed by --mlp-chunk; "
+                "set --lora-dropout 0 or --mlp-chunk 0"
+            )

@@ -1,0 +1,218 @@
+"""TrainConfig: every training option, its default and its help text, defined once.
+
+The CLI parser is generated from the dataclass fields; precedence is CLI > YAML > default.
+An unknown YAML key is an error that names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+DEFAULT_LORA_KEYS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def _opt(default: Any, help: str, choices: list | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help (and choices) in its metadata."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str | None = _opt(
+        None,
+        "mlx-lm model folder, Hugging Face repo id, or .gguf file "
+        "(default: the embedded SmolLM2-135M-Instruct Q4_1)",
+    )
+    quantize: int | None = _opt(
+        None, "quantize an unquantized model at load time to this many bits", choices=[4, 8]
+    )
+    data: str | None = _opt(
+        None,
+        "folder (searched recursively) or file of .txt/.md/.jsonl "
+        "(default: the bundled sample folder)",
+    )
+    out: str = _opt("runs/adapter", "output folder for the adapter and checkpoints")
+    # --- optimisation
+    steps: int = _opt(100, "optimizer steps to run")
+    max_seq_len: int = _opt(512, "tokens per packed training sequence")
+    batch_size: int = _opt(1, "sequences per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int = _opt(10, "warm-up steps of the learning-rate schedule")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)")
+    seed: int = _opt(0, "seed for LoRA init, data split and shuffling")
+    # --- LoRA
+    rank: int = _opt(16, "LoRA rank")
+    lora_scale: float = _opt(2.0, "LoRA scale (alpha / rank): the update is scale * x A B")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    lora_keys: list = _opt(
+        DEFAULT_LORA_KEYS, "projections inside each block that get LoRA (dotted paths)"
+    )
+    num_layers: int = _opt(-1, "LoRA on the last N blocks (-1 = all blocks)")
+    # --- data
+    val_fraction: float = _opt(0.1, "fraction of documents held out for validation")
+    # --- cadence and output
+    eval_every: int = _opt(50, "validation loss/perplexity every N steps (and at the end)")
+    eval_batches: int = _opt(8, "validation micro-batches per evaluation (-1 = all)")
+    save_every: int = _opt(50, "write a resumable checkpoint every N steps")
+    resume: bool = _opt(False, "continue from the last checkpoint in --out")
+    overwrite: bool = _opt(False, "allow writing into a non-empty --out that is not a resume")
+    # --- memory engine (technique 2)
+    engine: str = _opt(
+        "segments",
+        "segments: segment-wise forward, per-segment backward (low memory); "
+        "graph: one autodiff graph (reference)",
+        choices=["segments", "graph"],
+    )
+    checkpoint_every: int = _opt(1, "blocks per checkpoint segment")
+    activations: str = _opt(
+        "disk",
+        "where segment boundaries live between forward and backward: "
+        "ram, or disk (spilled to --spill-dir, overlapping I/O with compute)",
+        choices=["ram", "disk"],
+    )
+    spill_dir: str | None = _opt(
+        None, "folder for spilled boundaries (default: a private temp folder beside --out)"
+    )
+    cache_policy: str = _opt(
+        "none",
+        "selective caching inside a segment: none (recompute all), or keep cheap-to-store, "
+        "costly-to-recompute tensors",
+    )
+    attn_chunk: int = _opt(
+        512, "query/key chunk of the chunked attention used in recompute (0 = unchunked)"
+    )
+    mlp_chunk: int = _opt(1024, "token chunk of the MLP in recompute (0 = unchunked)")
+    stream_weights: bool = _opt(
+        False, "keep block weights on disk and load each segment's weights only while used"
+    )
+    # --- loss head (techniques 3 and 4)
+    loss: str = _opt(
+        "chunked",
+        "full: all-vocabulary logits (reference); chunked: exact, vocabulary-chunked; "
+        "subset: softmax over the targets plus their semantic neighbours (approximate)",
+        choices=["full", "chunked", "subset"],
+    )
+    subset_k: int = _opt(1000, "vocabulary subset size for --loss subset")
+    vocab_chunk: int = _opt(8192, "vocabulary chunk for the chunked exact loss")
+    # --- planning
+    memory_budget_gb: float | None = _opt(
+        None, "refuse to start if the planned peak memory exceeds this many GB"
+    )
+    config: str | None = _opt(None, "YAML file whose keys mirror these flags")
+
+    def validate(self) -> TrainConfig:
+        """Reject impossible combinations early, naming the flag and the fix."""
+        positive = ["steps", "max_seq_len", "batch_size", "grad_accum", "rank", "subset_k"]
+        for name in positive + ["checkpoint_every", "vocab_chunk"]:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive (got {self.lr})")
+        for name in ["attn_chunk", "mlp_chunk", "warmup", "eval_every", "save_every"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    for name, typ in [("bool", bool), ("int", int), ("float", float), ("list", list)]:
+        if t.startswith(name):
+            return typ
+    return str
+
+
+def build_parser(prog: str = "python -m mlx_edgelora.train") -> argparse.ArgumentParser:
+    """An argparse parser generated from TrainConfig; every default is None (= not given)."""
+    p = argparse.ArgumentParser(
+        prog=prog, description="Fine-tune a quantized Llama/Qwen model with LoRA on your text."
+    )
+    for f in dataclasses.fields(TrainConfig):
+        typ, meta = _field_type(f), f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{meta['help']} (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typ is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = typ
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+        p.add_argument(f"--{_flag(f.name)}", **kw)
+    return p
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML config; unknown keys are errors naming the nearest valid key."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file not found; check the --config path")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of option: value at the top level")
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in valid:
+            near = difflib.get_close_matches(name, sorted(valid), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise UserError(f"{path}: unknown option '{key}'{hint}")
+        out[name] = value
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """CLI > YAML (--config) > defaults, then validated."""
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    merged: dict = {}
+    if args.get("config"):
+        merged.update(load_yaml(args["config"]))
+    merged.update(args)
+    try:
+        cfg = TrainConfig(**merged)
+    except TypeError as e:
+        raise UserError(f"bad configuration: {e}") from None
+    return cfg.validate()

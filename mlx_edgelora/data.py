@@ -1,0 +1,293 @@
+"""Files -> token sequences with a per-token trainable `mask` (the data side of loss masking).
+
+A folder is searched recursively (sorted, hidden entries skipped) for .txt/.md (one document
+each, every token trainable) and .jsonl files (one record per line: {"text"},
+{"prompt", "completion"} or {"messages"}). `mask[i]` is True when token i carries loss as a
+*target*, i.e. when predicting tokens[i] from tokens[:i] is trained; token 0 of a document is
+never a target (it has no context inside its document), so packing loses no trainable token.
+
+Chat masking (the common-prefix trick): the full conversation is rendered once with the
+tokenizer's chat template; for each assistant turn we render the conversation up to it
+(with the generation prompt) and up to and including it. Both renders must be token prefixes
+of the full render -- else the template is not prefix-consistent and the record is skipped
+with a warning -- and the tokens between them are the assistant's content plus its
+end-of-turn token (anything the template emits after the end-of-turn token is not trained).
+
+Prompt/completion records are rendered as a user/assistant chat when the tokenizer has a chat
+template (as mlx-lm does, and as `mlx_lm.generate` prompts a chat model), else as plain
+`encode(prompt) + encode(completion) + EOS`, tokenized separately so that the boundary is
+exactly where generation would start. Only the completion (+ end token) is trainable.
+
+Bad input never stops a run: unreadable, empty, binary or non-UTF-8 files and bad jsonl lines
+are skipped with one warning line each (per file), and a summary line counts everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
+_SCHEMAS = 'one of {"text"}, {"prompt", "completion"} or {"messages"}'
+
+
+@dataclass
+class Example:
+    """One document: tokens, mask[i] = tokens[i] is a trainable target, and where it came from."""
+
+    tokens: list[int]
+    mask: list[bool]
+    source: str  # path relative to the --data root, plus ":<line>" for jsonl records
+
+
+class BadRecord(ValueError):
+    """A file or jsonl record that cannot become an Example; the message says why."""
+
+
+@dataclass
+class _Tally:
+    """Counts for the summary line."""
+
+    files: int = 0
+    bad_files: int = 0
+    other_files: int = 0
+    bad_lines: int = 0
+
+
+def load_documents(path: str, tokenizer) -> list[Example]:
+    """All usable documents under `path` (a folder, searched recursively, or one file)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"{path}: no such file or folder; check the --data path")
+    files, n_other = find_files(root)
+    tally = _Tally(other_files=n_other)
+    examples: list[Example] = []
+    for f in files:
+        source = f.name if root.is_file() else f.relative_to(root).as_posix()
+        examples.extend(_load_file(f, source, tokenizer, tally))
+    _log_summary(path, examples, tally)
+    if not examples:
+        raise UserError(
+            f"{path}: no usable .txt/.md/.jsonl documents found; point --data at a folder or "
+            "file of UTF-8 text (.txt/.md) or .jsonl records with " + _SCHEMAS
+        )
+    return examples
+
+
+def find_files(root: Path) -> tuple[list[Path], int]:
+    """(.txt/.md/.jsonl files under `root` sorted by relative path, count of other files).
+
+    Hidden files and folders (.git, .DS_Store, ...) are skipped and not counted.
+    """
+    if root.is_file():
+        candidates = [root]
+    else:
+        candidates = []
+        for folder, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            candidates += [Path(folder) / n for n in filenames if not n.startswith(".")]
+        candidates.sort(key=lambda p: p.relative_to(root).as_posix())
+    files = [p for p in candidates if p.suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)]
+    return files, len(candidates) - len(files)
+
+
+def read_text(path: Path) -> str:
+    """The file's text; BadRecord if it is unreadable, binary, not UTF-8 or empty."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadRecord(f"unreadable ({e.strerror or e})") from None
+    if b"\x00" in raw:
+        raise BadRecord("binary file (contains NUL bytes)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.strip():
+        raise BadRecord("empty")
+    return text
+
+
+def _load_file(path: Path, source: str, tokenizer, tally: _Tally) -> list[Example]:
+    tally.files += 1
+    try:
+        text = read_text(path)
+        if path.suffix.lower() == JSONL_SUFFIX:
+            return _load_jsonl(path, text, source, tokenizer, tally)
+        return [text_example(text, source, tokenizer)]
+    except BadRecord as e:
+        tally.bad_files += 1
+        log.warning("skipping %s: %s", path, e)
+        return []
+
+
+def _load_jsonl(path: Path, text: str, source: str, tokenizer, tally: _Tally) -> list[Example]:
+    """One Example per good line; bad lines are counted and reported in one warning."""
+    examples, bad, n_lines = [], {}, 0
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is data
+        if not line.strip():
+            continue
+        n_lines += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad.setdefault("invalid JSON", []).append(lineno)
+            continue
+        try:
+            examples.append(record_example(record, f"{source}:{lineno}", tokenizer))
+        except BadRecord as e:
+            bad.setdefault(str(e), []).append(lineno)
+    if bad:
+        n_bad = sum(len(v) for v in bad.values())
+        tally.bad_lines += n_bad
+        reasons = "; ".join(f"{why}: {_lines(nums)}" for why, nums in bad.items())
+        log.warning("%s: skipped %d of %d lines (%s)", path, n_bad, n_lines, reasons)
+    return examples
+
+
+def _lines(nums: list[int], show: int = 5) -> str:
+    more = f" (+{len(nums) - show} more)" if len(nums) > show else ""
+    return "line" + "s" * (len(nums) > 1) + " " + ", ".join(map(str, nums[:show])) + more
+
+
+def record_example(record: object, source: str, tokenizer) -> Example:
+    """A parsed jsonl record -> Example, by schema; BadRecord if it fits none."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"not a JSON object (expected {_SCHEMAS})")
+    if "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        if not (isinstance(prompt, str) and isinstance(completion, str)):
+            raise BadRecord("prompt and completion must be strings")
+        return prompt_completion_example(prompt, completion, source, tokenizer)
+    if "messages" in record:
+        return chat_example(record["messages"], source, tokenizer)
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise BadRecord("text must be a string")
+        return text_example(record["text"], source, tokenizer)
+    raise BadRecord(f"unknown schema (expected {_SCHEMAS})")
+
+
+def text_example(text: str, source: str, tokenizer) -> Example:
+    """Plain text: every token trainable (bar token 0), EOS appended if missing."""
+    if not text.strip():
+        raise BadRecord("empty")
+    tokens = _encode(tokenizer, text, specials=True)
+    eos = tokenizer.eos_token_id
+    if eos is not None and tokens[-1] != eos:
+        tokens.append(eos)
+    return _example(tokens, [True] * len(tokens), source)
+
+
+def prompt_completion_example(prompt: str, completion: str, source: str, tokenizer) -> Example:
+    """Prompt not trainable, completion (+ end token) trainable; chat-rendered if possible."""
+    if _has_chat_template(tokenizer):
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return chat_example(turns, source, tokenizer)
+    head = _encode(tokenizer, prompt, specials=True)
+    tail = _encode(tokenizer, completion, specials=False)
+    if tokenizer.eos_token_id is not None:
+        tail.append(tokenizer.eos_token_id)
+    return _example(head + tail, [False] * len(head) + [True] * len(tail), source)
+
+
+def chat_example(messages: object, source: str, tokenizer) -> Example:
+    """Chat-template rendering; only assistant contents + their end-of-turn token trainable."""
+    _check_messages(messages, tokenizer)
+    full = _render(tokenizer, messages, generation_prompt=False)
+    mask = [False] * len(full)
+    end_ids = _end_ids(tokenizer)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_prefix(tokenizer, messages[:i], full, generation_prompt=True))
+        stop = len(_prefix(tokenizer, messages[: i + 1], full, generation_prompt=False))
+        # Cut what the template adds after the end-of-turn token (e.g. ChatML's "\n").
+        ends = [j for j in range(start, stop) if full[j] in end_ids]
+        stop = ends[-1] + 1 if ends else stop
+        mask[start:stop] = [True] * (stop - start)
+    return _example(full, mask, source)
+
+
+def _check_messages(messages: object, tokenizer) -> None:
+    ok = isinstance(messages, list) and messages
+    if not ok or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise BadRecord("messages must be a non-empty list of {role, content} strings")
+    if not _has_chat_template(tokenizer):
+        raise BadRecord("messages need a tokenizer with a chat template")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant turn to train on")
+    if messages[0]["role"] == "assistant":
+        raise BadRecord("conversation starts with an assistant turn")
+
+
+def _prefix(tokenizer, messages: list, full: list[int], generation_prompt: bool) -> list[int]:
+    tokens = _render(tokenizer, messages, generation_prompt)
+    if full[: len(tokens)] != tokens:
+        raise BadRecord("chat template is not prefix-consistent for this conversation")
+    return tokens
+
+
+def _render(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt
+        )
+    # Templates are model-supplied code: any error they raise makes this record unusable.
+    except Exception as e:  # noqa: BLE001
+        raise BadRecord(f"chat template failed ({type(e).__name__}: {e})") from None
+    if not isinstance(out, list):  # a BatchEncoding from some tokenizer versions
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def _encode(tokenizer, text: str, specials: bool) -> list[int]:
+    # verbose=False: the "longer than the model's maximum length" warning does not apply,
+    # packing splits long documents into --max-seq-len rows.
+    return list(tokenizer.encode(text, add_special_tokens=specials, verbose=False))
+
+
+def _has_chat_template(tokenizer) -> bool:
+    flag = getattr(tokenizer, "has_chat_template", None)
+    return bool(flag) if flag is not None else getattr(tokenizer, "chat_template", None) is not None
+
+
+def _end_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _example(tokens: list[int], mask: list[bool], source: str) -> Example:
+    if not tokens:
+        raise BadRecord("empty")
+    mask = list(mask)
+    mask[0] = False  # no context inside the document: never a target (see module docstring)
+    if not any(mask):
+        raise BadRecord("no trainable tokens")
+    return Example(tokens=tokens, mask=mask, source=source)
+
+
+def _log_summary(path: str, examples: list[Example], tally: _Tally) -> None:
+    n_tokens = sum(len(e.tokens) for e in examples)
+    n_train = sum(sum(e.mask) for e in examples)
+    msg = (
+        f"{path}: {len(examples)} documents ({n_tokens} tokens, {n_train} trainable) from "
+        f"{tally.files - tally.bad_files} of {tally.files} .txt/.md/.jsonl files; skipped "
+        f"{tally.bad_files} bad files, {tally.bad_lines} bad jsonl lines, "
+        f"{tally.other_files} files with other extensions"
+    )
+    skipped = tally.bad_files or tally.bad_lines or tally.other_files
+    log.log(logging.WARNING if skipped else logging.INFO, msg)

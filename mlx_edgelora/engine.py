@@ -1,0 +1,222 @@
+"""One training step: segment-wise forward, per-segment VJP backward (paper technique 2).
+
+`make_step(model, cfg, loss_head)` returns a step: `step(batch) -> (loss_sum, n_tokens,
+grads)`, grads shaped like `model.trainable_parameters()` and evaluated.
+
+- engine "graph": the reference, `nn.value_and_grad` over embed -> blocks -> loss head; MLX
+  keeps every activation of the whole model until the backward pass.
+- engine "segments": one lazy graph for the whole model would hold everything at once, so
+  evaluation is driven explicitly. A segment is `checkpoint_every` blocks. The forward pass
+  evaluates segment by segment with no autodiff graph and keeps only each segment's *input*
+  (a boundary) in a BoundaryStore (RAM or disk, spill.py). The loss head is the last
+  segment: its VJP gives dL/dh. The backward pass walks the segments in reverse: it reads the
+  boundary back (prefetching the next one), recomputes the segment under `mx.vjp` w.r.t. its
+  LoRA parameters and its input, with chunked attention/MLP (attention.py), evaluates the
+  LoRA gradients and the input's cotangent, and frees the rest. The embedding has no
+  trainable parameters, so the walk stops at block 0. With `stream_weights` each segment's
+  frozen weights are loaded only while it runs (stream.py).
+
+Selective caching (`cache_policy`), what to keep from the forward instead of recomputing:
+- "none": keep only the boundaries; every block runs twice (forward, then recompute).
+- "last": the last segment is never checkpointed: its forward runs once, under autodiff,
+  fused with the loss head. Saves 1/segments of the forward recompute; costs holding that
+  segment's activations while the loss head runs, and the loss head's own peak memory
+  (logits over trainable rows, vocabulary chunks) then adds to one segment's recompute peak.
+  Worth it with few segments (large checkpoint_every) or when the head is cheap.
+
+Spill files are removed on every exit: the BoundaryStore lives in a `with` for the step
+(normal end and exceptions), and spill.py's SIGINT/SIGTERM/atexit hooks cover signals.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from functools import partial
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from . import attention, blocks
+from .config import TrainConfig
+from .errors import UserError
+from .spill import BoundaryStore
+from .stream import WeightStream
+
+CACHE_POLICIES = ("none", "last")
+
+
+def make_step(model: nn.Module, cfg: TrainConfig, loss_head):
+    """The training step the config asks for (see the module docstring)."""
+    if cfg.engine == "graph":
+        return GraphStep(model, cfg, loss_head)
+    if cfg.engine == "segments":
+        return SegmentStep(model, cfg, loss_head)
+    raise UserError(f"--engine: unknown engine '{cfg.engine}'; use segments or graph")
+
+
+def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | None = None):
+    """(loss_sum, n_tokens) of a batch without gradients, evaluated block by block."""
+    h = blocks.embed(model, mx.array(batch.inputs))
+    for i, layer in enumerate(blocks.layers(model)):
+        with _resident(stream, [i]):
+            h = attention.block_forward(layer, h, cfg.attn_chunk, cfg.mlp_chunk)
+            mx.eval(h)
+    loss = head(h, batch)
+    mx.eval(loss)
+    return loss.item(), int(batch.mask.sum())
+
+
+def _resident(stream: WeightStream | None, ids: list[int]) -> ExitStack:
+    """A context holding blocks `ids`' frozen weights in memory (nothing if not streaming)."""
+    stack = ExitStack()
+    for i in ids if stream is not None else []:
+        stack.enter_context(stream.resident(i))
+    return stack
+
+
+class GraphStep:
+    """Reference step: one autodiff graph over the whole model (plain mlx-lm blocks)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
+        if cfg.stream_weights:
+            raise UserError("--stream-weights: needs --engine segments; drop one of them")
+        self.model, self.cfg = model, cfg
+
+        def loss_fn(inputs: mx.array, batch) -> mx.array:
+            h = blocks.embed(model, inputs)
+            for layer in blocks.layers(model):
+                h = layer(h, mask="causal")
+            return loss_head(h, batch)
+
+        self._value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def __call__(self, batch):
+        loss, grads = self._value_and_grad(mx.array(batch.inputs), batch)
+        mx.eval(loss, grads)
+        return loss.item(), int(batch.mask.sum()), grads
+
+    def forward_loss(self, head, batch) -> tuple[float, int]:
+        return forward_loss(self.model, self.cfg, head, batch)
+
+    def close(self, restore: bool = True) -> None:
+        """Nothing to release (same interface as SegmentStep)."""
+
+
+class SegmentStep:
+    """Segment-wise forward, per-segment VJP backward; boundaries in RAM or on disk."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
+        if cfg.cache_policy not in CACHE_POLICIES:
+            raise UserError(
+                f"--cache-policy: unknown policy '{cfg.cache_policy}'; "
+                f"use {' or '.join(CACHE_POLICIES)}"
+            )
+        blocks.check_trainable_in_blocks(model)
+        self.model, self.cfg, self.loss_head = model, cfg, loss_head
+        n, k = len(blocks.layers(model)), cfg.checkpoint_every
+        self.segments = [list(range(s, min(s + k, n))) for s in range(0, n, k)]
+        self.stream = None
+        if cfg.stream_weights:
+            self.stream = WeightStream(model, cfg.spill_dir, cfg.out)
+            self.stream.offload()
+
+    def __call__(self, batch):
+        _check_no_dropout(self.model)
+        n_ckpt = len(self.segments) - (self.cfg.cache_policy == "last")
+        grads: list[dict] = [{} for _ in blocks.layers(self.model)]
+        with BoundaryStore(self.cfg.activations, self.cfg.spill_dir, self.cfg.out) as store:
+            h = self._forward(store, mx.array(batch.inputs), n_ckpt)
+            if n_ckpt:
+                store.prefetch(n_ckpt - 1)  # read overlaps the loss head
+            loss, dh = self._loss_and_vjp(h, batch, self.segments[n_ckpt:], grads)
+            del h
+            self._backward(store, dh, n_ckpt, grads)
+        return loss, int(batch.mask.sum()), blocks.model_tree(self.model, grads)
+
+    def forward_loss(self, head, batch) -> tuple[float, int]:
+        return forward_loss(self.model, self.cfg, head, batch, self.stream)
+
+    def close(self, restore: bool = True) -> None:
+        """Remove the weight-stream folder; `restore` first loads the blocks back for good."""
+        if self.stream is not None:
+            if restore:
+                self.stream.restore()
+            self.stream.close()
+            self.stream = None
+
+    def _forward(self, store: BoundaryStore, inputs: mx.array, n_ckpt: int) -> mx.array:
+        """Run segments 0..n_ckpt-1 without autodiff, storing each one's input."""
+        h = blocks.embed(self.model, inputs)
+        mx.eval(h)
+        store.check_space(h.nbytes * n_ckpt)
+        for j in range(n_ckpt):
+            store.put(j, h)
+            with _resident(self.stream, self.segments[j]):
+                h = self._run(self.segments[j], h)
+                mx.eval(h)
+        return h
+
+    def _loss_and_vjp(self, h, batch, rest: list[list[int]], grads: list[dict]):
+        """Loss and dL/dh at the last boundary; `rest` = segments kept from the forward."""
+        ids = [i for seg in rest for i in seg]
+
+        def fn(x: mx.array) -> mx.array:
+            return self.loss_head(self._run(ids, x), batch)
+
+        with _resident(self.stream, ids):
+            loss, dh = self._vjp(ids, h, mx.array(1.0), fn, grads)
+            mx.eval(loss, dh, [grads[i] for i in ids])
+        return loss.item(), dh
+
+    def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
+        """Recompute segments n_ckpt-1..0 under VJP; fill their LoRA gradients."""
+        for j in reversed(range(n_ckpt)):
+            x = store.get(j)
+            if j > 0:
+                store.prefetch(j - 1)
+            ids = self.segments[j]
+            with _resident(self.stream, ids):
+                dh = self._vjp(ids, x, dh, partial(self._run, ids), grads)[1]  # drop the lazy output
+                mx.eval([grads[i] for i in ids], dh if j > 0 else [])
+            del x
+
+    def _run(self, ids: list[int], h: mx.array) -> mx.array:
+        """Blocks `ids` in order, with chunked attention and MLP."""
+        layers = blocks.layers(self.model)
+        for i in ids:
+            h = attention.block_forward(layers[i], h, self.cfg.attn_chunk, self.cfg.mlp_chunk)
+        return h
+
+    def _vjp(self, ids: list[int], x: mx.array, cotangent: mx.array, fn, grads: list[dict]):
+        """(fn(x), d/dx) under mx.vjp w.r.t. x and blocks `ids`' LoRA params -> grads[i]."""
+        layers = [blocks.layers(self.model)[i] for i in ids]
+        saved = [layer.trainable_parameters() for layer in layers]
+        flat = [tree_flatten(p) for p in saved]
+
+        def pure(x: mx.array, *params: mx.array) -> mx.array:
+            it = iter(params)
+            for layer, names in zip(layers, flat):
+                layer.update(tree_unflatten([(k, next(it)) for k, _ in names]))
+            return fn(x)
+
+        try:
+            primals = [x] + [v for names in flat for _, v in names]
+            (out,), (dx, *dparams) = mx.vjp(pure, primals, [cotangent])
+        finally:
+            for layer, p in zip(layers, saved):
+                layer.update(p)
+        it = iter(dparams)
+        for i, p in zip(ids, saved):
+            grads[i] = tree_map(lambda _: next(it), p)
+        return out, dx
+
+
+def _check_no_dropout(model: nn.Module) -> None:
+    """Recompute would draw a second dropout mask; refuse instead of wrong gradients."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and m.training and m._p_1 < 1.0:
+            raise UserError(
+                "--lora-dropout: active dropout cannot be recomputed by --engine segments; "
+                "set --lora-dropout 0 or use --engine graph"
+            )

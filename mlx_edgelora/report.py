@@ -1,0 +1,96 @@
+"""Progress line, peak memory and the metrics log of a training run.
+
+Peak memory is MLX's own allocator peak (`mx.get_peak_memory`), the figure the paper reports.
+Every step's record also goes to <out>/metrics.jsonl so curves can be plotted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+import mlx.core as mx
+
+GB = 1024**3
+
+
+def peak_gb() -> float:
+    return mx.get_peak_memory() / GB
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@dataclass
+class Reporter:
+    """Prints a progress line per step (in place on a terminal) and logs metrics as JSON lines."""
+
+    total_steps: int
+    log_path: Path | None = None
+    stream: TextIO = sys.stdout
+    on_record: Callable[[dict], None] | None = None
+    history: list[dict] = field(default_factory=list)
+    _t0: float = field(default_factory=time.perf_counter)
+    _first_step: int | None = None
+    _tokens: int = 0
+
+    def step(self, step: int, loss: float, tokens: int, lr: float) -> dict:
+        """Record optimizer step `step` (1-based) and print the progress line."""
+        if self._first_step is None:
+            self._first_step, self._t0 = step - 1, time.perf_counter()
+        self._tokens += tokens
+        elapsed = time.perf_counter() - self._t0
+        done = step - self._first_step
+        rec = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": self._tokens / max(elapsed, 1e-9),
+            "peak_gb": peak_gb(),
+            "elapsed_s": elapsed,
+        }
+        eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        line = (
+            f"step {step}/{self.total_steps} | loss {loss:.3f} | {rec['tokens_per_s']:.0f} tok/s"
+            f" | peak {rec['peak_gb']:.2f} GB | lr {lr:.1e} | ETA {format_duration(eta)}"
+        )
+        self._print(line, final=step == self.total_steps or step % 10 == 0 or done == 1)
+        self._log(rec)
+        return rec
+
+    def eval(self, step: int, val_loss: float, n_tokens: int) -> dict:
+        rec = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        rec["val_tokens"] = n_tokens
+        self._print(f"step {step}: val loss {val_loss:.3f} | val ppl {rec['val_ppl']:.2f}", True)
+        self._log(rec)
+        return rec
+
+    def info(self, message: str) -> None:
+        self._print(message, True)
+
+    def _print(self, line: str, final: bool) -> None:
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if tty:
+            end = "\n" if final else ""
+            self.stream.write("\r\033[K" + line + end)
+        elif final:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _log(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.on_record:
+            self.on_record(rec)
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,123 @@
+"""Weight streaming: each block's frozen weights live on disk, in memory only while used.
+
+Our addition to paper technique 2: with segment checkpointing a block's quantized weights are
+needed only while its segment runs (forward, then recompute + VJP in backward), so a model can
+train in less memory than its own INT4 weights. `offload()` writes each block's frozen
+parameters (quantized weight/scales/biases, biases, norms; never lora_a/lora_b) to
+`block{i}.safetensors` and leaves zero-size placeholders in the module: same keys, same module
+structure, same trainable parameters. `resident(i)` loads them back for the duration of a `with`.
+
+The caller must evaluate everything that uses block i before leaving `resident(i)`: a lazy
+graph still referencing the weights keeps them alive (and is wrong to evaluate after eviction).
+Measured reads (Linux CPU box, random 4-bit weights with fp32 scales; warm = page cache,
+cold = evicted with POSIX_FADV_DONTNEED): SmolLM2-135M block (2.7 MB) 2 ms warm / 12 ms cold;
+Llama-3.2-3B-shaped block (63 MB) 21 ms warm / 74 ms cold (0.85 GB/s). That is far below one
+block's compute at training lengths, so there is no background prefetch (yet).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .spill import private_folder, register_cleanup, unregister_cleanup
+
+LORA_NAMES = ("lora_a", "lora_b")
+
+
+@dataclass
+class StreamStats:
+    """I/O counters for benchmarks."""
+
+    bytes_written: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+
+
+def frozen_parameters(layer: nn.Module) -> dict[str, mx.array]:
+    """The block's parameters that training never changes, by dotted name."""
+    return {
+        k: v for k, v in tree_flatten(layer.parameters()) if k.rsplit(".", 1)[-1] not in LORA_NAMES
+    }
+
+
+class WeightStream:
+    """Frozen block weights on disk: `offload()` once, then `with resident(i):` per use."""
+
+    def __init__(self, model: nn.Module, folder: str | None = None, near: str = "."):
+        self.model = model
+        self.folder = private_folder("edgelora-weights-", folder, near)
+        self.stats = StreamStats()
+        self._empty: dict[int, dict] = {}  # block index -> placeholder tree
+        self._closed = False
+        self._token = register_cleanup(self._remove)
+
+    def __enter__(self) -> WeightStream:  # noqa: PYI034  (typing.Self needs 3.11)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"block{i}.safetensors"
+
+    def offload(self) -> None:
+        """Move every block's frozen weights to disk (the model cannot run until resident)."""
+        for i, layer in enumerate(self.model.model.layers):
+            if i in self._empty:  # already on disk: its placeholders must not overwrite it
+                continue
+            frozen = frozen_parameters(layer)
+            mx.save_safetensors(str(self._path(i)), frozen)
+            self.stats.bytes_written += sum(v.nbytes for v in frozen.values())
+            # (0,)-shaped placeholders keep the keys and dtypes, and free the weights.
+            self._empty[i] = tree_unflatten(
+                [(k, mx.zeros((0,), dtype=v.dtype)) for k, v in frozen.items()]
+            )
+            layer.update(self._empty[i])
+            del frozen
+
+    @contextmanager
+    def resident(self, i: int) -> Iterator[nn.Module]:
+        """Block i with its frozen weights loaded; evicted again on exit."""
+        if i not in self._empty:
+            raise KeyError(f"block {i} is not offloaded")
+        layer = self.model.model.layers[i]
+        layer.update(self._load(i))
+        try:
+            yield layer
+        finally:
+            layer.update(self._empty[i])
+
+    def restore(self) -> None:
+        """Load every block back for good (e.g. to generate after training), then forget."""
+        for i in list(self._empty):
+            self.model.model.layers[i].update(self._load(i))
+            del self._empty[i]
+
+    def _load(self, i: int) -> dict:
+        """Block i's frozen weights read from disk and evaluated, as a parameter tree."""
+        t0 = time.perf_counter()
+        weights = mx.load(str(self._path(i)))  # lazy: the read happens in mx.eval
+        mx.eval(list(weights.values()))
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.bytes_read += sum(v.nbytes for v in weights.values())
+        return tree_unflatten(list(weights.items()))
+
+    def close(self) -> None:
+        """Remove the folder (offloaded blocks are then lost: `restore()` first if needed)."""
+        if self._closed:
+            return
+        self._closed = True
+        unregister_cleanup(self._token)
+        self._remove()
+
+    def _remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

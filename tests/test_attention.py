@@ -1,0 +1,133 @@
+"""Chunked attention / chunked MLP (long-context layer recompute) vs their plain references.
+
+Tolerance: 1e-5 of the largest reference magnitude, float32. The chunked paths only reorder
+float32 sums (online softmax, tile-wise gradient accumulation), so errors are ~1e-7.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from conftest import build_tiny_model
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_edgelora.attention import (
+    attention_reference,
+    block_forward,
+    chunked_attention,
+    chunked_attention_lse,
+    chunked_mlp,
+    mlp_reference,
+)
+from mlx_edgelora.config import DEFAULT_LORA_KEYS
+from mlx_edgelora.errors import UserError
+
+L, CHUNK = 30, 8  # L not a multiple of the chunk: the last tile is partial
+
+
+def assert_close(got: mx.array, want: mx.array, rel: float = 1e-5) -> None:
+    err, ref = mx.abs(got - want).max().item(), mx.abs(want).max().item()
+    assert err <= rel * max(ref, 1e-6), f"max error {err:.3g} vs max magnitude {ref:.3g}"
+
+
+def assert_trees_close(got, want) -> None:
+    got, want = dict(tree_flatten(got)), dict(tree_flatten(want))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_close(got[name], want[name])
+
+
+def qkv(heads: int, kv_heads: int, hd: int = 16, seed: int = 0):
+    mx.random.seed(seed)
+    shape_q, shape_kv = (2, heads, L, hd), (2, kv_heads, L, hd)
+    return mx.random.normal(shape_q), mx.random.normal(shape_kv), mx.random.normal(shape_kv)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+def test_attention_core_matches_reference(heads, kv_heads):
+    q, k, v = qkv(heads, kv_heads)
+    scale = q.shape[-1] ** -0.5
+    o, lse = chunked_attention_lse(q, k, v, scale, CHUNK)
+    ref_o, ref_lse = attention_reference(q, k, v, scale)
+    assert_close(o, ref_o)
+    assert_close(lse, ref_lse)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    assert_close(chunked_attention(q, k, v, scale, CHUNK), fused)
+
+    # a random cotangent on both outputs exercises dO and the lse cotangent
+    do, dlse = mx.random.normal(o.shape), mx.random.normal(lse.shape)
+    _, got = mx.vjp(lambda *a: chunked_attention_lse(*a, scale, CHUNK), [q, k, v], [do, dlse])
+    _, want = mx.vjp(lambda *a: attention_reference(*a, scale), [q, k, v], [do, dlse])
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("chunk", [1, 29])
+def test_attention_core_edge_chunks(chunk):
+    q, k, v = qkv(4, 2, seed=1)
+    o = chunked_attention(q, k, v, 0.25, chunk)
+    assert_close(o, attention_reference(q, k, v, 0.25)[0])
+
+
+def lora_tiny(arch: str, bits: int | None):
+    """A tiny model, frozen, with LoRA on every projection and nonzero random lora_b."""
+    model, _ = build_tiny_model(arch, quantize_bits=bits)
+    model.freeze()
+    config = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": DEFAULT_LORA_KEYS}
+    linear_to_lora_layers(model, -1, config)
+    mx.random.seed(3)
+    model.update(
+        tree_map(lambda p: 0.1 * mx.random.normal(p.shape), model.trainable_parameters())
+    )
+    mx.eval(model.parameters())
+    return model
+
+
+def block_vjp(layer: nn.Module, forward, x: mx.array, dy: mx.array):
+    """Output and cotangents w.r.t. x and the layer's LoRA parameters."""
+
+    saved = layer.trainable_parameters()
+    names, arrays = zip(*tree_flatten(saved))
+
+    def fn(x, *arrays):
+        layer.update(tree_unflatten(list(zip(names, arrays))))
+        return [forward(layer, x)]
+
+    (y,), (dx, *grads) = mx.vjp(fn, [x, *arrays], [dy])
+    layer.update(saved)
+    return y, dx, tree_unflatten(list(zip(names, grads)))
+
+
+@pytest.mark.parametrize("bits", [None, 4], ids=["fp32", "int4"])
+def test_block_forward_matches_layer(arch, bits):
+    layer = lora_tiny(arch, bits).model.layers[1]
+    assert len(layer.trainable_parameters()["mlp"]) == 3  # LoRA inside the MLP too
+    mx.random.seed(4)
+    x, dy = mx.random.normal((2, L, 64)), mx.random.normal((2, L, 64))
+    want = block_vjp(layer, lambda m, x: m(x, mask="causal"), x, dy)
+    for attn_chunk, mlp_chunk in [(CHUNK, CHUNK), (0, 0), (64, 7)]:
+        got = block_vjp(layer, lambda m, x: block_forward(m, x, attn_chunk, mlp_chunk), x, dy)
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1])
+        assert_trees_close(got[2], want[2])
+
+
+def test_chunked_mlp_matches_autodiff_loop():
+    mlp = lora_tiny("llama", 4).model.layers[0].mlp
+    mx.random.seed(5)
+    x, dy = mx.random.normal((1, L, 64)), mx.random.normal((1, L, 64))
+    before = dict(tree_flatten(mlp.parameters()))
+    results = [block_vjp(mlp, lambda m, x: f(m, x, CHUNK), x, dy) for f in (chunked_mlp, mlp_reference)]
+    for got, want in zip(*results):
+        assert_trees_close(got, want)
+    after = dict(tree_flatten(mlp.parameters()))
+    assert all(after[n] is before[n] for n in before)  # the module is left as it was
+
+
+def test_chunked_mlp_refuses_active_dropout():
+    model, _ = build_tiny_model("llama")
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "scale": 2.0, "dropout": 0.1})
+    model.train()
+    with pytest.raises(UserError, match="--lora-dropout"):
+        chunked_mlp(model.model.layers[0].mlp, mx.zeros((1, L, 64)), CHUNK)

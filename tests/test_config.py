@@ -1,0 +1,51 @@
+"""TrainConfig: CLI > YAML > default, help for every option, unknown keys named."""
+
+import pytest
+
+from mlx_edgelora.config import TrainConfig, build_parser, parse_config
+from mlx_edgelora.errors import UserError
+
+
+def test_defaults_come_from_the_dataclass_once():
+    assert parse_config([]) == TrainConfig()
+
+
+def test_cli_overrides_yaml_overrides_default(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("steps: 7\nlr: 0.001\nlora-keys: [self_attn.q_proj]\n")
+    cfg = parse_config(["--config", str(y), "--steps", "9"])
+    assert cfg.steps == 9  # CLI wins
+    assert cfg.lr == 0.001  # YAML wins over default
+    assert cfg.lora_keys == ["self_attn.q_proj"]
+    assert cfg.rank == TrainConfig().rank
+
+
+def test_unknown_yaml_key_names_the_nearest(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("stpes: 3\n")
+    with pytest.raises(UserError, match="did you mean 'steps'"):
+        parse_config(["--config", str(y)])
+
+
+def test_missing_yaml_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_every_option_has_help():
+    text = build_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in text
+
+
+def test_booleans_and_choices():
+    cfg = parse_config(["--resume", "--activations", "ram", "--loss", "subset"])
+    assert cfg.resume and cfg.activations == "ram" and cfg.loss == "subset"
+    with pytest.raises(SystemExit):
+        parse_config(["--loss", "bogus"])
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--rank", "0"), ("--lr", "-1")])
+def test_validation_names_the_flag(flag, value):
+    with pytest.raises(UserError, match=flag):
+        parse_config([flag, value])

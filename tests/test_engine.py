@@ -1,0 +1,211 @@
+"""engine.py: the segment-wise step equals the full-graph reference; no spill file outlives it."""
+
+import functools
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import TINY_VOCAB, build_tiny_model
+from mlx import nn
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_edgelora import blocks, engine, quant
+from mlx_edgelora.batching import Batch
+from mlx_edgelora.config import DEFAULT_LORA_KEYS, TrainConfig
+from mlx_edgelora.errors import UserError
+
+L = 30  # not a multiple of the chunk (8): the last attention/MLP chunk is partial
+
+
+def make_model(arch: str, bits: int | None, num_layers: int = 4) -> nn.Module:
+    """Tiny model, LoRA r=4 on all 7 projections, lora_b non-zero so every gradient is too."""
+    model, _ = build_tiny_model(arch, quantize_bits=bits)
+    model.freeze()
+    lora = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": DEFAULT_LORA_KEYS}
+    linear_to_lora_layers(model, num_layers, lora)
+    mx.random.seed(1)
+
+    def init(path: str, v: mx.array) -> mx.array:
+        return 0.05 * mx.random.normal(v.shape) if path.endswith("lora_b") else v
+
+    model.update(tree_map_with_path(init, model.trainable_parameters()))
+    quant.prepare_for_training(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def reference_head(model: nn.Module):
+    """Final norm, full logits, masked CE sum (loss.py's heads are tested on their own)."""
+
+    def head(h: mx.array, batch: Batch) -> mx.array:
+        x = blocks.final_norm(model)(h)
+        m = blocks.head_module(model)
+        logits = m.as_linear(x) if blocks.head_is_tied(model) else m(x)
+        ce = nn.losses.cross_entropy(logits, mx.array(batch.targets))
+        return (ce * mx.array(batch.mask)).sum()
+
+    return head
+
+
+def make_batch(B: int = 2, seed: int = 0) -> Batch:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, TINY_VOCAB, (B, L + 1)).astype(np.int32)
+    return Batch(tokens[:, :-1], tokens[:, 1:], rng.random((B, L)) > 0.3)
+
+
+@functools.cache
+def reference(arch: str, bits: int | None):
+    """(model, batch, graph-engine result), shared by the equivalence tests."""
+    model, batch = make_model(arch, bits), make_batch()
+    return (
+        model,
+        batch,
+        engine.make_step(model, TrainConfig(engine="graph"), reference_head(model))(batch),
+    )
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    return (mx.abs(a - b).max() / mx.abs(b).max()).item()
+
+
+def assert_same_step(got, ref) -> None:
+    assert got[1] == ref[1]
+    assert abs(got[0] - ref[0]) <= 1e-5 * abs(ref[0])
+    g, r = dict(tree_flatten(got[2])), dict(tree_flatten(ref[2]))
+    assert g.keys() == r.keys() and len(r) == 4 * 7 * 2
+    worst = max(r, key=lambda k: _rel(g[k], r[k]))
+    assert _rel(g[worst], r[worst]) < 1e-5, worst
+
+
+FIELDS = ("checkpoint_every", "activations", "attn_chunk", "mlp_chunk", "cache_policy")
+CASES = [  # each option value appears with several others; + stream_weights
+    (1, "ram", 0, 0, "none", False),
+    (2, "disk", 8, 8, "none", False),
+    (1, "disk", 8, 0, "last", False),
+    (3, "ram", 0, 8, "last", False),  # 3 does not divide 4 blocks: segments [0, 1, 2], [3]
+    (1, "disk", 8, 8, "none", True),
+    (2, "ram", 0, 0, "last", True),
+]
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_segments_match_graph(arch, bits, case, tmp_path):
+    model, batch, ref = reference(arch, bits)
+    *options, stream = case
+    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), stream_weights=stream)
+    for name, value in zip(FIELDS, options):
+        setattr(cfg, name, value)
+    step = engine.make_step(model, cfg, reference_head(model))
+    try:
+        got = step(batch)
+        assert step.forward_loss(reference_head(model), batch) == pytest.approx(ref[:2], rel=1e-5)
+    finally:
+        step.close()
+    assert_same_step(got, ref)
+    assert list(tmp_path.iterdir()) == []  # boundaries and streamed weights are gone
+
+
+def test_grads_have_the_trainable_tree_shape_with_lora_on_some_blocks():
+    model = make_model("qwen2", 4, num_layers=2)
+    head, batch = reference_head(model), make_batch(B=1)
+    step = engine.make_step(model, TrainConfig(activations="ram", checkpoint_every=3), head)
+    _, _, grads = step(batch)
+    _, _, ref = engine.make_step(model, TrainConfig(engine="graph"), head)(batch)
+    shape = functools.partial(tree_map, lambda _: 0)
+    assert shape(grads) == shape(model.trainable_parameters()) == shape(ref)
+    assert engine.forward_loss(model, TrainConfig(), head, batch)[1] == int(batch.mask.sum())
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("policy", ["none", "last"])
+def test_exception_in_the_step_leaves_no_spill_files_and_an_intact_model(tmp_path, policy):
+    model = make_model("llama", 4)
+    before = tree_flatten(model.trainable_parameters())
+    head, batch = reference_head(model), make_batch(B=1)
+
+    def failing_head(h, batch):
+        raise RuntimeError("boom")
+
+    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), cache_policy=policy)
+    step = engine.make_step(model, cfg.validate(), failing_head)
+    with pytest.raises(RuntimeError, match="boom"):
+        step(batch)
+    assert _leftovers(tmp_path) == []
+    after = tree_flatten(model.trainable_parameters())
+    assert all(k == j and v is w for (k, v), (j, w) in zip(before, after))  # tracers undone
+    cfg.stream_weights = True
+    step = engine.make_step(model, cfg, failing_head)
+    with pytest.raises(RuntimeError, match="boom"):
+        step(batch)
+    assert [p.name.startswith("edgelora-weights-") for p in tmp_path.iterdir()] == [True]
+    step.close()
+    assert _leftovers(tmp_path) == []
+    assert engine.forward_loss(model, cfg, head, batch)[0] > 0  # weights were restored
+
+
+SIGINT_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_engine import make_batch, make_model, reference_head
+from mlx_edgelora import engine
+from mlx_edgelora.config import TrainConfig
+
+model = make_model("llama", 4)
+head = reference_head(model)
+
+def slow_head(h, batch):
+    Path({marker!r}).write_text("in the loss head")
+    time.sleep(120)
+    return head(h, batch)
+
+cfg = TrainConfig(spill_dir={spill!r}, out={spill!r}, stream_weights=True)
+engine.make_step(model, cfg, slow_head)(make_batch())
+"""
+
+
+def test_sigint_mid_step_removes_spill_files(tmp_path):
+    spill, marker = tmp_path / "spill", tmp_path / "marker"
+    script = SIGINT_SCRIPT.format(
+        tests=str(Path(__file__).parent), marker=str(marker), spill=str(spill)
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no marker"
+        # mid-step: the forward's boundaries (and the streamed weights) are on disk
+        assert any(p.name.startswith("edgelora-spill-") for p in spill.iterdir())
+        assert any(p.name.startswith("edgelora-weights-") for p in spill.iterdir())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert _leftovers(spill) == []
+
+
+def test_bad_options_are_user_errors():
+    model = make_model("llama", None)
+    head = reference_head(model)
+    with pytest.raises(UserError, match="--stream-weights"):
+        engine.make_step(model, TrainConfig(engine="graph", stream_weights=True), head)
+    with pytest.raises(UserError, match="--cache-policy"):
+        engine.make_step(model, TrainConfig(cache_policy="everything"), head)
+    model.train()  # LoRA dropout p=0.5 is now active: recompute would draw another mask
+    model.model.layers[0].self_attn.q_proj.dropout = nn.Dropout(0.5)
+    step = engine.make_step(model, TrainConfig(activations="ram"), head)
+    with pytest.raises(UserError, match="--lora-dropout"):
+        step(make_batch(B=1))

@@ -1,0 +1,191 @@
+"""Loss heads: chunked and subset against the full reference, logits vs loss masking, subsets."""
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import TINY_VOCAB, build_tiny_model
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_edgelora import loss
+from mlx_edgelora.errors import UserError
+
+V = TINY_VOCAB
+
+
+def make_batch(rng, B=2, L=11, frac=0.6, vocab=V):
+    """Stands in for batching.Batch: the loss head reads only .targets and .mask."""
+    return SimpleNamespace(
+        targets=rng.integers(0, vocab, (B, L)).astype(np.int32), mask=rng.random((B, L)) < frac
+    )
+
+
+def cfg(vocab_chunk=64, subset_k=1000):
+    return SimpleNamespace(vocab_chunk=vocab_chunk, subset_k=subset_k)
+
+
+def value_grad(head, h, batch):
+    value, grad = mx.value_and_grad(lambda h: head(h, batch))(h)
+    return value.item(), np.array(grad)
+
+
+def assert_close(a, b, rtol=1e-5):
+    """Relative to the largest magnitude: elementwise-relative is meaningless near zero."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-12)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("vocab_chunk", [37, 128, V, 1000])  # 37, 128: don't divide V
+def test_chunked_matches_full(arch, bits, vocab_chunk):
+    model, _ = build_tiny_model(arch, quantize_bits=bits)
+    rng = np.random.default_rng(1)
+    h = mx.array(rng.normal(size=(2, 11, 64)).astype(np.float32))
+    batch = make_batch(rng)
+    full = value_grad(loss.make_loss_head(model, "full", cfg()), h, batch)
+    chunked = value_grad(loss.make_loss_head(model, "chunked", cfg(vocab_chunk)), h, batch)
+    assert_close(chunked[0], full[0])
+    assert_close(chunked[1], full[1])
+
+
+def test_chunked_row_blocks(monkeypatch):
+    """Rows split into several passes over the vocabulary give the same loss and gradient."""
+    model, _ = build_tiny_model("llama", quantize_bits=4)
+    rng = np.random.default_rng(2)
+    h = mx.array(rng.normal(size=(3, 16, 64)).astype(np.float32))
+    batch = make_batch(rng, B=3, L=16, frac=0.9)
+    head = loss.make_loss_head(model, "chunked", cfg(50))
+    one_pass = value_grad(head, h, batch)
+    monkeypatch.setattr(loss, "ROW_BLOCK_ELEMENTS", 50 * 7)  # 7 rows per pass
+    assert_close(value_grad(head, h, batch)[0], one_pass[0])
+    assert_close(value_grad(head, h, batch)[1], one_pass[1])
+
+
+def test_chunked_lse_vjp_matches_autodiff():
+    """The custom VJP against autodiff of the plain logsumexp, with a non-uniform cotangent."""
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.normal(size=(9, 16)).astype(np.float32))
+    w = mx.array(rng.normal(size=(101, 16)).astype(np.float32))
+    cot = mx.array(rng.normal(size=(9,)).astype(np.float32))
+    ref_out, (ref_dx,) = mx.vjp(lambda x: [mx.logsumexp(x @ w.T, axis=-1)], [x], [cot])
+    fn = lambda x: [loss.chunked_lse(x, lambda s, e: w[s:e], 101, 10)]  # noqa: E731
+    out, (dx,) = mx.vjp(fn, [x], [cot])
+    assert_close(np.array(out[0]), np.array(ref_out[0]))
+    assert_close(np.array(dx), np.array(ref_dx))
+
+
+@pytest.mark.parametrize("kind", ["full", "chunked", "subset"])
+def test_no_trainable_row_gives_zero_with_gradient(kind):
+    model, _ = build_tiny_model("qwen2")
+    h = mx.ones((1, 5, 64))
+    batch = SimpleNamespace(targets=np.zeros((1, 5), np.int32), mask=np.zeros((1, 5), bool))
+    value, grad = value_grad(loss.make_loss_head(model, kind, cfg(subset_k=V)), h, batch)
+    assert value == 0.0 and grad.shape == (1, 5, 64) and not grad.any()
+
+
+def test_bad_inputs_raise_user_error():
+    model, _ = build_tiny_model("llama")
+    with pytest.raises(UserError, match="--loss"):
+        loss.make_loss_head(model, "nope", cfg())
+    batch = SimpleNamespace(targets=np.full((1, 3), V, np.int32), mask=np.ones((1, 3), bool))
+    with pytest.raises(UserError, match="vocabulary"):
+        loss.make_loss_head(model, "chunked", cfg())(mx.ones((1, 3, 64)), batch)
+
+
+def hidden(model, inputs):
+    """The last block's output, before the final norm (what the engine hands the loss head)."""
+    h = model.model.embed_tokens(inputs)
+    mask = create_attention_mask(h, None)
+    for layer in model.model.layers:
+        h = layer(h, mask, cache=None)
+    return h
+
+
+def lora_model(arch, bits):
+    model, _ = build_tiny_model(arch, quantize_bits=bits)
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    mx.random.seed(5)  # non-zero lora_b, so every LoRA weight has a non-trivial gradient
+    params = tree_flatten(model.trainable_parameters())
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05) for k, v in params]))
+    return model
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("kind", ["full", "chunked"])
+def test_logits_masking_equals_loss_masking(arch, bits, kind):
+    """Logits for trainable rows only == full [B, L, V] logits with a masked CE, incl. LoRA grads."""
+    model = lora_model(arch, bits)
+    rng = np.random.default_rng(4)
+    batch = make_batch(rng, B=2, L=12, frac=0.4)
+    inputs = mx.array(rng.integers(0, V, (2, 12)).astype(np.int32))
+    head = loss.make_loss_head(model, kind, cfg(vocab_chunk=70))
+
+    def reference(model):
+        logits = model(inputs)  # [B, L, V]: what logits masking avoids building
+        ce = nn.losses.cross_entropy(logits, mx.array(batch.targets), reduction="none")
+        return (ce * mx.array(batch.mask)).sum()
+
+    ref_value, ref_grads = nn.value_and_grad(model, reference)(model)
+    value, grads = nn.value_and_grad(model, lambda m: head(hidden(m, inputs), batch))(model)
+    assert_close(value.item(), ref_value.item())
+    ref_grads = dict(tree_flatten(ref_grads))
+    for name, g in tree_flatten(grads):
+        assert_close(np.array(g), np.array(ref_grads[name]), rtol=1e-4)
+
+
+def test_subset_contains_targets_and_has_exactly_k():
+    rng = np.random.default_rng(6)
+    table = np.stack([rng.permutation(np.delete(np.arange(V), t))[:8] for t in range(V)])
+    for k in [20, 57, 200]:
+        targets = rng.integers(0, V, 15)
+        s = loss.subset_for(targets, table, k, V)
+        assert len(s) == k and len(np.unique(s)) == k and np.all(np.diff(s) > 0)
+        assert set(targets) <= set(s)
+        if k >= 2 * len(np.unique(targets)):  # every target got its hardest negative
+            assert set(table[np.unique(targets), 0]) <= set(s)
+        assert np.array_equal(s, loss.subset_for(targets, table, k, V))  # deterministic
+
+
+def test_subset_edge_cases():
+    table = np.tile(np.arange(1, 3), (V, 1))  # every token's neighbours: tokens 1 and 2
+    targets = np.array([10, 11, 12, 10])
+    many = loss.subset_for(np.arange(50), table, 20, V)  # more distinct targets than k
+    assert np.array_equal(many, np.arange(50))
+    short = loss.subset_for(targets, table, 8, V)  # table runs out: lowest free ids fill
+    assert np.array_equal(short, [0, 1, 2, 3, 4, 10, 11, 12])
+    assert np.array_equal(loss.subset_for(targets, table, V + 5, V), np.arange(V))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_subset_with_k_equal_v_is_the_full_loss(arch, bits):
+    model, _ = build_tiny_model(arch, quantize_bits=bits)
+    rng = np.random.default_rng(7)
+    h = mx.array(rng.normal(size=(2, 11, 64)).astype(np.float32))
+    batch = make_batch(rng)
+    full = value_grad(loss.make_loss_head(model, "full", cfg()), h, batch)
+    subset = value_grad(loss.make_loss_head(model, "subset", cfg(subset_k=V)), h, batch)
+    assert_close(subset[0], full[0])
+    assert_close(subset[1], full[1])
+
+
+def test_subset_loss_is_ce_renormalized_over_s(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path))
+    model, _ = build_tiny_model("llama", quantize_bits=4)
+    rng = np.random.default_rng(8)
+    h = mx.array(rng.normal(size=(1, 9, 64)).astype(np.float32))
+    batch = make_batch(rng, B=1, L=9, frac=1.0)
+    value, _ = value_grad(loss.make_loss_head(model, "subset", cfg(subset_k=40)), h, batch)
+    assert list((tmp_path / "neighbours").glob("*.npy"))  # the table was cached there
+    from mlx_edgelora.neighbours import neighbour_table
+
+    s = loss.subset_for(batch.targets.ravel(), neighbour_table(model), 40, V)
+    x = np.array(model.model.norm(h[0]))
+    logits = x @ np.array(loss.head_weight_rows(model, s)).T  # [9, 40]
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    expected = (lse - logits[np.arange(9), np.searchsorted(s, batch.targets[0])]).sum()
+    assert abs(value - expected) <= 1e-5 * abs(expected)

@@ -1,0 +1,87 @@
+"""WeightStream: offloaded blocks free memory and, once resident, compute exactly as before."""
+
+from contextlib import ExitStack
+
+import mlx.core as mx
+import pytest
+from conftest import build_tiny_model
+from mlx import nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_edgelora.stream import WeightStream, frozen_parameters
+
+
+def _lora_model(arch: str) -> nn.Module:
+    """Tiny 4-bit model with LoRA on every block; lora_b random so LoRA changes outputs."""
+    model, _ = build_tiny_model(arch, quantize_bits=4, hidden_size=256, intermediate_size=512)
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            proj.lora_b = 0.1 * mx.random.normal(proj.lora_b.shape)
+    mx.eval(model.parameters())
+    return model
+
+
+def _loss(model: nn.Module, tokens: mx.array) -> mx.array:
+    return model(tokens).astype(mx.float32).square().mean()
+
+
+def test_offload_frees_memory_and_resident_restores_exact_outputs(arch, tmp_path):
+    model = _lora_model(arch)
+    tokens = mx.array([[3, 17, 42, 99, 7, 250, 1, 64]])
+    h = model.model.embed_tokens(tokens)
+    ref_blocks = [layer(h, mask="causal") for layer in model.model.layers]
+    ref_loss, ref_grads = nn.value_and_grad(model, _loss)(model, tokens)
+    mx.eval(ref_blocks, ref_loss, ref_grads)
+    keys = [k for k, _ in tree_flatten(model.parameters())]
+    lora = dict(tree_flatten(model.trainable_parameters()))
+    frozen_bytes = sum(
+        v.nbytes for layer in model.model.layers for v in frozen_parameters(layer).values()
+    )
+    assert not any(
+        k.endswith(("lora_a", "lora_b")) for k in frozen_parameters(model.model.layers[0])
+    )
+
+    with WeightStream(model, near=str(tmp_path / "out")) as stream:
+        before = mx.get_active_memory()
+        stream.offload()
+        assert before - mx.get_active_memory() >= 0.9 * frozen_bytes
+        assert [k for k, _ in tree_flatten(model.parameters())] == keys  # structure unchanged
+        assert all(v.size == 0 for v in frozen_parameters(model.model.layers[1]).values())
+        for i, layer in enumerate(model.model.layers):
+            with stream.resident(i) as resident:
+                out = resident(h, mask="causal")
+                mx.eval(out)
+            assert mx.array_equal(out, ref_blocks[i]).item()
+        for k, v in tree_flatten(model.trainable_parameters()):
+            assert v is lora[k]  # offload/resident never touch LoRA parameters
+        with ExitStack() as stack:  # whole model, gradients through resident weights
+            for i in range(len(model.model.layers)):
+                stack.enter_context(stream.resident(i))
+            loss, grads = nn.value_and_grad(model, _loss)(model, tokens)
+            mx.eval(loss, grads)
+        assert loss.item() == ref_loss.item()
+        for (k, g), (_, rg) in zip(tree_flatten(grads), tree_flatten(ref_grads)):
+            assert mx.array_equal(g, rg).item(), k
+        assert stream.stats.bytes_read == 2 * frozen_bytes
+
+
+def test_restore_and_close_remove_folder(tmp_path):
+    model = _lora_model("llama")
+    tokens = mx.array([[5, 6, 7]])
+    ref = model(tokens)
+    mx.eval(ref)
+    stream = WeightStream(model, folder=str(tmp_path / "spill"))
+    assert stream.folder.parent == tmp_path / "spill"
+    stream.offload()
+    stream.offload()  # a second call must not overwrite the files with placeholders
+    assert min(p.name for p in stream.folder.iterdir()) == "block0.safetensors"
+    with pytest.raises(KeyError):
+        stream.resident(9).__enter__()
+    stream.restore()  # the model runs on its own again
+    assert mx.array_equal(model(tokens), ref).item()
+    stream.close()
+    stream.close()  # idempotent
+    assert not stream.folder.exists()

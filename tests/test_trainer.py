@@ -1,0 +1,115 @@
+"""The training loop end to end on tiny models: loss falls, output is safe, resume is exact."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_edgelora import checkpoint
+from mlx_edgelora.config import TrainConfig
+from mlx_edgelora.errors import UserError
+from mlx_edgelora.loading import load_model
+from mlx_edgelora.report import Reporter
+from mlx_edgelora.trainer import train
+
+TEXT = (
+    "The bees at the north hive were calm this morning. I lifted the lid, checked the brood, "
+    "and counted nine frames of capped honey. Mara says the clover is early this year. "
+)
+
+
+@pytest.fixture
+def notes(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"day{i}.txt").write_text(f"Day {i}. " + TEXT * 3)
+    return folder
+
+
+def _cfg(model_dir, notes, out, **kw):
+    base = dict(
+        model=str(model_dir), data=str(notes), out=str(out), steps=6, max_seq_len=64,
+        batch_size=2, lr=5e-3, warmup=1, rank=4, eval_every=3, eval_batches=2, save_every=2,
+        seed=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _adapter(out):
+    return mx.load(str(out / "adapters.safetensors"))
+
+
+@pytest.mark.parametrize("engine", ["graph", "segments"])
+def test_training_lowers_loss_and_writes_an_mlx_lm_adapter(tmp_path, tiny_model_dir, notes, engine):
+    out = tmp_path / "out"
+    result = train(_cfg(tiny_model_dir, notes, out, steps=12, engine=engine, eval_every=0))
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert (out / "adapters.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    assert acfg["lora_parameters"]["rank"] == 4 and acfg["fine_tune_type"] == "lora"
+    assert result.val_loss is not None and result.peak_gb > 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 12
+
+
+def test_non_empty_out_is_never_overwritten_without_flag(tmp_path, tiny_model_dir, notes):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):
+        train(_cfg(tiny_model_dir, notes, out, steps=1))
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(_cfg(tiny_model_dir, notes, out, steps=1, resume=True))
+    train(_cfg(tiny_model_dir, notes, out, steps=1, overwrite=True))
+    assert (out / "mine.txt").read_text() == "precious"  # --overwrite only replaces our files
+
+
+class _StopAt(Reporter):
+    """A reporter that 'presses Ctrl-C' right after optimizer step `stop_at`."""
+
+    def __init__(self, stop_at: int, total: int):
+        super().__init__(total)
+        self.stop_at = stop_at
+
+    def step(self, step, *a, **k):
+        rec = super().step(step, *a, **k)
+        if step == self.stop_at:
+            raise KeyboardInterrupt
+        return rec
+
+
+def test_interrupted_run_resumes_exactly_where_it_stopped(tmp_path, tiny_model_dir, notes):
+    full = tmp_path / "full"
+    train(_cfg(tiny_model_dir, notes, full, grad_accum=2))
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_model_dir, notes, cut, grad_accum=2), reporter=_StopAt(3, 6))
+    assert checkpoint.latest(cut).name == "step-000003"  # saved on the way out
+    loaded = load_model(str(tiny_model_dir))
+    result = train(_cfg(tiny_model_dir, notes, cut, grad_accum=2, resume=True), loaded=loaded)
+    assert [r["step"] for r in result.history if "loss" in r] == [4, 5, 6]
+    a, b = _adapter(full), _adapter(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_rejects_a_changed_rank(tmp_path, tiny_model_dir, notes):
+    out = tmp_path / "out"
+    train(_cfg(tiny_model_dir, notes, out, steps=2))
+    with pytest.raises(UserError, match="--rank"):
+        train(_cfg(tiny_model_dir, notes, out, steps=4, rank=8, resume=True))
+
+
+def test_trainable_parameters_are_only_lora(tmp_path, tiny_model_dir, notes):
+    loaded = load_model(str(tiny_model_dir))
+    base = {k: v for k, v in tree_flatten(loaded.model.parameters())}
+    train(_cfg(tiny_model_dir, notes, tmp_path / "o", steps=2), loaded=loaded)
+    after = dict(tree_flatten(loaded.model.parameters()))
+    for k, v in base.items():
+        key = k if k in after else k.replace(".weight", ".linear.weight")
+        if key in after and after[key].shape == v.shape:
+            assert mx.array_equal(after[key], v), f"frozen weight {k} changed"
