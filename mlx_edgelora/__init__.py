@@ -1,3 +1,19 @@
-"""mlx-edgelora (integration in progress)."""
+"""mlx-edgelora: LoRA fine-tuning of quantized Llama/Qwen models within a laptop's memory.
 
-from . import _blas  # noqa: F401
+Public API (what notebooks and scripts use):
+    load_model(model=None, quantize=None)   -> LoadedModel (model, tokenizer, config)
+    load_dataset(path, tokenizer, cfg)      -> Dataset (packed train/validation rows)
+    TrainConfig(...)                        -> every option, as on the command line
+    train(cfg, loaded=None, data=None)      -> TrainResult (history, val loss, peak memory)
+    generate(loaded, prompt, ...)           -> str
+"""
+
+from . import _blas  # noqa: F401,I001  (must run before mlx is imported anywhere)
+from .config import TrainConfig
+from .dataset import load_dataset
+from .errors import UserError
+from .generate import generate
+from .loading import load_model
+from .trainer import train
+
+__all__ = ["TrainConfig", "load_model", "load_dataset", "train", "generate", "UserError"]

@@ -15,7 +15,7 @@ scores) before starting the next; without it, tiles feeding two accumulators sta
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError

@@ -98,13 +98,18 @@ class TrainConfig:
     )
     cache_policy: str = _opt(
         "none",
-        "selective caching inside a segment: none (recompute all), or keep cheap-to-store, "
-        "costly-to-recompute tensors",
+        "selective caching in --engine segments: none (keep only segment inputs; every block "
+        "runs again in backward), last (the last segment is not checkpointed: it runs once, "
+        "under autodiff with the loss head; saves 1/segments of the recompute, costs that "
+        "segment's activations at the loss head's peak)",
+        choices=["none", "last"],
     )
     attn_chunk: int = _opt(
         512, "query/key chunk of the chunked attention used in recompute (0 = unchunked)"
     )
-    mlp_chunk: int = _opt(1024, "token chunk of the MLP in recompute (0 = unchunked)")
+    mlp_chunk: int = _opt(
+        256, "token chunk of the MLP in recompute (0 = unchunked; smaller = less memory)"
+    )
     stream_weights: bool = _opt(
         False, "keep block weights on disk and load each segment's weights only while used"
     )

@@ -129,7 +129,7 @@ class SegmentStep:
             h = self._forward(store, mx.array(batch.inputs), n_ckpt)
             if n_ckpt:
                 store.prefetch(n_ckpt - 1)  # read overlaps the loss head
-            loss, dh = self._loss_and_vjp(h, batch, self.segments[n_ckpt:], grads)
+            loss, dh = self._loss_and_vjp(h, batch, n_ckpt, grads)
             del h
             self._backward(store, dh, n_ckpt, grads)
         return loss, int(batch.mask.sum()), blocks.model_tree(self.model, grads)
@@ -157,16 +157,16 @@ class SegmentStep:
                 mx.eval(h)
         return h
 
-    def _loss_and_vjp(self, h, batch, rest: list[list[int]], grads: list[dict]):
-        """Loss and dL/dh at the last boundary; `rest` = segments kept from the forward."""
-        ids = [i for seg in rest for i in seg]
+    def _loss_and_vjp(self, h, batch, n_ckpt: int, grads: list[dict]):
+        """Loss and dL/dh at boundary n_ckpt; the segments after it run here, once."""
+        ids = [i for seg in self.segments[n_ckpt:] for i in seg]
 
         def fn(x: mx.array) -> mx.array:
             return self.loss_head(self._run(ids, x), batch)
 
         with _resident(self.stream, ids):
             loss, dh = self._vjp(ids, h, mx.array(1.0), fn, grads)
-            mx.eval(loss, dh, [grads[i] for i in ids])
+            mx.eval(loss, dh if n_ckpt else [], [grads[i] for i in ids])
         return loss.item(), dh
 
     def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
@@ -177,9 +177,9 @@ class SegmentStep:
                 store.prefetch(j - 1)
             ids = self.segments[j]
             with _resident(self.stream, ids):
-                dh = self._vjp(ids, x, dh, partial(self._run, ids), grads)[1]  # drop the lazy output
-                mx.eval([grads[i] for i in ids], dh if j > 0 else [])
-            del x
+                out, dh = self._vjp(ids, x, dh, partial(self._run, ids), grads)
+                mx.eval([grads[i] for i in ids], dh if j > 0 else [])  # block 0: no dx needed
+            del x, out  # the lazy recomputed output would keep this segment's graph alive
 
     def _run(self, ids: list[int], h: mx.array) -> mx.array:
         """Blocks `ids` in order, with chunked attention and MLP."""

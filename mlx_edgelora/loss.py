@@ -9,6 +9,12 @@ vocabulary-chunked log-sum-exp with its own VJP (as in Cut Cross-Entropy): the f
 only one [rows, chunk] block of logits alive and stores just the per-row LSE; the backward
 recomputes each block's softmax. A quantized head is dequantized one chunk (or only the
 needed rows) at a time. Every head returns the SUM of token cross-entropies.
+
+Peak memory: the graphs need one logits tile at a time, but MLX's scheduler runs ops ahead
+of the compute and allocates their outputs, so the peak is a few tiles unless
+mx.set_memory_limit makes it wait. Measured (2048 rows, V 49152, D 576, 4-bit head, chunk
+4096, loss + dh): full 1404 MB, chunked 396 MB (259 MB under a 120 MB limit), subset
+(k 1000) 92 MB above the inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from .blocks import final_norm, head_module
 from .errors import UserError
 
 # Bound on rows x vocab_chunk logits alive at once in the chunked loss (2^24 fp32 = 64 MB):
@@ -27,12 +34,6 @@ from .errors import UserError
 ROW_BLOCK_ELEMENTS = 1 << 24
 
 CrossEntropy = Callable[[mx.array, np.ndarray], mx.array]
-
-
-def head_module(model: nn.Module) -> nn.Module:
-    """The LM head: `lm_head` if the model has one, else the tied input embedding."""
-    head = getattr(model, "lm_head", None)
-    return head if head is not None else model.model.embed_tokens
 
 
 def head_shape(model: nn.Module) -> tuple[int, int]:
@@ -98,7 +99,7 @@ def chunked_lse(x: mx.array, chunk_rows: Callable[[int, int], mx.array], V: int,
 
 
 def chunked_ce(x: mx.array, targets: np.ndarray, model: nn.Module, chunk: int) -> mx.array:
-    """Exact CE summed over rows, never holding more than a [rows, chunk] block of logits."""
+    """Exact CE summed over rows; each pass over the vocabulary takes at most `rows` rows."""
     V, _ = head_shape(model)
     rows = max(1, ROW_BLOCK_ELEMENTS // chunk)
     total = mx.array(0.0)
@@ -169,7 +170,7 @@ class LossHead:
                 f"of {self.vocab_size}; use the tokenizer that belongs to the model"
             )
         rows = h.reshape(-1, h.shape[-1])[mx.array(idx.astype(np.int32))]  # [N, D]
-        x = self.model.model.norm(rows).astype(mx.float32)  # RMSNorm is per row: exact
+        x = final_norm(self.model)(rows).astype(mx.float32)  # RMSNorm is per row: exact
         return self.ce(x, targets)
 
 

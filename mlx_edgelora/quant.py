@@ -7,13 +7,15 @@ included) for a subclass whose kernel is chosen once per backend:
 
 - Metal / CUDA: mlx's fused `mx.quantized_matmul` (no float weight is ever materialized).
 - CPU: dequantize-then-matmul. mlx 0.32's CPU quantized_matmul is not BLAS-backed. Measured
-  here (2 shared cores, OpenBLAS, x [1, L, in] float32, 4-bit, group 32, ms per call):
-      L=512  576->1536:   quantized_matmul 477   dequantize+matmul  66   (7x)
-      L=2048 576->1536:   quantized_matmul 2164  dequantize+matmul 177  (12x)
-      L=512  2048->2048:  quantized_matmul 2772  dequantize+matmul 283  (10x)
-  The CPU path is an `mx.custom_function` whose VJP dequantizes the weight again instead of
-  keeping the float copy alive from forward to backward; only dL/dx is computed (the base is
-  frozen). `dequant_matmul_reference` is the plain version it is tested against.
+  here (mlx 0.32.4, OpenBLAS, 2 cores shared with other jobs so +-30%; x [1, L, in] float32,
+  float16 scales, group 32; ms per forward call, quantized_matmul vs `dequant_matmul`):
+      4-bit L=512  576->1536   497 vs  63  (8x)    4-bit L=2048 576->1536  1511 vs 182 (8x)
+      4-bit L=512  2048->2048 2082 vs 252  (8x)    8-bit L=512  576->1536   670 vs  47 (14x)
+  (7-15x over three runs, not ~30x.) The CPU path is an `mx.custom_function` whose VJP
+  dequantizes the weight again instead of keeping the float copy alive from forward to
+  backward; only dL/dx is computed (the base is frozen). `mx.depends` makes each
+  dequantization wait for its input, so MLX does not dequantize every layer up front.
+  `dequant_matmul_reference` is the plain version it is tested against.
 
 The subclasses keep the names and parameters (weight, scales, biases, bias) of mlx's classes,
 so mlx-lm saves, loads and fuses them as usual. Compute dtype is float32 whatever the dtype of

@@ -43,10 +43,14 @@ class Reporter:
     _first_step: int | None = None
     _tokens: int = 0
 
+    def start(self, first_step: int) -> None:
+        """Start the clock before step `first_step` (1-based) so its time counts too."""
+        self._first_step, self._t0, self._tokens = first_step - 1, time.perf_counter(), 0
+
     def step(self, step: int, loss: float, tokens: int, lr: float) -> dict:
         """Record optimizer step `step` (1-based) and print the progress line."""
         if self._first_step is None:
-            self._first_step, self._t0 = step - 1, time.perf_counter()
+            self.start(step)
         self._tokens += tokens
         elapsed = time.perf_counter() - self._t0
         done = step - self._first_step

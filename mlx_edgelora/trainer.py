@@ -41,8 +41,9 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr."""
     warmup = min(cfg.warmup, max(cfg.steps - 1, 0))
     decay = optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1), cfg.lr * cfg.min_lr_ratio)
-    if warmup:
-        sched = optim.join_schedules([optim.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+    if warmup:  # starts at lr / warmup, not 0: the first update is never wasted
+        ramp = optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup)
+        sched = optim.join_schedules([ramp, decay], [warmup])
     else:
         sched = decay
     return optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
@@ -69,12 +70,12 @@ def prepare_output(cfg: TrainConfig) -> Path:
     return out
 
 
-def evaluate(model: nn.Module, cfg: TrainConfig, rows, head) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches."""
+def evaluate(step_fn, cfg: TrainConfig, rows, head) -> tuple[float, int]:
+    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients."""
     total, count = 0.0, 0
     limit = None if cfg.eval_batches < 0 else cfg.eval_batches
     for batch in iter_eval_batches(rows, cfg.batch_size, limit):
-        loss_sum, n = engine.forward_loss(model, cfg, head, batch)
+        loss_sum, n = step_fn.forward_loss(head, batch)
         total, count = total + loss_sum, count + n
     return (total / count if count else float("nan")), count
 
@@ -157,7 +158,7 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
 
 
 def _eval(run: _Run, step: int) -> float:
-    val, n = evaluate(run.model, run.cfg, run.data.val_rows, run.eval_head)
+    val, n = evaluate(run.step_fn, run.cfg, run.data.val_rows, run.eval_head)
     if n:
         run.reporter.eval(step, val, n)
     return val
@@ -171,7 +172,18 @@ def train(
 ) -> TrainResult:
     """Fine-tune LoRA adapters per `cfg`; writes the adapter and checkpoints to cfg.out."""
     run = _setup(cfg.validate(), loaded, data, reporter)
+    try:
+        val = _loop(run)
+    finally:
+        run.step_fn.close(restore=True)  # weight streaming: blocks back in memory, files gone
+    return TrainResult(run.out, run.reporter.history, val, mx.get_peak_memory() / 1024**3)
+
+
+def _loop(run: _Run) -> float | None:
+    """Steps run.start+1 .. cfg.steps; on Ctrl-C, checkpoint the last applied step first."""
+    cfg = run.cfg
     mx.reset_peak_memory()
+    run.reporter.start(run.start + 1)
     val = None
     done, done_data = run.start, run.batches.state_dict()  # last step the optimizer applied
     try:
@@ -194,6 +206,4 @@ def train(
     if run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
-    if val is not None and not math.isfinite(val):
-        val = None
-    return TrainResult(run.out, run.reporter.history, val, mx.get_peak_memory() / 1024**3)
+    return val if val is not None and math.isfinite(val) else None

@@ -4,10 +4,12 @@ Tolerance: 1e-5 of the largest reference magnitude, float32. The chunked paths o
 float32 sums (online softmax, tile-wise gradient accumulation), so errors are ~1e-7.
 """
 
+from functools import partial
+
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from conftest import build_tiny_model
+from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -76,9 +78,7 @@ def lora_tiny(arch: str, bits: int | None):
     config = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": DEFAULT_LORA_KEYS}
     linear_to_lora_layers(model, -1, config)
     mx.random.seed(3)
-    model.update(
-        tree_map(lambda p: 0.1 * mx.random.normal(p.shape), model.trainable_parameters())
-    )
+    model.update(tree_map(lambda p: 0.1 * mx.random.normal(p.shape), model.trainable_parameters()))
     mx.eval(model.parameters())
     return model
 
@@ -106,7 +106,9 @@ def test_block_forward_matches_layer(arch, bits):
     x, dy = mx.random.normal((2, L, 64)), mx.random.normal((2, L, 64))
     want = block_vjp(layer, lambda m, x: m(x, mask="causal"), x, dy)
     for attn_chunk, mlp_chunk in [(CHUNK, CHUNK), (0, 0), (64, 7)]:
-        got = block_vjp(layer, lambda m, x: block_forward(m, x, attn_chunk, mlp_chunk), x, dy)
+        got = block_vjp(
+            layer, partial(block_forward, attn_chunk=attn_chunk, mlp_chunk=mlp_chunk), x, dy
+        )
         assert_close(got[0], want[0])
         assert_close(got[1], want[1])
         assert_trees_close(got[2], want[2])
@@ -117,7 +119,7 @@ def test_chunked_mlp_matches_autodiff_loop():
     mx.random.seed(5)
     x, dy = mx.random.normal((1, L, 64)), mx.random.normal((1, L, 64))
     before = dict(tree_flatten(mlp.parameters()))
-    results = [block_vjp(mlp, lambda m, x: f(m, x, CHUNK), x, dy) for f in (chunked_mlp, mlp_reference)]
+    results = [block_vjp(mlp, partial(f, chunk=CHUNK), x, dy) for f in (chunked_mlp, mlp_reference)]
     for got, want in zip(*results):
         assert_trees_close(got, want)
     after = dict(tree_flatten(mlp.parameters()))

@@ -83,14 +83,21 @@ def assert_same_step(got, ref) -> None:
     assert _rel(g[worst], r[worst]) < 1e-5, worst
 
 
-FIELDS = ("checkpoint_every", "activations", "attn_chunk", "mlp_chunk", "cache_policy")
-CASES = [  # each option value appears with several others; + stream_weights
+FIELDS = [
+    "checkpoint_every",
+    "activations",
+    "attn_chunk",
+    "mlp_chunk",
+    "cache_policy",
+    "stream_weights",
+]
+CASES = [  # each option value appears with several others
     (1, "ram", 0, 0, "none", False),
     (2, "disk", 8, 8, "none", False),
     (1, "disk", 8, 0, "last", False),
     (3, "ram", 0, 8, "last", False),  # 3 does not divide 4 blocks: segments [0, 1, 2], [3]
     (1, "disk", 8, 8, "none", True),
-    (2, "ram", 0, 0, "last", True),
+    (4, "ram", 0, 0, "last", True),  # one segment: the whole model runs once, with the head
 ]
 
 
@@ -98,10 +105,7 @@ CASES = [  # each option value appears with several others; + stream_weights
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_segments_match_graph(arch, bits, case, tmp_path):
     model, batch, ref = reference(arch, bits)
-    *options, stream = case
-    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), stream_weights=stream)
-    for name, value in zip(FIELDS, options):
-        setattr(cfg, name, value)
+    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), **dict(zip(FIELDS, case)))
     step = engine.make_step(model, cfg, reference_head(model))
     try:
         got = step(batch)

@@ -3,10 +3,10 @@
 from types import SimpleNamespace
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import TINY_VOCAB, build_tiny_model
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -72,7 +72,7 @@ def test_chunked_lse_vjp_matches_autodiff():
     w = mx.array(rng.normal(size=(101, 16)).astype(np.float32))
     cot = mx.array(rng.normal(size=(9,)).astype(np.float32))
     ref_out, (ref_dx,) = mx.vjp(lambda x: [mx.logsumexp(x @ w.T, axis=-1)], [x], [cot])
-    fn = lambda x: [loss.chunked_lse(x, lambda s, e: w[s:e], 101, 10)]  # noqa: E731
+    fn = lambda x: [loss.chunked_lse(x, lambda s, e: w[s:e], 101, 10)]
     out, (dx,) = mx.vjp(fn, [x], [cot])
     assert_close(np.array(out[0]), np.array(ref_out[0]))
     assert_close(np.array(dx), np.array(ref_dx))

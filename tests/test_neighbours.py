@@ -6,7 +6,8 @@ import pytest
 from conftest import TINY_VOCAB, build_tiny_model
 
 from mlx_edgelora import neighbours
-from mlx_edgelora.loss import head_module, head_weight_rows
+from mlx_edgelora.blocks import head_module
+from mlx_edgelora.loss import head_weight_rows
 
 
 def brute_force(model, n):
