@@ -8,7 +8,7 @@ Public API (what notebooks and scripts use):
     generate(loaded, prompt, ...)           -> str
 """
 
-from . import _blas  # noqa: F401,I001  (must run before mlx is imported anywhere)
+from . import _blas  # noqa: F401  (must run before mlx is imported anywhere)
 from .config import TrainConfig
 from .dataset import load_dataset
 from .errors import UserError
@@ -16,4 +16,4 @@ from .generate import generate
 from .loading import load_model
 from .trainer import train
 
-__all__ = ["TrainConfig", "load_model", "load_dataset", "train", "generate", "UserError"]
+__all__ = ["TrainConfig", "UserError", "generate", "load_dataset", "load_model", "train"]

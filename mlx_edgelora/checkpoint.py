@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
@@ -36,7 +36,9 @@ def save(out: str | Path, step: int, model: nn.Module, opt: optim.Optimizer, sta
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    mx.save_safetensors(
+        str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+    )
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
     final = root / name
@@ -83,7 +85,9 @@ def load(folder: Path, model: nn.Module, opt: optim.Optimizer) -> dict:
         opt_state = mx.load(str(folder / "optimizer.safetensors"))
         state = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: checkpoint unreadable ({e}); start again with --overwrite") from None
+        raise UserError(
+            f"{folder}: checkpoint unreadable ({e}); start again with --overwrite"
+        ) from None
     model.load_weights(list(weights.items()), strict=False)
     opt.state = tree_unflatten(list(opt_state.items()))
     mx.eval(model.trainable_parameters(), opt.state)

@@ -32,6 +32,11 @@ class Dataset:
         rows = self.train_rows if which == "train" else self.val_rows
         return int(sum(np.asarray(m[1:]).sum() for _, m in rows))
 
+    def trainable_fraction(self) -> float:
+        """Share of training positions that carry loss (what logits masking saves on)."""
+        positions = sum(len(t) - 1 for t, _ in self.train_rows)
+        return self.trainable_tokens() / max(positions, 1)
+
     def describe(self) -> str:
         return (
             f"{self.n_documents} documents from {self.source}: {len(self.train_rows)} train / "

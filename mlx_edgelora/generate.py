@@ -28,7 +28,9 @@ def generate(
 
     tok = loaded.tokenizer
     if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
     else:
         ids = tok.encode(prompt)
     mx.random.seed(seed)

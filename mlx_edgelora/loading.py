@@ -56,7 +56,7 @@ def default_model_path() -> str:
     return str(path)
 
 
-def load_model(model: str | None, quantize: int | None = None) -> LoadedModel:
+def load_model(model: str | None = None, quantize: int | None = None) -> LoadedModel:
     """Load --model (None = embedded default) as a float32-compute mlx-lm model."""
     if quantize not in (None, 4, 8):
         raise UserError(f"--quantize must be 4 or 8 (got {quantize})")

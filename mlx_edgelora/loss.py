@@ -28,6 +28,7 @@ from mlx import nn
 
 from .blocks import final_norm, head_module
 from .errors import UserError
+from .quant import _dequantize as dequantize  # one dequantize recipe: scales cast first
 
 # Bound on rows x vocab_chunk logits alive at once in the chunked loss (2^24 fp32 = 64 MB):
 # with --vocab-chunk 8192 that is 2048 rows per pass over the vocabulary.
@@ -43,23 +44,31 @@ def head_shape(model: nn.Module) -> tuple[int, int]:
     return V, cols * 32 // m.bits if "scales" in m else cols
 
 
-def head_weight_rows(model: nn.Module, rows: np.ndarray | slice | None = None) -> mx.array:
-    """Rows of the LM-head weight as float32 [n, D]; a quantized head dequantizes only those."""
+def head_weight_rows(
+    model: nn.Module, rows: np.ndarray | slice | None = None, after: Any = None
+) -> mx.array:
+    """Rows of the LM-head weight as float32 [n, D]; a quantized head dequantizes only those.
+
+    `after` (arrays): the rows are read (and dequantized) only once those are computed, so a
+    loop over vocabulary chunks holds one chunk at a time instead of MLX running ahead.
+    """
     m = head_module(model)
     sel = slice(None) if rows is None else rows
     if isinstance(sel, np.ndarray):
         sel = mx.array(sel.astype(np.int32))
+    w = m.weight[sel]
+    if after is not None:
+        w = mx.depends(w, after)
     if "scales" not in m:
-        return m.weight[sel].astype(mx.float32)
+        return w.astype(mx.float32)
     biases = m.get("biases")
-    return mx.dequantize(
-        m.weight[sel],
+    return dequantize(
+        w,
         m.scales[sel],
         None if biases is None else biases[sel],
-        group_size=m.group_size,
-        bits=m.bits,
-        mode=getattr(m, "mode", "affine"),
-        dtype=mx.float32,
+        m.group_size,
+        m.bits,
+        getattr(m, "mode", "affine"),
     )
 
 
@@ -70,45 +79,61 @@ def full_ce(x: mx.array, w: mx.array, targets: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - target
 
 
-def chunked_lse(x: mx.array, chunk_rows: Callable[[int, int], mx.array], V: int, chunk: int):
+def chunked_lse(
+    x: mx.array, chunk_rows: Callable[..., mx.array], V: int, chunk: int, rows: int = 0
+) -> mx.array:
     """logsumexp(x @ W.T, axis=-1) [N], W read in vocabulary chunks, with a recomputing VJP.
 
-    `chunk_rows(start, stop)` returns W[start:stop] as float32; W is a constant (frozen head).
+    `chunk_rows(start, stop, after)` returns W[start:stop] as float32, read only once the
+    arrays `after` are computed; W is a constant (frozen head). Rows go through the
+    vocabulary `rows` at a time (0 = all at once). Every tile is chained on the previous
+    tile's result with `mx.depends`, in forward and backward: MLX otherwise schedules the
+    dequantize and matmul of many chunks ahead and holds their tiles at once.
     """
+    rows = rows or x.shape[0]
+    blocks = [(r, min(r + rows, x.shape[0])) for r in range(0, x.shape[0], rows)]
     starts = range(0, V, chunk)
 
     @mx.custom_function
     def lse(x):
-        out = None
-        for s in starts:
-            part = mx.logsumexp(x @ chunk_rows(s, min(s + chunk, V)).T, axis=-1)
-            out = part if out is None else mx.logaddexp(out, part)
-        return out
+        outs, prev = [], None
+        for r, e in blocks:
+            out = None
+            for s in starts:
+                w = chunk_rows(s, min(s + chunk, V), prev)  # [chunk, D]
+                part = mx.logsumexp(x[r:e] @ w.T, axis=-1)  # [rows]
+                out = prev = part if out is None else mx.logaddexp(out, part)
+            outs.append(out)
+        return mx.concatenate(outs)
 
     @lse.vjp
     def lse_vjp(x, cotangent, out):
         # d lse / d x = softmax(x W^T) @ W, accumulated chunk by chunk.
-        dx = mx.zeros_like(x)
-        for s in starts:
-            w = chunk_rows(s, min(s + chunk, V))  # [chunk, D], dropped after this iteration
-            p = mx.exp(x @ w.T - out[:, None]) * cotangent[:, None]  # [N, chunk]
-            dx = dx + p @ w
-        return dx
+        dxs, prev = [], cotangent
+        for r, e in blocks:
+            xb, ob, cb = x[r:e], out[r:e, None], cotangent[r:e, None]
+            dx = None
+            for s in starts:
+                w = chunk_rows(s, min(s + chunk, V), prev)  # [chunk, D], dropped after use
+                g = (mx.exp(xb @ w.T - ob) * cb) @ w  # [rows, chunk] @ [chunk, D]
+                dx = prev = g if dx is None else dx + g
+            dxs.append(dx)
+        return mx.concatenate(dxs)
 
     return lse(x)
 
 
 def chunked_ce(x: mx.array, targets: np.ndarray, model: nn.Module, chunk: int) -> mx.array:
-    """Exact CE summed over rows; each pass over the vocabulary takes at most `rows` rows."""
+    """Exact CE summed over rows; each pass over the vocabulary takes a block of rows."""
     V, _ = head_shape(model)
     rows = max(1, ROW_BLOCK_ELEMENTS // chunk)
-    total = mx.array(0.0)
-    for r in range(0, x.shape[0], rows):
-        xb, tb = x[r : r + rows], targets[r : r + rows]
-        target = (xb * head_weight_rows(model, tb)).sum(-1)  # target logits [rows]
-        lse = chunked_lse(xb, lambda s, e: head_weight_rows(model, slice(s, e)), V, chunk)
-        total = total + (lse - target).sum()
-    return total
+    def chunk_rows(s: int, e: int, after: Any) -> mx.array:
+        return head_weight_rows(model, slice(s, e), after)
+
+    lse = chunked_lse(x, chunk_rows, V, chunk, rows)
+    # target logits [N]: the gathered rows [N, D] are small; dequantized after the LSE passes
+    target = (x * head_weight_rows(model, targets, after=lse)).sum(-1)
+    return (lse - target).sum()
 
 
 def subset_for(targets: np.ndarray, table: np.ndarray, k: int, V: int) -> np.ndarray:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx import nn
 from mlx.utils import tree_map
 
-from . import checkpoint, engine, loss, lora, quant
+from . import checkpoint, engine, lora, loss, plan, quant
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -135,13 +135,26 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
     quant.prepare_for_training(model)
+    reporter = reporter or Reporter(cfg.steps, log_path=out / "metrics.jsonl")
+    memory_plan = plan.estimate(model, cfg, data.trainable_fraction())
+    reporter.info(memory_plan.describe())
+    plan.check_budget(memory_plan, cfg)
     opt = make_optimizer(cfg)
     batches = BatchIterator(data.train_rows, cfg.batch_size, seed=cfg.seed)
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
     step_fn = engine.make_step(model, cfg, train_head)
-    reporter = reporter or Reporter(cfg.steps, log_path=out / "metrics.jsonl")
-    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn,
-               loss.exact_loss_head(model, cfg), reporter)
+    run = _Run(
+        cfg,
+        out,
+        model,
+        adapter_cfg,
+        data,
+        opt,
+        batches,
+        step_fn,
+        loss.exact_loss_head(model, cfg),
+        reporter,
+    )
     if cfg.resume:
         saved = checkpoint.load(checkpoint.latest(out), model, opt)
         _check_resume(cfg, saved)
@@ -183,8 +196,10 @@ def _loop(run: _Run) -> float | None:
     """Steps run.start+1 .. cfg.steps; on Ctrl-C, checkpoint the last applied step first."""
     cfg = run.cfg
     mx.reset_peak_memory()
-    run.reporter.start(run.start + 1)
     val = None
+    if cfg.eval_every and run.start == 0:
+        _eval(run, 0)  # the untrained baseline, so the curve has a reference point
+    run.reporter.start(run.start + 1)
     done, done_data = run.start, run.batches.state_dict()  # last step the optimizer applied
     try:
         for step in range(run.start + 1, cfg.steps + 1):

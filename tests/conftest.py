@@ -8,14 +8,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import mlx_edgelora  # noqa: E402,F401  (must precede mlx)
+import importlib.util
+import json
+from pathlib import Path
 
-import json  # noqa: E402
-import importlib.util  # noqa: E402
-from pathlib import Path  # noqa: E402
+import mlx.core as mx
+import pytest
 
-import mlx.core as mx  # noqa: E402
-import pytest  # noqa: E402
+import mlx_edgelora  # noqa: F401  (must precede mlx)
 
 TINY_VOCAB = 300  # 256 bytes + specials + headroom
 
@@ -46,7 +46,7 @@ def tiny_config(arch: str = "llama", **overrides) -> dict:
 
 def build_tiny_model(arch: str = "llama", seed: int = 0, quantize_bits: int | None = None, **kw):
     """A random mlx-lm Model (float32), optionally quantized with mlx's own nn.quantize."""
-    import mlx.nn as nn
+    from mlx import nn
     from mlx_lm.utils import _get_classes
 
     cfg = tiny_config(arch, **kw)

@@ -4,9 +4,9 @@ import json
 
 import mlx.core as mx
 import mlx.optimizers as optim
+from conftest import build_tiny_model
 from mlx.utils import tree_flatten
 
-from conftest import build_tiny_model
 from mlx_edgelora import checkpoint
 from mlx_edgelora.config import TrainConfig
 from mlx_edgelora.lora import apply_lora

@@ -5,9 +5,9 @@ import json
 import mlx.core as mx
 import mlx_lm
 import pytest
+from conftest import write_tiny_model_dir
 from mlx.utils import tree_flatten
 
-from conftest import write_tiny_model_dir
 from mlx_edgelora.config import TrainConfig
 from mlx_edgelora.errors import UserError
 from mlx_edgelora.lora import apply_lora, load_adapters, save_adapters
@@ -43,7 +43,10 @@ def test_saved_adapter_loads_in_mlx_lm_and_changes_logits(tmp_path, arch):
     _randomize_lora_b(model)
     ours = model(TOKENS)
     save_adapters(model, tmp_path / "adapter", acfg)
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+    assert (
+        json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fine_tune_type"]
+        == "lora"
+    )
     theirs, _ = mlx_lm.load(str(path), adapter_path=str(tmp_path / "adapter"))
     assert mx.allclose(theirs(TOKENS), ours, atol=1e-4)
     assert not mx.allclose(theirs(TOKENS), base, atol=1e-3)

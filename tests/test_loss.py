@@ -72,7 +72,7 @@ def test_chunked_lse_vjp_matches_autodiff():
     w = mx.array(rng.normal(size=(101, 16)).astype(np.float32))
     cot = mx.array(rng.normal(size=(9,)).astype(np.float32))
     ref_out, (ref_dx,) = mx.vjp(lambda x: [mx.logsumexp(x @ w.T, axis=-1)], [x], [cot])
-    fn = lambda x: [loss.chunked_lse(x, lambda s, e: w[s:e], 101, 10)]
+    fn = lambda x: [loss.chunked_lse(x, lambda s, e, after: w[s:e], 101, 10)]
     out, (dx,) = mx.vjp(fn, [x], [cot])
     assert_close(np.array(out[0]), np.array(ref_out[0]))
     assert_close(np.array(dx), np.array(ref_dx))

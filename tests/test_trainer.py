@@ -30,8 +30,18 @@ def notes(tmp_path):
 
 def _cfg(model_dir, notes, out, **kw):
     base = dict(
-        model=str(model_dir), data=str(notes), out=str(out), steps=6, max_seq_len=64,
-        batch_size=2, lr=5e-3, warmup=1, rank=4, eval_every=3, eval_batches=2, save_every=2,
+        model=str(model_dir),
+        data=str(notes),
+        out=str(out),
+        steps=6,
+        max_seq_len=64,
+        batch_size=2,
+        lr=5e-3,
+        warmup=1,
+        rank=4,
+        eval_every=3,
+        eval_batches=2,
+        save_every=2,
         seed=1,
     )
     base.update(kw)

@@ -1,0 +1,302 @@
+"""One forward+backward training step of one configuration, in its own process ("a cell").
+
+Why a fresh process per cell: MLX's allocator peak and cache are per process, so cells must not
+share one. The parent (`run_cell`) starts `python bench/cells.py --child '<json>'` under
+`flock /tmp/edgelora-bench.lock` (heavy runs on the shared machine never overlap) with a
+timeout; the child builds the model, measures, and prints one JSON line.
+
+Measured, per cell (batch 1): resident bytes after the model, LoRA and the step object are
+built (`mx.get_active_memory`); `mx.get_peak_memory()` over ONE step (forward, backward,
+gradients evaluated; no optimizer update: the paper's FP32 baseline row, ~weights + grads +
+activations, has no room for Adam states either); step wall time; the load average.
+
+Models: "smollm2" is the real embedded SmolLM2-135M GGUF (`load_model(None)`); "llama3b" and
+"qwen3b" are random-weight models of the public shapes (paper.md) with `layers` blocks, built
+from mlx-lm's own classes, float32, quantized with `nn.quantize(group_size=64, bits=4)` for
+INT4 cells (scales float32). Peak memory does not depend on the weight values.
+
+A cell whose up-front estimate exceeds MAX_GB is not run: it is reported as "OOM (estimated
+X GB)". `mx.set_memory_limit` and the subprocess timeout are the guards behind the estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOCK = "/tmp/edgelora-bench.lock"
+MAX_GB = 20.0  # this machine has 24 GB and other people's tests
+GB = 1024**3
+
+SHAPES = {
+    "llama3b": dict(  # Llama-3.2-3B
+        model_type="llama", hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
+        num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+        tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+    ),
+    "qwen3b": dict(  # Qwen2.5-3B
+        model_type="qwen2", hidden_size=2048, num_hidden_layers=36, intermediate_size=11008,
+        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+        tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+    ),
+}
+
+# One cell's configuration: these keys, with these defaults.
+DEFAULTS = dict(
+    shape="llama3b",  # llama3b | qwen3b | smollm2 (the real embedded GGUF)
+    layers=None,  # blocks to build (None = the full model)
+    seq=1024,
+    trainable=1.0,  # fraction of trainable (loss-carrying) positions: the LAST ones
+    full_ft=False,  # all weights trainable (FP32 baseline); else LoRA
+    rank=16,
+    bits=None,  # 4: nn.quantize(group_size=64, bits=4) the random model
+    engine="graph",
+    activations="ram",
+    loss="full",
+    subset_k=1000,
+    vocab_chunk=8192,
+    attn_chunk=0,
+    mlp_chunk=0,
+    stream_weights=False,
+    cache_policy="none",
+    steps=1,  # steps run; the peak covers all, the time reported is the fastest
+)
+
+
+def config(**kw) -> dict:
+    unknown = set(kw) - set(DEFAULTS)
+    if unknown:
+        raise KeyError(f"unknown cell keys {sorted(unknown)}")
+    return {**DEFAULTS, **kw}
+
+
+# ------------------------------------------------------------------------- estimate (parent)
+
+
+def shape_dims(shape: str) -> dict:
+    if shape == "smollm2":
+        return dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    return SHAPES[shape]
+
+
+def estimate_gb(c: dict) -> float:
+    """A deliberately generous up-front peak estimate, to refuse cells that cannot fit."""
+    s = shape_dims(c["shape"])
+    D, Im, V, H = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["num_attention_heads"]
+    n = c["layers"] or s["num_hidden_layers"]
+    L = c["seq"]
+    per_layer = 4 * D * D + 3 * D * Im  # upper bound (full-size K/V)
+    bytes_w = (0.5625 if c["bits"] else 4) * (n * per_layer + V * D)
+    grads = 4 * (n * per_layer + V * D) if c["full_ft"] else 0
+    rows = max(1, int(L * c["trainable"]))
+    logits = 3 * 4 * rows * (c["subset_k"] if c["loss"] == "subset" else V)
+    if c["loss"] == "chunked":
+        logits = 3 * 4 * rows * c["vocab_chunk"]
+    act_layer = 4 * L * (12 * D + 4 * Im) + 3 * 4 * H * L * L
+    acts = (n if c["engine"] == "graph" else 1) * act_layer + n * 4 * L * D
+    return (bytes_w + grads + logits + acts) / GB
+
+
+# ----------------------------------------------------------------------------- run (parent)
+
+
+def run_cell(c: dict, timeout: int = 1800, lock: bool = True) -> dict:
+    """Run one cell in a fresh process; returns its result dict (never raises for OOM/timeout)."""
+    est = estimate_gb(c)
+    if est > MAX_GB:
+        return {"config": c, "status": "oom", "estimate_gb": round(est, 2),
+                "note": f"OOM (estimated {est:.1f} GB > {MAX_GB:.0f} GB)"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(c)]
+    if lock:
+        cmd = ["flock", LOCK, *cmd]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": c, "status": "timeout", "timeout_s": timeout}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"config": c, "status": "error", "rc": p.returncode,
+                "stderr_tail": p.stderr[-2000:]}
+    out = json.loads(lines[-1])
+    out.update(status="ok", estimate_gb=round(est, 2), wall_incl_lock_s=round(time.time() - t0, 1))
+    return out
+
+
+# ------------------------------------------------------------------------------ child process
+
+
+def _build(c: dict):
+    """(model, tokenizer-or-None) with weights evaluated and init temporaries freed."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if c["shape"] == "smollm2":
+        from mlx_edgelora import load_model
+
+        model = load_model(None).model
+        if c["layers"]:
+            model.model.layers = model.model.layers[: c["layers"]]
+            model.args.num_hidden_layers = c["layers"]
+        return model
+    from mlx_lm.utils import _get_classes
+
+    cfg = dict(SHAPES[c["shape"]])
+    if c["layers"]:
+        cfg["num_hidden_layers"] = c["layers"]
+    model_cls, args_cls = _get_classes(cfg)
+    mx.random.seed(0)
+    model = model_cls(args_cls.from_dict(cfg))
+    emb = model.model.embed_tokens
+    # uniform, not mlx-lm's normal init: mx.random.normal takes ~30 s for 394M values here
+    emb.weight = mx.random.uniform(-0.05, 0.05, emb.weight.shape)
+    if c["bits"]:
+        # quantize block by block so that at most one block's float weights exist at once
+        for layer in model.model.layers:
+            mx.eval(layer.parameters())
+            nn.quantize(layer, group_size=64, bits=c["bits"])
+            mx.eval(layer.parameters())
+        mx.eval(emb.parameters())
+        is_embedding = lambda _, m: isinstance(m, nn.Embedding)  # noqa: E731
+        nn.quantize(model, group_size=64, bits=c["bits"], class_predicate=is_embedding)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _trainable(c: dict, model, out: str):
+    """Mark what trains; returns the TrainConfig used for the engine and loss head."""
+    import mlx.core as mx
+
+    from mlx_edgelora import TrainConfig, lora, quant
+
+    tc = TrainConfig(
+        out=out, spill_dir=out, rank=c["rank"], engine=c["engine"], activations=c["activations"],
+        loss=c["loss"], subset_k=c["subset_k"], vocab_chunk=c["vocab_chunk"],
+        attn_chunk=c["attn_chunk"], mlp_chunk=c["mlp_chunk"], stream_weights=c["stream_weights"],
+        cache_policy=c["cache_policy"],
+    ).validate()
+    if c["full_ft"]:
+        model.unfreeze()
+    else:
+        lora.apply_lora(model, tc)
+    quant.prepare_for_training(model)
+    mx.eval(model.parameters())
+    return tc
+
+
+def _loss_head(c: dict, model, tc):
+    """The configured head; subset uses an empty neighbour table (lowest ids fill the subset).
+
+    Why: peak memory depends only on k; building the real Llama-size table takes ~10-40 min
+    on this CPU (neighbours.py) and would tell us nothing about memory.
+    """
+    import numpy as np
+
+    from mlx_edgelora import loss
+
+    if c["loss"] != "subset":
+        return loss.make_loss_head(model, c["loss"], tc)
+    V, _ = loss.head_shape(model)
+    empty, k = np.zeros((V, 0), np.int32), c["subset_k"]
+    return loss.LossHead(
+        model, "subset",
+        lambda x, t: loss.subset_ce(x, t, loss.subset_for(t, empty, k, V), model),
+    )
+
+
+def _batch(c: dict, vocab: int):
+    import numpy as np
+
+    from mlx_edgelora.batching import Batch
+
+    rng = np.random.default_rng(0)
+    L = c["seq"]
+    tokens = rng.integers(0, vocab, size=(1, L + 1), dtype=np.int32)
+    mask = np.zeros((1, L), bool)
+    mask[:, L - max(1, round(L * c["trainable"])) :] = True  # prompt = the first positions
+    return Batch(tokens[:, :-1], tokens[:, 1:], mask)
+
+
+def _per_layer_bytes(model, c: dict) -> dict:
+    """Exact bytes one block adds when resident: frozen weights, LoRA params (+ their grads)."""
+    from mlx.utils import tree_flatten
+
+    layer = model.model.layers[0]
+    train = sum(v.nbytes for _, v in tree_flatten(layer.trainable_parameters()))
+    frozen = sum(v.nbytes for _, v in tree_flatten(layer.parameters())) - train
+    if c["stream_weights"]:
+        frozen = 0  # on disk between uses (the one in use is inside the measured peak)
+    return {"frozen": frozen, "trainable_and_grads": 2 * train}
+
+
+def child(c: dict) -> dict:
+    import mlx_edgelora  # noqa: F401  (OpenBLAS before mlx)
+    import gc
+    import tempfile
+
+    import mlx.core as mx
+
+    from mlx_edgelora import engine, loss
+
+    mx.set_memory_limit(int(MAX_GB * GB))
+    out = tempfile.mkdtemp(prefix="edgelora-bench-", dir=os.environ.get("BENCH_TMP", "/tmp"))
+    model = _build(c)
+    tc = _trainable(c, model, out)
+    head = _loss_head(c, model, tc)
+    step = engine.make_step(model, tc, head)
+    batch = _batch(c, loss.head_shape(model)[0])
+    per_layer = _per_layer_bytes(model, c)
+    gc.collect()
+    mx.clear_cache()
+    resident = mx.get_active_memory()
+    mx.reset_peak_memory()
+    times, losses = [], []
+    for _ in range(c["steps"]):
+        t0 = time.perf_counter()
+        loss_sum, n_tok, grads = step(batch)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss_sum / n_tok)
+        del grads
+    peak = mx.get_peak_memory()
+    step.close(restore=False)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "config": c,
+        "peak_bytes": peak,
+        "peak_gb": round(peak / GB, 4),
+        "resident_bytes": resident,
+        "resident_gb": round(resident / GB, 4),
+        "step_s": round(min(times), 2),
+        "step_times_s": [round(t, 2) for t in times],
+        "loss": round(losses[-1], 4),
+        "trainable_tokens": int(batch.mask.sum()),
+        "per_layer_bytes": per_layer,
+        "n_layers": len(model.model.layers),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) == 2 and argv[0] == "--child":
+        load = [round(x, 2) for x in os.getloadavg()]
+        res = child(json.loads(argv[1]))
+        res["loadavg"] = load  # at the start of the cell
+        print(json.dumps(res), flush=True)
+        return
+    c = config(**json.loads(argv[0])) if argv else config(layers=1, seq=128, bits=4)
+    print(json.dumps(run_cell(c), indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""The memory plan: tracks measured peaks, orders the options sensibly, enforces the budget."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import build_tiny_model
+
+from mlx_edgelora import engine, lora, loss, plan, quant
+from mlx_edgelora.batching import Batch
+from mlx_edgelora.config import TrainConfig
+from mlx_edgelora.errors import UserError
+
+SHAPE = dict(
+    hidden_size=256,
+    num_hidden_layers=3,
+    intermediate_size=768,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=8192,
+    tie_word_embeddings=True,
+)
+
+
+def _model(cfg, **kw):
+    model, _ = build_tiny_model("llama", quantize_bits=4, **{**SHAPE, **kw})
+    lora.apply_lora(model, cfg)
+    quant.prepare_for_training(model)
+    return model
+
+
+def _measured_peak(model, cfg) -> float:
+    L = cfg.max_seq_len
+    toks = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (1, L + 1)).astype(np.int32)
+    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((1, L), bool))
+    step = engine.make_step(model, cfg, loss.make_loss_head(model, cfg.loss, cfg))
+    mx.reset_peak_memory()
+    step(batch)
+    return mx.get_peak_memory() / plan.GB
+
+
+@pytest.mark.parametrize("engine_name", ["graph", "segments"])
+def test_plan_is_within_a_factor_of_the_measured_peak(tmp_path, engine_name):
+    # Tolerance: the plan is an estimate for refusing hopeless runs, not a profiler (module doc).
+    cfg = TrainConfig(max_seq_len=512, engine=engine_name, loss="full", out=str(tmp_path))
+    model = _model(cfg)
+    estimated = plan.estimate(model, cfg).total_gb
+    measured = _measured_peak(model, cfg)
+    assert 0.5 < estimated / measured < 2.0, (estimated, measured)
+
+
+def test_options_that_save_memory_lower_the_plan(tmp_path):
+    cfg = TrainConfig(max_seq_len=4096, out=str(tmp_path))
+    model = _model(cfg, num_hidden_layers=8)  # more segments than boundaries in flight on disk
+
+    def total(**kw):
+        return plan.estimate(model, TrainConfig(**{**cfg.to_dict(), **kw})).total_gb
+
+    assert total(engine="segments") < total(engine="graph")
+    assert total(activations="disk") < total(activations="ram")
+    assert total(loss="subset", subset_k=256) < total(loss="chunked", vocab_chunk=1024)
+    assert total(loss="chunked", vocab_chunk=1024) < total(loss="full")
+    assert total(stream_weights=True) < total()
+    assert plan.estimate(model, cfg, 0.3).total_gb < plan.estimate(model, cfg, 1.0).total_gb
+
+
+def test_budget_refuses_with_advice(tmp_path):
+    cfg = TrainConfig(max_seq_len=4096, loss="full", memory_budget_gb=0.01, out=str(tmp_path))
+    model = _model(cfg)
+    with pytest.raises(UserError, match="--memory-budget-gb 0.01: planned peak"):
+        plan.check_budget(plan.estimate(model, cfg), cfg)
+    plan.check_budget(plan.estimate(model, cfg), TrainConfig(memory_budget_gb=100.0))
