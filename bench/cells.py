@@ -89,7 +89,8 @@ def shape_dims(shape: str) -> dict:
 def estimate_gb(c: dict) -> float:
     """A deliberately generous up-front peak estimate, to refuse cells that cannot fit."""
     s = shape_dims(c["shape"])
-    D, Im, V, H = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["num_attention_heads"]
+    D, Im, V = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    H = s["num_attention_heads"]
     n = c["layers"] or s["num_hidden_layers"]
     L = c["seq"]
     per_layer = 4 * D * D + 3 * D * Im  # upper bound (full-size K/V)
@@ -238,8 +239,9 @@ def _per_layer_bytes(model, c: dict) -> dict:
 
 
 def child(c: dict) -> dict:
-    import mlx_edgelora  # noqa: F401  (OpenBLAS before mlx)
+    import mlx_edgelora  # noqa: F401,I001  (OpenBLAS before mlx)
     import gc
+    import shutil
     import tempfile
 
     import mlx.core as mx
@@ -267,8 +269,6 @@ def child(c: dict) -> dict:
         del grads
     peak = mx.get_peak_memory()
     step.close(restore=False)
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     return {
         "config": c,

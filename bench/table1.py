@@ -130,6 +130,10 @@ def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
     """Measured depth-2 peak and the derived full-depth estimate (or why there is none)."""
     n_full = FULL_DEPTH[shape]
     r2 = cache.get(json.dumps(cell_for(shape, seq, row, 2), sort_keys=True))
+    r1 = cache.get(json.dumps(cell_for(shape, seq, row, 1), sort_keys=True))
+    if r2 is None and r1 is not None and r1["status"] == "ok":
+        return {"status": "depth 1 only", "measured_gb_depth1": r1["peak_gb"],
+                "step_s_depth1": r1["step_s"], "loadavg": r1["loadavg"]}
     if r2 is None:
         return {"status": "not run"}
     if r2["status"] != "ok":
@@ -190,6 +194,8 @@ def _fmt(d: dict) -> str:
             f"{d['measured_gb_depth2']:.2f} → ?"
     if d["status"] == "oom":
         return d["note"]
+    if d["status"] == "depth 1 only":
+        return f"{d['measured_gb_depth1']:.2f} at 1 block → ?"
     return d["status"]
 
 
@@ -222,6 +228,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--report", action="store_true", help="only rebuild table1.json/.md")
     p.add_argument("--only", help="model:context, e.g. llama3b:1024")
+    p.add_argument("--cells", nargs="+", help="model:context:row[,row...] items, run in order")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     a = p.parse_args()
     if not a.report:
@@ -229,6 +236,9 @@ def main() -> None:
         if a.only:
             shape, seq = a.only.split(":")
             plan = [(s, q, r) for s, q, r in PLAN if s == shape and q == int(seq)]
+        if a.cells:
+            plan = [(m, int(q), rows.split(",")) for m, q, rows in
+                    (item.split(":") for item in a.cells)]
         run_plan(plan, a.timeout)
     report()
 

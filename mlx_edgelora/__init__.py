@@ -8,12 +8,27 @@ Public API (what notebooks and scripts use):
     generate(loaded, prompt, ...)           -> str
 """
 
-from . import _blas  # noqa: F401  (must run before mlx is imported anywhere)
-from .config import TrainConfig
-from .dataset import load_dataset
-from .errors import UserError
-from .generate import generate
-from .loading import load_model
-from .trainer import train
+from importlib import import_module
 
-__all__ = ["TrainConfig", "UserError", "generate", "load_dataset", "load_model", "train"]
+from . import _blas  # noqa: F401  (must run before mlx is imported anywhere)
+
+_API = {
+    "TrainConfig": "config",
+    "UserError": "errors",
+    "load_model": "loading",
+    "load_dataset": "dataset",
+    "train": "trainer",
+    "generate": "generate",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    # Lazy, so `python -m mlx_edgelora.train` does not import its own module twice. Caching
+    # in globals() matters: importing the submodule `generate` would otherwise leave the
+    # package attribute pointing at the module instead of the function.
+    if name not in _API:
+        raise AttributeError(f"module 'mlx_edgelora' has no attribute {name!r}")
+    value = getattr(import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value

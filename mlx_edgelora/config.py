@@ -53,12 +53,12 @@ class TrainConfig:
     )
     out: str = _opt("runs/adapter", "output folder for the adapter and checkpoints")
     # --- optimisation
-    steps: int = _opt(100, "optimizer steps to run")
-    max_seq_len: int = _opt(512, "tokens per packed training sequence")
+    steps: int = _opt(40, "optimizer steps to run")
+    max_seq_len: int = _opt(256, "tokens per packed training sequence")
     batch_size: int = _opt(1, "sequences per micro-batch")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
-    lr: float = _opt(2e-4, "peak learning rate (AdamW, linear warm-up then cosine decay)")
-    warmup: int = _opt(10, "warm-up steps of the learning-rate schedule")
+    lr: float = _opt(5e-4, "peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int = _opt(5, "warm-up steps of the learning-rate schedule")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)")
@@ -74,9 +74,9 @@ class TrainConfig:
     # --- data
     val_fraction: float = _opt(0.1, "fraction of documents held out for validation")
     # --- cadence and output
-    eval_every: int = _opt(50, "validation loss/perplexity every N steps (and at the end)")
+    eval_every: int = _opt(10, "validation loss/perplexity every N steps (and at the end)")
     eval_batches: int = _opt(8, "validation micro-batches per evaluation (-1 = all)")
-    save_every: int = _opt(50, "write a resumable checkpoint every N steps")
+    save_every: int = _opt(10, "write a resumable checkpoint every N steps")
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = _opt(False, "allow writing into a non-empty --out that is not a resume")
     # --- memory engine (technique 2)

@@ -6,7 +6,7 @@ Why: a fused folder needs neither this package nor the adapter: `mlx_lm.load`,
 `mlx_lm.generate --model FOLDER` and `mlx_lm.server` read it as they read any mlx-community
 model, also when the base was a GGUF file (its tokenizer, rebuilt from GGUF metadata, is saved
 as tokenizer.json; its mixed 4/8-bit quantization becomes per-layer entries of config.json).
-Each LoRA projection becomes W + scale * (x A B)'s matrix, i.e. W + scale * B^T A^T, with
+Each LoRA projection y = x W^T + scale * x A B becomes one matrix, W + scale * B^T A^T, with
 mlx-lm's own `LoRALinear.fuse`.
 
 Precision: by default a fused projection of a quantized base is quantized again to the base's
@@ -18,6 +18,7 @@ at 4 bits) and reproduces base + adapter exactly, up to float rounding.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -37,7 +38,8 @@ def prepare_out(out: str | Path, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(
-                f"{out}: folder is not empty; pass --overwrite to replace it or choose another --out"
+                f"{out}: folder is not empty; pass --overwrite to replace it "
+                "or choose another --out"
             )
         for pattern in _OUR_FILES:
             for f in out.glob(pattern):
@@ -78,17 +80,37 @@ def quantization_config(model) -> dict | None:
     return config
 
 
+def trained_on(adapter: str | Path) -> tuple[str | None, int | None]:
+    """(--model, --quantize) of the run that wrote `adapter`, from its adapter_config.json."""
+    from .lora import CONFIG_FILE
+
+    try:
+        saved = json.loads((Path(adapter) / CONFIG_FILE).read_text()).get("edgelora", {})
+    except (OSError, ValueError):
+        return None, None  # not ours (or missing): load_adapters names the problem
+    return saved.get("model"), saved.get("quantize")
+
+
 def fuse(
-    model: str | None, adapter: str, out: str, dequantize: bool = False, overwrite: bool = False
+    model: str | None,
+    adapter: str,
+    out: str,
+    dequantize: bool = False,
+    overwrite: bool = False,
+    quantize: int | None = None,
 ) -> Path:
-    """Load `model` + `adapter`, fuse, and save an mlx-lm folder at `out`; return its path."""
+    """Load `model` + `adapter`, fuse, and save an mlx-lm folder at `out`; return its path.
+
+    `model` / `quantize` None: the base the adapter was trained on, quantized as it was.
+    """
     from mlx_lm.utils import save_config, save_model
 
     from .loading import load_model
     from .lora import load_adapters
 
     folder = prepare_out(out, overwrite)
-    loaded = load_model(model)
+    saved_model, saved_quantize = trained_on(adapter)
+    loaded = load_model(model or saved_model, quantize or saved_quantize)
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization_config",)}
@@ -107,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mlx_edgelora.fuse", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--model", help="the base the adapter was trained on (default: SmolLM2)")
+    p.add_argument(
+        "--model", help="the base the adapter was trained on (default: the one it records)"
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="quantize a float base at load, as in training (default: as the adapter records)",
+    )
     p.add_argument("--adapter", required=True, help="adapter folder (the --out of a training run)")
     p.add_argument("--out", required=True, help="folder for the fused mlx-lm model")
     p.add_argument(
@@ -118,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     try:
-        folder = fuse(args.model, args.adapter, args.out, args.dequantize, args.overwrite)
+        folder = fuse(
+            args.model, args.adapter, args.out, args.dequantize, args.overwrite, args.quantize
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

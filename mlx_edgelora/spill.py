@@ -111,6 +111,37 @@ def _on_signal(signum: int, frame: object) -> None:
         os.kill(os.getpid(), signum)
 
 
+OWNER_FILE = "owner.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale(base: Path, prefix: str) -> int:
+    """Remove `prefix*` folders left by runs that were killed outright (SIGKILL, power loss).
+
+    No handler runs on SIGKILL, so its spill folder survives; the next run beside it removes
+    every such folder whose owner process is gone. Returns how many were removed.
+    """
+    removed = 0
+    for folder in base.glob(prefix + "*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created: leave it
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def private_folder(prefix: str, parent: str | None, near: str) -> Path:
     """A fresh 0700 folder inside `parent`, or by default beside `near` (same disk)."""
     if parent is None:
@@ -121,7 +152,10 @@ def private_folder(prefix: str, parent: str | None, near: str) -> Path:
         base = Path(parent).expanduser()
     try:
         base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mkdtemp: mode 0700
+        sweep_stale(base, prefix)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mkdtemp: mode 0700
+        (folder / OWNER_FILE).write_text(str(os.getpid()))
+        return folder
     except OSError as e:
         raise UserError(
             f"{base}: cannot create a private spill folder ({e.strerror or e}); "
@@ -272,7 +306,8 @@ class BoundaryStore:
         self._writes.clear()
         self._reads.clear()
         for p in self.folder.iterdir():
-            p.unlink(missing_ok=True)
+            if p.name != OWNER_FILE:
+                p.unlink(missing_ok=True)
         if failed:
             raise UserError(self._message(failed[0].error))
 

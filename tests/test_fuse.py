@@ -18,10 +18,11 @@ from mlx_edgelora.lora import apply_lora, load_adapters, save_adapters
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 98, 101, 101, 115]  # a few byte-level ids
 
 
-def make_adapter(model_dir, folder, seed: int = 1):
+def make_adapter(model_dir, folder, quantize=None, seed: int = 1):
     """An adapter with random, non-zero B (a fresh LoRA is a no-op and would prove nothing)."""
-    loaded = load_model(str(model_dir))
-    acfg = apply_lora(loaded.model, TrainConfig(rank=4, lora_scale=2.0))
+    loaded = load_model(str(model_dir), quantize)
+    cfg = TrainConfig(model=str(model_dir), quantize=quantize, rank=4, lora_scale=2.0)
+    acfg = apply_lora(loaded.model, cfg)
     mx.random.seed(seed)
     b = [
         (k, 0.05 * mx.random.normal(v.shape))
@@ -33,8 +34,8 @@ def make_adapter(model_dir, folder, seed: int = 1):
     return folder
 
 
-def base_plus_adapter_logits(model_dir, adapter) -> np.ndarray:
-    loaded = load_model(str(model_dir))
+def base_plus_adapter_logits(model_dir, adapter, quantize=None) -> np.ndarray:
+    loaded = load_model(str(model_dir), quantize)
     load_adapters(loaded.model, adapter)
     return np.array(loaded.model(mx.array([PROMPT])))
 
@@ -70,7 +71,7 @@ def test_dequantized_fuse_equals_base_plus_adapter(tmp_path, arch, bits):
 def test_requantized_fuse_loads_and_runs(tmp_path, arch):
     model_dir = write_tiny_model_dir(tmp_path / "base", arch, quantize_bits=4)
     adapter = make_adapter(model_dir, tmp_path / "adapter")
-    folder = fuse(str(model_dir), str(adapter), str(tmp_path / "fused"))
+    folder = fuse(None, str(adapter), str(tmp_path / "fused"))  # base: as the adapter records
 
     quant = json.loads((folder / "config.json").read_text())["quantization"]
     assert quant["bits"] == 4 and quant["group_size"] == 32
@@ -81,6 +82,17 @@ def test_requantized_fuse_loads_and_runs(tmp_path, arch):
     # lossy (re-quantized), but still the fused model, not something else
     want = base_plus_adapter_logits(model_dir, adapter)
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95
+
+
+def test_float_base_trained_with_quantize_is_fused_on_the_same_quantized_base(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "base", "qwen2")  # float base
+    adapter = make_adapter(model_dir, tmp_path / "adapter", quantize=4)  # trained --quantize 4
+    folder = fuse(None, str(adapter), str(tmp_path / "fused"), dequantize=True)
+
+    _, _, got = mlx_lm_load(folder)
+    want = base_plus_adapter_logits(model_dir, adapter, quantize=4)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(want - base_plus_adapter_logits(model_dir, adapter)).max() > 1e-3
 
 
 def test_non_empty_out_needs_overwrite(tmp_path, capsys):

@@ -123,3 +123,30 @@ def test_trainable_parameters_are_only_lora(tmp_path, tiny_model_dir, notes):
         key = k if k in after else k.replace(".weight", ".linear.weight")
         if key in after and after[key].shape == v.shape:
             assert mx.array_equal(after[key], v), f"frozen weight {k} changed"
+
+
+def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, notes):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "mlx_edgelora.train", "--model", str(tiny_model_dir),
+            "--data", str(notes), "--out", str(out), "--steps", "400", "--max-seq-len", "32",
+            "--rank", "4", "--save-every", "3", "--eval-every", "0", "--activations", "disk"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while checkpoint.latest(out) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # no handler runs: only what is on disk survives
+    proc.wait()
+    saved = json.loads((checkpoint.checkpoints_dir(out) / "latest.json").read_text())["step"]
+    assert saved >= 3 and saved < 400
+    args[args.index("400")] = str(saved + 3)
+    done = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from step {saved}" in done.stdout
+    assert f"step {saved + 3}/{saved + 3}" in done.stdout
+    assert not list(tmp_path.glob("edgelora-*")), "the killed run's spill folder was not swept"

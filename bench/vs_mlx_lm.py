@@ -1,0 +1,235 @@
+"""mlx-edgelora vs `mlx_lm.lora` on the same model, data, sequence length and steps.
+
+Model: the embedded SmolLM2-135M-Instruct Q4_1 GGUF converted once to an mlx-lm folder
+(`load_model(None)`, then mlx-lm's `save_model` / `save_config` and the tokenizer's
+`save_pretrained`): 8-bit embedding/LM head, 4-bit blocks, group 32, as in the GGUF.
+Data: the prompt/completion lines of assets/sample_chat.jsonl. mlx-lm does not pack (one line = one
+sequence, truncated at --max-seq-length), we do, so to compare equal work the lines are made
+long: each line's prompt is several earlier Q/A pairs followed by a question, its completion
+the answer, grown to 90-100% of the sequence length (chat-rendered token count). Both tools read
+the same train.jsonl; only completions carry loss in both (`--mask-prompt` for mlx-lm).
+Tokens/s below counts sequence tokens (everything the model processes): ours = max-seq-len
+per step (packed rows), mlx-lm = the mean line length.
+
+Each run is a fresh process running the tool's own main in-process (`--wrap`), printing
+`mx.get_peak_memory()` and max RSS (`resource.getrusage`) at exit; peak is read the same way
+for both, over the whole run (validation included).
+
+    python bench/vs_mlx_lm.py --contexts 512 2048 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+WORK = Path(os.environ.get("BENCH_TMP", "/tmp")) / "edgelora-vs-mlx-lm"
+LOCK = "/tmp/edgelora-bench.lock"
+KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+# ------------------------------------------------------------------------------ preparation
+
+
+def convert_model(folder: Path):
+    """The embedded GGUF as an mlx-lm folder (kept quantized); returns the tokenizer."""
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_edgelora import load_model
+
+    loaded = load_model(None)
+    if not (folder / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(folder, loaded.model)
+        save_config(dict(loaded.config), folder / "config.json")
+        loaded.tokenizer.save_pretrained(str(folder))
+    return loaded.tokenizer
+
+
+def _length(tokenizer, prompt: str, completion: str) -> int:
+    msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return len(tokenizer.apply_chat_template(msgs, tokenize=True))
+
+
+def long_lines(tokenizer, seq: int, n_lines: int) -> tuple[list[dict], list[int]]:
+    """Prompt/completion lines of ~0.9*seq tokens, cycling through the sample records."""
+    records = [json.loads(x) for x in (HERE.parent / "assets/sample_chat.jsonl").open()]
+    records = [r for r in records if "prompt" in r]  # the 24 prompt/completion lines
+    lines, lengths, i = [], [], 0
+    for _ in range(n_lines):
+        context: list[str] = []
+        while True:
+            r = records[i % len(records)]
+            i += 1
+            prompt = "\n\n".join(context + [r["prompt"]])
+            n = _length(tokenizer, prompt, r["completion"])
+            while n > seq and context:  # too long: drop the oldest pair (no truncation)
+                context.pop(0)
+                prompt = "\n\n".join(context + [r["prompt"]])
+                n = _length(tokenizer, prompt, r["completion"])
+            if n >= 0.9 * seq or len(context) > 4 * len(records):
+                break
+            context.append(f"Q: {r['prompt']}\nA: {r['completion']}")
+        lines.append({"prompt": prompt, "completion": r["completion"]})
+        lengths.append(n)
+    return lines, lengths
+
+
+def write_data(tokenizer, seq: int, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    train, lens = long_lines(tokenizer, seq, 12)
+    valid, _ = long_lines(tokenizer, seq, 2)
+    for name, rows in [("train", train), ("valid", valid)]:
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"train_lines": len(train), "mean_line_tokens": sum(lens) / len(lens),
+            "max_line_tokens": max(lens)}
+
+
+# ----------------------------------------------------------------------------- the runners
+
+
+def mlx_lm_argv(model: Path, data: Path, seq: int, steps: int, ckpt: bool, out: Path):
+    cfg = out / "lora.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps({"lora_parameters": {"keys": KEYS, "rank": 16, "scale": 2.0,
+                                                   "dropout": 0.0}}))  # JSON is YAML
+    argv = ["--model", str(model), "--train", "--data", str(data), "--mask-prompt",
+            "--num-layers", "-1", "--batch-size", "1", "--iters", str(steps),
+            "--max-seq-length", str(seq), "--learning-rate", "2e-4", "--steps-per-report", "1",
+            "--val-batches", "1", "--steps-per-eval", "1000", "--save-every", "1000",
+            "--adapter-path", str(out / "adapter"), "-c", str(cfg)]
+    return argv + (["--grad-checkpoint"] if ckpt else [])
+
+
+def ours_argv(model: Path, data: Path, seq: int, steps: int, out: Path):
+    return ["--model", str(model), "--data", str(data / "train.jsonl"), "--out", str(out),
+            "--overwrite", "--steps", str(steps), "--max-seq-len", str(seq)]
+
+
+def wrap(tool: str, argv: list[str]) -> None:
+    """Run a tool's main in this process; print peak memory, max RSS and step records."""
+    import mlx_edgelora  # noqa: F401,I001  (OpenBLAS before mlx; as our tool does)
+    import mlx.core as mx
+
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    if tool == "mlx_lm":
+        import mlx_lm.lora as ml
+        from mlx_lm.tuner.callbacks import TrainingCallback
+
+        class Capture(TrainingCallback):
+            def on_train_loss_report(self, info: dict) -> None:
+                records.append(dict(info))
+
+        ml.get_reporting_callbacks = lambda *a, **k: Capture()  # run() builds its own
+        sys.argv = ["mlx_lm.lora", *argv]
+        ml.main()
+    else:
+        from mlx_edgelora.train import main
+
+        if main(argv) != 0:
+            sys.exit(1)
+        out = Path(argv[argv.index("--out") + 1])
+        records = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    print(json.dumps({
+        "peak_gb": mx.get_peak_memory() / 1024**3,
+        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "wall_s": time.perf_counter() - t0, "records": records,
+    }), flush=True)
+
+
+def run_wrapped(tool: str, argv: list[str], timeout: int) -> dict:
+    cmd = ["flock", LOCK, sys.executable, str(Path(__file__).resolve()), "--wrap", tool, *argv]
+    load = [round(x, 2) for x in os.getloadavg()]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "timeout_s": timeout, "loadavg": load}
+    lines = [x for x in p.stdout.splitlines() if x.startswith('{"peak_gb"')]
+    if p.returncode or not lines:
+        return {"status": "error", "stderr_tail": (p.stderr + p.stdout)[-2000:], "loadavg": load}
+    return {"status": "ok", "loadavg": load, "loadavg_after": list(os.getloadavg()),
+            **json.loads(lines[-1])}
+
+
+def summarize(r: dict, tool: str, seq_tokens: float) -> dict:
+    """Per-step seconds, sequence tokens/s and losses from the captured step records."""
+    if r["status"] != "ok" or not r["records"]:
+        return r
+    recs = r.pop("records")
+    if tool == "mlx_lm":
+        step_s = [1 / x["iterations_per_second"] for x in recs]
+        losses = [x["train_loss"] for x in recs]
+    else:
+        recs = [x for x in recs if "loss" in x]
+        el = [x["elapsed_s"] for x in recs]
+        step_s = [b - a for a, b in zip([0.0] + el[:-1], el)]
+        losses = [x["loss"] for x in recs]
+    r.update(step_s=[round(s, 2) for s in step_s], loss_first=round(losses[0], 4),
+             loss_last=round(losses[-1], 4), seq_tokens_per_step=round(seq_tokens, 1),
+             tokens_per_s=round(seq_tokens * len(step_s) / sum(step_s), 1))
+    return r
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--wrap":
+        wrap(sys.argv[2], sys.argv[3:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=1800)
+    a = p.parse_args()
+    import mlx_edgelora  # noqa: F401
+
+    model = WORK / "smollm2-mlx"
+    tok = convert_model(model)
+    results = []
+    for seq in a.contexts:
+        data = WORK / f"data{seq}"
+        info = write_data(tok, seq, data)
+        runs = [("mlx-lm", "mlx_lm", mlx_lm_argv(model, data, seq, a.steps, False,
+                                                WORK / f"mlxlm{seq}")),
+                ("mlx-lm --grad-checkpoint", "mlx_lm",
+                 mlx_lm_argv(model, data, seq, a.steps, True, WORK / f"mlxlmgc{seq}")),
+                ("mlx-edgelora (defaults)", "ours",
+                 ours_argv(model, data, seq, a.steps, WORK / f"ours{seq}"))]
+        for label, tool, argv in runs:
+            r = run_wrapped(tool, argv, a.timeout)
+            tokens = seq if tool == "ours" else info["mean_line_tokens"]
+            r = summarize(r, tool, tokens)
+            r.update(label=label, seq=seq, steps=a.steps, data=info,
+                     command=" ".join(["python bench/vs_mlx_lm.py --wrap", tool, *argv]))
+            results.append(r)
+            print(seq, label, {k: r.get(k) for k in
+                               ("status", "peak_gb", "max_rss_gb", "tokens_per_s", "loss_last")},
+                  flush=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "vs_mlx_lm.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "vs_mlx_lm.md").write_text(markdown(results))
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| seq | tool | peak GB | max RSS GB | tokens/s | loss step 1 → last | load |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(f"| {r['seq']} | {r['label']} | {r['status']} | | | | |")
+            continue
+        lines.append(f"| {r['seq']} | {r['label']} | {r['peak_gb']:.3f} | {r['max_rss_gb']:.3f}"
+                     f" | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f}"
+                     f" | {r['loadavg'][0]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
