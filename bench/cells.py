@@ -2,8 +2,9 @@
 
 Why a fresh process per cell: MLX's allocator peak and cache are per process, so cells must not
 share one. The parent (`run_cell`) starts `python bench/cells.py --child '<json>'` under
-`flock /tmp/edgelora-bench.lock` (heavy runs on the shared machine never overlap) with a
-timeout; the child builds the model, measures, and prints one JSON line.
+`flock /tmp/edgelora-bench.lock` (heavy runs on the shared machine never overlap; a caller
+that holds the lock for a batch of cells sets BENCH_LOCK_HELD=1) with a timeout; the child
+builds the model, measures, and prints one JSON line.
 
 Measured, per cell (batch 1): resident bytes after the model, LoRA and the step object are
 built (`mx.get_active_memory`); `mx.get_peak_memory()` over ONE step (forward, backward,
@@ -34,15 +35,29 @@ GB = 1024**3
 
 SHAPES = {
     "llama3b": dict(  # Llama-3.2-3B
-        model_type="llama", hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
-        num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
-        tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
+        model_type="llama",
+        hidden_size=3072,
+        num_hidden_layers=28,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
         max_position_embeddings=131072,
     ),
     "qwen3b": dict(  # Qwen2.5-3B
-        model_type="qwen2", hidden_size=2048, num_hidden_layers=36, intermediate_size=11008,
-        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-        tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        model_type="qwen2",
+        hidden_size=2048,
+        num_hidden_layers=36,
+        intermediate_size=11008,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
         max_position_embeddings=32768,
     ),
 }
@@ -81,8 +96,14 @@ def config(**kw) -> dict:
 
 def shape_dims(shape: str) -> dict:
     if shape == "smollm2":
-        return dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+        return dict(
+            hidden_size=576,
+            num_hidden_layers=30,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+        )
     return SHAPES[shape]
 
 
@@ -112,10 +133,14 @@ def run_cell(c: dict, timeout: int = 1800, lock: bool = True) -> dict:
     """Run one cell in a fresh process; returns its result dict (never raises for OOM/timeout)."""
     est = estimate_gb(c)
     if est > MAX_GB:
-        return {"config": c, "status": "oom", "estimate_gb": round(est, 2),
-                "note": f"OOM (estimated {est:.1f} GB > {MAX_GB:.0f} GB)"}
+        return {
+            "config": c,
+            "status": "oom",
+            "estimate_gb": round(est, 2),
+            "note": f"OOM (estimated {est:.1f} GB > {MAX_GB:.0f} GB)",
+        }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(c)]
-    if lock:
+    if lock and not os.environ.get("BENCH_LOCK_HELD"):  # set when a caller holds LOCK
         cmd = ["flock", LOCK, *cmd]
     t0 = time.time()
     try:
@@ -124,8 +149,7 @@ def run_cell(c: dict, timeout: int = 1800, lock: bool = True) -> dict:
         return {"config": c, "status": "timeout", "timeout_s": timeout}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
-        return {"config": c, "status": "error", "rc": p.returncode,
-                "stderr_tail": p.stderr[-2000:]}
+        return {"config": c, "status": "error", "rc": p.returncode, "stderr_tail": p.stderr[-2000:]}
     out = json.loads(lines[-1])
     out.update(status="ok", estimate_gb=round(est, 2), wall_incl_lock_s=round(time.time() - t0, 1))
     return out
@@ -179,9 +203,17 @@ def _trainable(c: dict, model, out: str):
     from mlx_edgelora import TrainConfig, lora, quant
 
     tc = TrainConfig(
-        out=out, spill_dir=out, rank=c["rank"], engine=c["engine"], activations=c["activations"],
-        loss=c["loss"], subset_k=c["subset_k"], vocab_chunk=c["vocab_chunk"],
-        attn_chunk=c["attn_chunk"], mlp_chunk=c["mlp_chunk"], stream_weights=c["stream_weights"],
+        out=out,
+        spill_dir=out,
+        rank=c["rank"],
+        engine=c["engine"],
+        activations=c["activations"],
+        loss=c["loss"],
+        subset_k=c["subset_k"],
+        vocab_chunk=c["vocab_chunk"],
+        attn_chunk=c["attn_chunk"],
+        mlp_chunk=c["mlp_chunk"],
+        stream_weights=c["stream_weights"],
         cache_policy=c["cache_policy"],
     ).validate()
     if c["full_ft"]:
@@ -208,7 +240,8 @@ def _loss_head(c: dict, model, tc):
     V, _ = loss.head_shape(model)
     empty, k = np.zeros((V, 0), np.int32), c["subset_k"]
     return loss.LossHead(
-        model, "subset",
+        model,
+        "subset",
         lambda x, t: loss.subset_ce(x, t, loss.subset_for(t, empty, k, V), model),
     )
 

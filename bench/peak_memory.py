@@ -36,8 +36,11 @@ def run(contexts: list[int], steps: int, timeout: int) -> list[dict]:
             r = cells.run_cell(c, timeout=timeout)
             r["label"] = label
             rows.append(r)
-            print(f"{seq} {label}: {r['status']} peak {r.get('peak_gb')} GB "
-                  f"step {r.get('step_times_s')} s", flush=True)
+            print(
+                f"{seq} {label}: {r['status']} peak {r.get('peak_gb')} GB "
+                f"step {r.get('step_times_s')} s",
+                flush=True,
+            )
     return rows
 
 
@@ -58,14 +61,18 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
-    lines = ["| tokens | engine | peak GB | resident GB | step s (fastest) | load avg |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| tokens | engine | peak GB | resident GB | step s (fastest) | load avg |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['config']['seq']} | {r['label']} | {r['status']} | | | |")
             continue
-        lines.append(f"| {r['config']['seq']} | {r['label']} | {r['peak_gb']:.3f} | "
-                     f"{r['resident_gb']:.3f} | {r['step_s']:.1f} | {r['loadavg'][0]:.1f} |")
+        lines.append(
+            f"| {r['config']['seq']} | {r['label']} | {r['peak_gb']:.3f} | "
+            f"{r['resident_gb']:.3f} | {r['step_s']:.1f} | {r['loadavg'][0]:.1f} |"
+        )
     lines.append("")
     for seq, s in summary.items():
         parts = [f"{k.replace('_', ' ')} = {v}" for k, v in s.items()]
@@ -80,13 +87,21 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=1800)
     a = p.parse_args()
     rows = run(a.contexts, a.steps, a.timeout)
+    old = RESULTS / "peak_memory.json"
+    if old.exists():  # keep cells of other contexts from earlier runs
+        rows = [
+            r for r in json.loads(old.read_text())["cells"] if r["config"]["seq"] not in a.contexts
+        ] + rows
     summary = summarize(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"model": "SmolLM2-135M-Instruct Q4_1 (embedded GGUF), 30 blocks, LoRA r=16",
-            "machine": "Linux, 2 CPU cores (shared), 24 GB RAM, MLX CPU backend + OpenBLAS",
-            "measure": "mx.get_peak_memory() over the steps, reset after the model is built"}
+    meta = {
+        "model": "SmolLM2-135M-Instruct Q4_1 (embedded GGUF), 30 blocks, LoRA r=16",
+        "machine": "Linux, 2 CPU cores (shared), 24 GB RAM, MLX CPU backend + OpenBLAS",
+        "measure": "mx.get_peak_memory() over the steps, reset after the model is built",
+    }
     (RESULTS / "peak_memory.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "cells": rows}, indent=1))
+        json.dumps({"meta": meta, "summary": summary, "cells": rows}, indent=1)
+    )
     (RESULTS / "peak_memory.md").write_text(markdown(rows, summary))
     print(markdown(rows, summary))
 

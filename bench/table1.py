@@ -44,16 +44,34 @@ ROWS = [
     ("int4", "+ INT4 quantization", dict(bits=4), "+ INT4 quantization"),
     ("ckpt", "+ checkpointing (segments, disk spill)", dict(_CKPT), "+ checkpointing"),
     ("subset", "+ subset softmax k=1000", dict(_CKPT, loss="subset"), "+ softmax approx."),
-    ("mask", "+ logits masking (30% trainable)", dict(_CKPT, loss="subset", trainable=0.3),
-     "+ logits masking"),
-    ("chunk", "+ chunked attention/MLP (ours)",
-     dict(_CKPT, loss="subset", trainable=0.3, attn_chunk=512, mlp_chunk=256), None),
-    ("stream", "+ weight streaming (ours)",
-     dict(_CKPT, loss="subset", trainable=0.3, attn_chunk=512, mlp_chunk=256,
-          stream_weights=True), None),
-    ("exact", "all on, exact chunked CE instead of subset (ours)",
-     dict(_CKPT, loss="chunked", trainable=0.3, attn_chunk=512, mlp_chunk=256,
-          stream_weights=True), None),
+    (
+        "mask",
+        "+ logits masking (30% trainable)",
+        dict(_CKPT, loss="subset", trainable=0.3),
+        "+ logits masking",
+    ),
+    (
+        "chunk",
+        "+ chunked attention/MLP (ours)",
+        dict(_CKPT, loss="subset", trainable=0.3, attn_chunk=512, mlp_chunk=256),
+        None,
+    ),
+    (
+        "stream",
+        "+ weight streaming (ours)",
+        dict(
+            _CKPT, loss="subset", trainable=0.3, attn_chunk=512, mlp_chunk=256, stream_weights=True
+        ),
+        None,
+    ),
+    (
+        "exact",
+        "all on, exact chunked CE instead of subset (ours)",
+        dict(
+            _CKPT, loss="chunked", trainable=0.3, attn_chunk=512, mlp_chunk=256, stream_weights=True
+        ),
+        None,
+    ),
 ]
 ROW_OPTS = {k: o for k, _, o, _ in ROWS}
 
@@ -122,8 +140,11 @@ def run_plan(plan, timeout: int) -> None:
                 with CACHE.open("a") as f:
                     f.write(json.dumps(r) + "\n")
                 done[json.dumps(c, sort_keys=True)] = r
-                print(f"{shape} {seq} {row} depth {n}: {r['status']} "
-                      f"peak {r.get('peak_gb')} GB step {r.get('step_s')} s", flush=True)
+                print(
+                    f"{shape} {seq} {row} depth {n}: {r['status']} "
+                    f"peak {r.get('peak_gb')} GB step {r.get('step_s')} s",
+                    flush=True,
+                )
 
 
 def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
@@ -132,14 +153,23 @@ def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
     r2 = cache.get(json.dumps(cell_for(shape, seq, row, 2), sort_keys=True))
     r1 = cache.get(json.dumps(cell_for(shape, seq, row, 1), sort_keys=True))
     if r2 is None and r1 is not None and r1["status"] == "ok":
-        return {"status": "depth 1 only", "measured_gb_depth1": r1["peak_gb"],
-                "step_s_depth1": r1["step_s"], "loadavg": r1["loadavg"]}
+        return {
+            "status": "depth 1 only",
+            "measured_gb_depth1": r1["peak_gb"],
+            "step_s_depth1": r1["step_s"],
+            "loadavg": r1["loadavg"],
+        }
     if r2 is None:
         return {"status": "not run"}
     if r2["status"] != "ok":
         return {"status": r2["status"], "note": r2.get("note", "")}
-    out = {"status": "ok", "measured_gb_depth2": r2["peak_gb"], "step_s_depth2": r2["step_s"],
-           "resident_gb_depth2": r2["resident_gb"], "loadavg": r2["loadavg"]}
+    out = {
+        "status": "ok",
+        "measured_gb_depth2": r2["peak_gb"],
+        "step_s_depth2": r2["step_s"],
+        "resident_gb_depth2": r2["resident_gb"],
+        "loadavg": r2["loadavg"],
+    }
     if row in GRAPH:
         r1 = cache.get(json.dumps(cell_for(shape, seq, row, 1), sort_keys=True))
         if r1 is None or r1["status"] != "ok":
@@ -152,8 +182,10 @@ def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
     else:
         pl = r2["per_layer_bytes"]
         per = pl["frozen"] + pl["trainable_and_grads"]
-        out["derivation"] = (f"peak(2) + {n_full - 2} x resident bytes per block "
-                             "(frozen weights, 0 if streamed, + LoRA params and grads)")
+        out["derivation"] = (
+            f"peak(2) + {n_full - 2} x resident bytes per block "
+            "(frozen weights, 0 if streamed, + LoRA params and grads)"
+        )
     out["per_block_gb"] = round(per / cells.GB, 4)
     out["full_depth_gb"] = round((r2["peak_bytes"] + (n_full - 2) * per) / cells.GB, 3)
     return out
@@ -177,7 +209,7 @@ def report() -> dict:
         "machine": "Linux, 2 CPU cores (shared), 24 GB RAM, MLX CPU backend + OpenBLAS",
         "depth": "cells run at 2 blocks (and 1 for the slope of graph rows); see derivation",
         "weights": "random, model shape from paper.md; INT4 = nn.quantize(group 64, 4 bits), "
-                   "float32 scales; embedding/LM head (tied) quantized too",
+        "float32 scales; embedding/LM head (tied) quantized too",
         "subset": "k=1000 with an empty neighbour table (peak depends on k only)",
         "masking": "first 70% of positions are prompt (no loss); rows above use 100%",
     }
@@ -190,8 +222,11 @@ def report() -> dict:
 def _fmt(d: dict) -> str:
     if d["status"] == "ok":
         full = d.get("full_depth_gb")
-        return f"{d['measured_gb_depth2']:.2f} → {full:.2f}" if full else \
-            f"{d['measured_gb_depth2']:.2f} → ?"
+        return (
+            f"{d['measured_gb_depth2']:.2f} → {full:.2f}"
+            if full
+            else f"{d['measured_gb_depth2']:.2f} → ?"
+        )
     if d["status"] == "oom":
         return d["note"]
     if d["status"] == "depth 1 only":
@@ -207,9 +242,12 @@ def markdown(table: dict) -> str:
         "",
     ]
     for shape, rows in table.items():
-        lines += [f"### {NAMES[shape]} ({FULL_DEPTH[shape]} blocks)", "",
-                  "| row | " + " | ".join(str(c) for c in CONTEXTS) + " |",
-                  "|---|" + "---|" * len(CONTEXTS)]
+        lines += [
+            f"### {NAMES[shape]} ({FULL_DEPTH[shape]} blocks)",
+            "",
+            "| row | " + " | ".join(str(c) for c in CONTEXTS) + " |",
+            "|---|" + "---|" * len(CONTEXTS),
+        ]
         for entry in rows.values():
             cellstr = []
             for seq in CONTEXTS:
@@ -237,8 +275,9 @@ def main() -> None:
             shape, seq = a.only.split(":")
             plan = [(s, q, r) for s, q, r in PLAN if s == shape and q == int(seq)]
         if a.cells:
-            plan = [(m, int(q), rows.split(",")) for m, q, rows in
-                    (item.split(":") for item in a.cells)]
+            plan = [
+                (m, int(q), rows.split(",")) for m, q, rows in (item.split(":") for item in a.cells)
+            ]
         run_plan(plan, a.timeout)
     report()
 

@@ -33,8 +33,15 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("BENCH_TMP", "/tmp")) / "edgelora-vs-mlx-lm"
 LOCK = "/tmp/edgelora-bench.lock"
-KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+KEYS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 # ------------------------------------------------------------------------------ preparation
@@ -90,8 +97,11 @@ def write_data(tokenizer, seq: int, folder: Path) -> dict:
     valid, _ = long_lines(tokenizer, seq, 2)
     for name, rows in [("train", train), ("valid", valid)]:
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"train_lines": len(train), "mean_line_tokens": sum(lens) / len(lens),
-            "max_line_tokens": max(lens)}
+    return {
+        "train_lines": len(train),
+        "mean_line_tokens": sum(lens) / len(lens),
+        "max_line_tokens": max(lens),
+    }
 
 
 # ----------------------------------------------------------------------------- the runners
@@ -100,19 +110,56 @@ def write_data(tokenizer, seq: int, folder: Path) -> dict:
 def mlx_lm_argv(model: Path, data: Path, seq: int, steps: int, ckpt: bool, out: Path):
     cfg = out / "lora.yaml"
     out.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(json.dumps({"lora_parameters": {"keys": KEYS, "rank": 16, "scale": 2.0,
-                                                   "dropout": 0.0}}))  # JSON is YAML
-    argv = ["--model", str(model), "--train", "--data", str(data), "--mask-prompt",
-            "--num-layers", "-1", "--batch-size", "1", "--iters", str(steps),
-            "--max-seq-length", str(seq), "--learning-rate", "2e-4", "--steps-per-report", "1",
-            "--val-batches", "1", "--steps-per-eval", "1000", "--save-every", "1000",
-            "--adapter-path", str(out / "adapter"), "-c", str(cfg)]
+    cfg.write_text(
+        json.dumps({"lora_parameters": {"keys": KEYS, "rank": 16, "scale": 2.0, "dropout": 0.0}})
+    )  # JSON is YAML
+    argv = [
+        "--model",
+        str(model),
+        "--train",
+        "--data",
+        str(data),
+        "--mask-prompt",
+        "--num-layers",
+        "-1",
+        "--batch-size",
+        "1",
+        "--iters",
+        str(steps),
+        "--max-seq-length",
+        str(seq),
+        "--learning-rate",
+        "2e-4",
+        "--steps-per-report",
+        "1",
+        "--val-batches",
+        "1",
+        "--steps-per-eval",
+        "1000",
+        "--save-every",
+        "1000",
+        "--adapter-path",
+        str(out / "adapter"),
+        "-c",
+        str(cfg),
+    ]
     return argv + (["--grad-checkpoint"] if ckpt else [])
 
 
 def ours_argv(model: Path, data: Path, seq: int, steps: int, out: Path):
-    return ["--model", str(model), "--data", str(data / "train.jsonl"), "--out", str(out),
-            "--overwrite", "--steps", str(steps), "--max-seq-len", str(seq)]
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(data / "train.jsonl"),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--steps",
+        str(steps),
+        "--max-seq-len",
+        str(seq),
+    ]
 
 
 def wrap(tool: str, argv: list[str]) -> None:
@@ -140,15 +187,23 @@ def wrap(tool: str, argv: list[str]) -> None:
             sys.exit(1)
         out = Path(argv[argv.index("--out") + 1])
         records = [json.loads(x) for x in (out / "metrics.jsonl").open()]
-    print(json.dumps({
-        "peak_gb": mx.get_peak_memory() / 1024**3,
-        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-        "wall_s": time.perf_counter() - t0, "records": records,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "peak_gb": mx.get_peak_memory() / 1024**3,
+                "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+                "wall_s": time.perf_counter() - t0,
+                "records": records,
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_wrapped(tool: str, argv: list[str], timeout: int) -> dict:
-    cmd = ["flock", LOCK, sys.executable, str(Path(__file__).resolve()), "--wrap", tool, *argv]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--wrap", tool, *argv]
+    if not os.environ.get("BENCH_LOCK_HELD"):  # set when the caller holds LOCK already
+        cmd = ["flock", LOCK, *cmd]
     load = [round(x, 2) for x in os.getloadavg()]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -157,8 +212,12 @@ def run_wrapped(tool: str, argv: list[str], timeout: int) -> dict:
     lines = [x for x in p.stdout.splitlines() if x.startswith('{"peak_gb"')]
     if p.returncode or not lines:
         return {"status": "error", "stderr_tail": (p.stderr + p.stdout)[-2000:], "loadavg": load}
-    return {"status": "ok", "loadavg": load, "loadavg_after": list(os.getloadavg()),
-            **json.loads(lines[-1])}
+    return {
+        "status": "ok",
+        "loadavg": load,
+        "loadavg_after": list(os.getloadavg()),
+        **json.loads(lines[-1]),
+    }
 
 
 def summarize(r: dict, tool: str, seq_tokens: float) -> dict:
@@ -174,9 +233,13 @@ def summarize(r: dict, tool: str, seq_tokens: float) -> dict:
         el = [x["elapsed_s"] for x in recs]
         step_s = [b - a for a, b in zip([0.0] + el[:-1], el)]
         losses = [x["loss"] for x in recs]
-    r.update(step_s=[round(s, 2) for s in step_s], loss_first=round(losses[0], 4),
-             loss_last=round(losses[-1], 4), seq_tokens_per_step=round(seq_tokens, 1),
-             tokens_per_s=round(seq_tokens * len(step_s) / sum(step_s), 1))
+    r.update(
+        step_s=[round(s, 2) for s in step_s],
+        loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4),
+        seq_tokens_per_step=round(seq_tokens, 1),
+        tokens_per_s=round(seq_tokens * len(step_s) / sum(step_s), 1),
+    )
     return r
 
 
@@ -197,37 +260,63 @@ def main() -> None:
     for seq in a.contexts:
         data = WORK / f"data{seq}"
         info = write_data(tok, seq, data)
-        runs = [("mlx-lm", "mlx_lm", mlx_lm_argv(model, data, seq, a.steps, False,
-                                                WORK / f"mlxlm{seq}")),
-                ("mlx-lm --grad-checkpoint", "mlx_lm",
-                 mlx_lm_argv(model, data, seq, a.steps, True, WORK / f"mlxlmgc{seq}")),
-                ("mlx-edgelora (defaults)", "ours",
-                 ours_argv(model, data, seq, a.steps, WORK / f"ours{seq}"))]
+        runs = [
+            (
+                "mlx-lm",
+                "mlx_lm",
+                mlx_lm_argv(model, data, seq, a.steps, False, WORK / f"mlxlm{seq}"),
+            ),
+            (
+                "mlx-lm --grad-checkpoint",
+                "mlx_lm",
+                mlx_lm_argv(model, data, seq, a.steps, True, WORK / f"mlxlmgc{seq}"),
+            ),
+            (
+                "mlx-edgelora (defaults)",
+                "ours",
+                ours_argv(model, data, seq, a.steps, WORK / f"ours{seq}"),
+            ),
+        ]
         for label, tool, argv in runs:
             r = run_wrapped(tool, argv, a.timeout)
             tokens = seq if tool == "ours" else info["mean_line_tokens"]
             r = summarize(r, tool, tokens)
-            r.update(label=label, seq=seq, steps=a.steps, data=info,
-                     command=" ".join(["python bench/vs_mlx_lm.py --wrap", tool, *argv]))
+            r.update(
+                label=label,
+                seq=seq,
+                steps=a.steps,
+                data=info,
+                command=" ".join(["python bench/vs_mlx_lm.py --wrap", tool, *argv]),
+            )
             results.append(r)
-            print(seq, label, {k: r.get(k) for k in
-                               ("status", "peak_gb", "max_rss_gb", "tokens_per_s", "loss_last")},
-                  flush=True)
+            print(
+                seq,
+                label,
+                {
+                    k: r.get(k)
+                    for k in ("status", "peak_gb", "max_rss_gb", "tokens_per_s", "loss_last")
+                },
+                flush=True,
+            )
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / "vs_mlx_lm.json").write_text(json.dumps(results, indent=1))
     (RESULTS / "vs_mlx_lm.md").write_text(markdown(results))
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| seq | tool | peak GB | max RSS GB | tokens/s | loss step 1 → last | load |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seq | tool | peak GB | max RSS GB | tokens/s | loss step 1 → last | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r["status"] != "ok":
             lines.append(f"| {r['seq']} | {r['label']} | {r['status']} | | | | |")
             continue
-        lines.append(f"| {r['seq']} | {r['label']} | {r['peak_gb']:.3f} | {r['max_rss_gb']:.3f}"
-                     f" | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f}"
-                     f" | {r['loadavg'][0]:.1f} |")
+        lines.append(
+            f"| {r['seq']} | {r['label']} | {r['peak_gb']:.3f} | {r['max_rss_gb']:.3f}"
+            f" | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f}"
+            f" | {r['loadavg'][0]:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -57,23 +57,54 @@ def dequant_matmul_reference(x, w, scales, biases, group_size: int, bits: int, m
     return x @ _dequantize(w, scales, biases, group_size, bits, mode).T
 
 
+TILE_BYTES = 16 * 2**20  # float32 weight rows dequantized at a time on CPU
+
+
+def _row_tiles(out_dims: int, in_dims: int) -> list[tuple[int, int]]:
+    """Row ranges of W whose float32 copy is at most TILE_BYTES (one range for small W)."""
+    rows = max(1, TILE_BYTES // (4 * in_dims))
+    return [(r, min(r + rows, out_dims)) for r in range(0, out_dims, rows)]
+
+
+def _tile(qparams: tuple, r0: int, r1: int, after: mx.array) -> tuple:
+    """Rows r0:r1 of (w, scales[, biases]), scheduled only once `after` is computed."""
+    return tuple(mx.depends(a[r0:r1], after) for a in qparams)
+
+
 @functools.cache
 def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
-    """A custom_function x @ W.T whose VJP re-dequantizes W (one per quantization format)."""
+    """A custom_function x @ W.T whose VJP re-dequantizes W (one per quantization format).
+
+    W is dequantized in row tiles of at most TILE_BYTES, each chained on the previous tile's
+    result with `mx.depends`, so at most one float32 tile exists at a time: for a 3B model's
+    8192x3072 MLP weight that is 16 MB instead of 100 MB (x2 while dequantizing), forward and
+    backward.
+    """
+    fmt = (group_size, bits, mode)
+
+    def deq(qparams: tuple) -> mx.array:
+        w, scales, *biases = qparams
+        return _dequantize(w, scales, biases[0] if biases else None, *fmt)
 
     @mx.custom_function
-    def f(x, w, scales, *biases):  # biases: () or (biases,) -- mxfp modes have none
-        b = biases[0] if biases else None
-        w = mx.depends(w, x)  # dequantize only once x is ready, not all layers up front
-        return dequant_matmul_reference(x, w, scales, b, group_size, bits, mode)
+    def f(x, *qparams):  # qparams: (w, scales) or (w, scales, biases)
+        out_dims, in_dims = qparams[1].shape[0], x.shape[-1]
+        ys, after = [], x  # dequantize only once x is ready, not all layers up front
+        for r0, r1 in _row_tiles(out_dims, in_dims):
+            ys.append(x @ deq(_tile(qparams, r0, r1, after)).T)
+            after = ys[-1]
+        return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
-        _x, w, scales, *biases = primals
-        w = mx.depends(w, cotangent)  # just in time in the backward pass, too
-        wf = _dequantize(w, scales, biases[0] if biases else None, group_size, bits, mode)
-        frozen = [mx.zeros_like(a) for a in (w, scales, *biases)]  # lazy, never evaluated
-        return (cotangent @ wf, *frozen)
+        x, *qparams = primals
+        dx = None
+        for r0, r1 in _row_tiles(qparams[1].shape[0], x.shape[-1]):
+            wf = deq(_tile(qparams, r0, r1, cotangent if dx is None else dx))
+            part = cotangent[..., r0:r1] @ wf
+            dx = part if dx is None else dx + part
+        frozen = [mx.zeros_like(a) for a in qparams]  # lazy, never evaluated
+        return (dx, *frozen)
 
     return f
 

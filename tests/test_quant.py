@@ -23,8 +23,12 @@ def _quantized(out_dims: int, in_dims: int, bits: int, seed: int = 0):
     return w, s.astype(mx.float16), b.astype(mx.float16)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_custom_vjp_matches_reference_values_and_gradients(bits):
+def test_custom_vjp_matches_reference_values_and_gradients(bits, tiled, monkeypatch):
+    if tiled:  # 96 rows x 64 cols in tiles of 40 rows (the last one partial)
+        monkeypatch.setattr(quant, "TILE_BYTES", 40 * 64 * 4)
+        assert len(quant._row_tiles(96, 64)) == 3
     w, s, b = _quantized(96, 64, bits)
     x = mx.random.normal((2, 5, 64))
     cot = mx.random.normal((2, 5, 96))
