@@ -13,9 +13,9 @@ data order, a freshly loaded model per run, through the public API. For each los
 The subset loss needs the SmolLM2 neighbour table (one-time, ~4 min exact on this CPU): it is
 built (or read from the cache) once, before the runs, and its cost is reported.
 
-    python bench/subset_quality.py            # ~15 min on a 2-core CPU
-Writes bench/results/subset_quality.json and .md. Run heavy jobs under
-`flock /tmp/edgelora-bench.lock` on the shared machine.
+    flock /tmp/edgelora-bench.lock python bench/subset_quality.py --steps 20
+(~20 min on the shared 2-core CPU: ~4 min neighbour table, then five fine-tunes)
+Writes bench/results/subset_quality.json and .md, after every run (partial results survive).
 """
 
 from __future__ import annotations
@@ -30,14 +30,22 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import mlx_edgelora  # noqa: F401,I001  (must precede mlx)
-from mlx_edgelora import TrainConfig, load_dataset, load_model, train
-
 import mlx.core as mx
 import numpy as np
 
-from mlx_edgelora import attention, blocks, loss, neighbours, quant
-from mlx_edgelora.batching import iter_eval_batches, make_batch
+import mlx_edgelora  # noqa: F401,I001  (must precede mlx)
+from mlx_edgelora import (
+    TrainConfig,
+    attention,
+    blocks,
+    load_dataset,
+    load_model,
+    loss,
+    neighbours,
+    quant,
+    train,
+)
+from mlx_edgelora.batching import iter_eval_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "assets" / "sample_chat.jsonl"
@@ -45,11 +53,15 @@ RESULTS = ROOT / "bench" / "results"
 MB = 1024**2
 
 
-def run_specs(ks: list[int]) -> list[tuple[str, str, int]]:
-    """(name, --loss, subset_k) of every run; the exact full loss first (the reference)."""
-    return [("full", "full", 0), ("chunked", "chunked", 0)] + [
-        (f"subset-{k}", "subset", k) for k in ks
-    ]
+def run_specs(losses: list[str], ks: list[int]) -> list[tuple[str, str, int]]:
+    """(name, --loss, subset_k) per run: chunked (the exact reference) first, full last.
+
+    full and chunked train identically (equal to 1e-5, tests/test_loss.py), so full goes last:
+    if time runs out, the comparison that matters is already written.
+    """
+    runs = [("chunked", "chunked", 0)] if "chunked" in losses else []
+    runs += [(f"subset-{k}", "subset", k) for k in ks if "subset" in losses]
+    return runs + ([("full", "full", 0)] if "full" in losses else [])
 
 
 def fresh_model():
@@ -72,22 +84,68 @@ def hidden_grads(model, head, hs, batches) -> list[np.ndarray]:
     """dL/dh of `head` for each (h, batch), as flat float64 vectors."""
     out = []
     for h, batch in zip(hs, batches):
-        g = mx.grad(lambda h: head(h, batch))(h)
+        g = mx.grad(lambda h, b=batch: head(h, b))(h)
         mx.eval(g)
         out.append(np.array(g, dtype=np.float64).ravel())
     return out
 
 
-def grad_cosines(model, cfg, batches, kinds: dict) -> dict[str, float]:
-    """Cosine of each head's dL/dh with the full loss's, over all batches' gradients."""
+def make_head(model, kind: str, k: int, cfg, table: np.ndarray | None = None):
+    """The trainer's loss head; a subset head uses `table` if given (else the cached one)."""
+    if kind == "subset" and table is not None:
+        V, _ = loss.head_shape(model)
+        ce = lambda x, t: loss.subset_ce(x, t, loss.subset_for(t, table, k, V), model)  # noqa: E731
+        return loss.LossHead(model, kind, ce)
+    return loss.make_loss_head(
+        model, kind, SimpleNamespace(vocab_chunk=cfg.vocab_chunk, subset_k=k)
+    )
+
+
+def grad_cosines(model, cfg, batches, kinds: dict, table=None) -> dict[str, dict]:
+    """Per head: cosine and norm ratio of its dL/dh with the full loss's (over all batches),
+    and for subsets the exact softmax mass outside S (mean over rows): what S leaves out."""
     hs = [last_hidden(model, b) for b in batches]
-    ref = np.concatenate(hidden_grads(model, loss.make_loss_head(model, "full", cfg), hs, batches))
+    ref = np.concatenate(hidden_grads(model, make_head(model, "full", 0, cfg), hs, batches))
     out = {}
     for name, (kind, k) in kinds.items():
-        head = loss.make_loss_head(model, kind, SimpleNamespace(vocab_chunk=cfg.vocab_chunk, subset_k=k))
-        g = np.concatenate(hidden_grads(model, head, hs, batches))
-        out[name] = float(g @ ref / (np.linalg.norm(g) * np.linalg.norm(ref)))
+        g = np.concatenate(hidden_grads(model, make_head(model, kind, k, cfg, table), hs, batches))
+        out[name] = {
+            "cos": float(g @ ref / (np.linalg.norm(g) * np.linalg.norm(ref))),
+            "norm_ratio": float(np.linalg.norm(g) / np.linalg.norm(ref)),
+        }
+        if kind == "subset":
+            table_k = neighbours.neighbour_table(model) if table is None else table
+            out[name]["mass_outside_s"] = mass_outside(model, hs, batches, k, table_k)
     return out
+
+
+def mass_outside(model, hs, batches, k: int, table: np.ndarray) -> float:
+    """Mean over trainable rows of the exact softmax probability of tokens outside S."""
+    V, _ = loss.head_shape(model)
+    w = loss.head_weight_rows(model)
+    masses = []
+    for h, batch in zip(hs, batches):
+        idx = np.flatnonzero(np.asarray(batch.mask).ravel())
+        targets = np.asarray(batch.targets).ravel()[idx]
+        x = blocks.final_norm(model)(h.reshape(-1, h.shape[-1])[mx.array(idx)])
+        p = mx.softmax(x.astype(mx.float32) @ w.T, axis=-1)  # [N, V]: a few hundred rows
+        in_s = p[:, mx.array(loss.subset_for(targets, table, k, V))].sum(-1)
+        masses.append(np.array(1 - in_s))
+    return float(np.concatenate(masses).mean())
+
+
+def partial_table(model, batches, n: int = neighbours.DEFAULT_NEIGHBOURS) -> np.ndarray:
+    """[V, n] table whose rows are exact only for the batches' targets (the rows subset_for
+    reads): --quick measures the subset gradient without the one-time 4-minute table."""
+    V, _ = loss.head_shape(model)
+    ids = np.unique(np.concatenate([np.asarray(b.targets)[np.asarray(b.mask)] for b in batches]))
+    w = loss.head_weight_rows(model)
+    w = w / mx.linalg.norm(w, axis=-1, keepdims=True)
+    sims = w[mx.array(ids)] @ w.T  # [T, V] exact cosines of the needed rows only
+    sims[mx.arange(len(ids)), mx.array(ids)] = -mx.inf  # self excluded, as in the table
+    table = np.zeros((V, n), np.int32)
+    table[ids] = np.array(mx.argsort(-sims, axis=-1)[:, :n])
+    return table
 
 
 def head_peak_mb(head, D: int, targets: np.ndarray) -> float:
@@ -113,7 +171,7 @@ def head_peaks(cfg, specs, targets: np.ndarray) -> dict[str, float]:
     D = loss.head_shape(model)[1]
     out = {}
     for name, kind, k in specs:
-        head = loss.make_loss_head(model, kind, SimpleNamespace(vocab_chunk=cfg.vocab_chunk, subset_k=k))
+        head = make_head(model, kind, k, cfg)
         out[name] = round(head_peak_mb(head, D, targets), 1)
         print(f"loss head peak {name}: {out[name]} MB", file=sys.stderr)
     return out
@@ -125,13 +183,22 @@ def neighbour_table_once() -> dict:
     V, _ = loss.head_shape(model)
     path = neighbours.cache_root() / f"{neighbours.head_fingerprint(model)}"
     cached = any(path.parent.glob(f"{path.name}-*-n{neighbours.DEFAULT_NEIGHBOURS}.npy"))
-    print(f"neighbour table: {'reading cache' if cached else 'building once (~4 min)'} "
-          f"under {neighbours.cache_root()}", file=sys.stderr)
+    print(
+        f"neighbour table: {'reading cache' if cached else 'building once (~4 min)'} "
+        f"under {neighbours.cache_root()}",
+        file=sys.stderr,
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     neighbours.neighbour_table(model)
-    return {"cached_before": cached, "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(time.process_time() - c0, 1), "cache_dir": str(neighbours.cache_root()),
-            "method": "exact" if V * V * loss.head_shape(model)[1] <= neighbours.EXACT_MAX_MACS else "approx"}
+    return {
+        "cached_before": cached,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(time.process_time() - c0, 1),
+        "cache_dir": str(neighbours.cache_root()),
+        "method": "exact"
+        if V * V * loss.head_shape(model)[1] <= neighbours.EXACT_MAX_MACS
+        else "approx",
+    }
 
 
 def real_targets(data, n: int) -> np.ndarray:
@@ -143,53 +210,122 @@ def real_targets(data, n: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ks", type=int, nargs="+", default=[256, 1000, 4000])
+    p.add_argument(
+        "--train-losses",
+        nargs="+",
+        default=["chunked", "subset", "full"],
+        help="losses to fine-tune with; gradient cosines and head peaks are measured for all",
+    )
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--head-rows", type=int, default=2048)
+    p.add_argument(
+        "--quick",
+        type=int,
+        default=0,
+        help="only dL/dh cosines at the initial model on the first N held-out rows, with "
+        "neighbour rows computed for their targets only (~1 min; no table, no training)",
+    )
     p.add_argument("--out", default=str(RESULTS / "subset_quality"))
     args = p.parse_args(argv)
-    t_start = time.perf_counter()
-    specs = run_specs(args.ks)
-    base = dict(data=str(DATA), steps=args.steps, max_seq_len=args.max_seq_len, lr=args.lr,
-                warmup=max(1, args.steps // 10), val_fraction=args.val_fraction, seed=0,
-                eval_every=0, eval_batches=-1, save_every=0, activations="ram", overwrite=True)
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    specs = run_specs(["full", "chunked", "subset"], args.ks)
+    train_specs = run_specs(args.train_losses, args.ks)
+    base = dict(
+        data=str(DATA),
+        steps=args.steps,
+        max_seq_len=args.max_seq_len,
+        lr=args.lr,
+        warmup=max(1, args.steps // 10),
+        val_fraction=args.val_fraction,
+        seed=0,
+        eval_every=0,
+        eval_batches=-1,
+        save_every=0,
+        activations="ram",
+        overwrite=True,
+    )
     cfg0 = TrainConfig(**base)
     data = load_dataset(str(DATA), load_model(None).tokenizer, cfg0)  # one split, one order
     val_batches = list(iter_eval_batches(data.val_rows, 1, None))
+    if args.quick:
+        return quick(args, cfg0, val_batches[: args.quick], specs, load_start, t_start)
     table = neighbour_table_once()
     peaks = head_peaks(cfg0, specs, real_targets(data, args.head_rows))
 
     model = fresh_model().model
-    kinds = {name: (kind, k) for name, kind, k in specs}
-    cos0 = grad_cosines(model, cfg0, val_batches, kinds)
+    cos0 = grad_cosines(model, cfg0, val_batches, {n: (kind, k) for n, kind, k in specs})
     del model
-    runs = {}
+    runs = {
+        n: {"loss": kind, "subset_k": k or None, "head_peak_mb": peaks[n], "init": cos0[n]}
+        for n, kind, k in specs
+    }
+    result = {
+        "runs": runs,
+        "neighbour_table": table,
+        "settings": vars(args)
+        | {
+            "data": str(DATA.relative_to(ROOT)),
+            "train_rows": len(data.train_rows),
+            "val_rows": len(data.val_rows),
+            "train_tokens": data.trainable_tokens("train"),
+            "val_tokens": data.trainable_tokens("val"),
+            "vocab_chunk": cfg0.vocab_chunk,
+        },
+        "loadavg_start": load_start,
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kind, k in specs:
+        for name, kind, k in train_specs:
             cfg = TrainConfig(**base, loss=kind, subset_k=k or 1000, out=f"{tmp}/{name}")
             loaded = fresh_model()  # train() applies LoRA to this model in place
             t0 = time.perf_counter()
             res = train(cfg, loaded=loaded, data=data)
             wall = time.perf_counter() - t0
-            cos1 = grad_cosines(loaded.model, cfg0, val_batches, {name: (kind, k)})[name]
-            runs[name] = {"loss": kind, "subset_k": k or None, "val_exact": res.val_loss,
-                          "train_loss_last": res.history[-1]["loss"], "grad_cos_init": cos0[name],
-                          "grad_cos_trained": cos1, "head_peak_mb": peaks[name],
-                          "train_wall_s": round(wall, 1), "step_s": round(wall / args.steps, 2)}
+            runs[name] |= {
+                "val_exact": res.val_loss,
+                "train_loss_last": res.history[-1]["loss"],
+                "trained": grad_cosines(loaded.model, cfg0, val_batches, {name: (kind, k)})[name],
+                "train_wall_s": round(wall, 1),
+                "step_s": round(wall / args.steps, 2),
+            }
             print(f"{name}: {runs[name]}", file=sys.stderr)
             del loaded
             gc.collect()
-    ref = runs["full"]["val_exact"]
-    for r in runs.values():
-        r["val_exact_rel"] = r["val_exact"] / ref - 1
-    result = {"runs": runs, "neighbour_table": table, "settings": vars(args) | {
-        "data": str(DATA.relative_to(ROOT)), "train_rows": len(data.train_rows),
-        "val_rows": len(data.val_rows), "train_tokens": data.trainable_tokens("train"),
-        "val_tokens": data.trainable_tokens("val"), "vocab_chunk": cfg0.vocab_chunk},
-        "loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1),
-        "mlx": mx.__version__, "device": str(mx.default_device())}
+            exact = [runs[n]["val_exact"] for n in ("chunked", "full") if "val_exact" in runs[n]]
+            for r in runs.values():
+                if "val_exact" in r and exact:
+                    r["val_exact_rel"] = r["val_exact"] / exact[0] - 1
+            result |= {
+                "loadavg_end": os.getloadavg(),
+                "wall_s": round(time.perf_counter() - t_start, 1),
+            }
+            write(result, Path(args.out))  # after every run: partial results survive
+    return result
+
+
+def quick(args, cfg, batches, specs, load_start, t_start) -> dict:
+    """--quick: initial-model gradient cosines only (see the flag's help)."""
+    model = fresh_model().model
+    t0 = time.perf_counter()
+    table = partial_table(model, batches)
+    cos = grad_cosines(model, cfg, batches, {n: (kind, k) for n, kind, k in specs}, table)
+    rows = sum(int(np.asarray(b.mask).sum()) for b in batches)
+    result = {
+        "runs": {n: {"loss": kind, "subset_k": k or None, "init": cos[n]} for n, kind, k in specs},
+        "neighbour_table": {
+            "method": f"--quick: exact rows for the targets of {rows} held-out tokens only",
+            "wall_s": round(time.perf_counter() - t0, 1),
+        },
+        "settings": vars(args) | {"val_tokens": rows},
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "mlx": mx.__version__,
+    }
     write(result, Path(args.out))
     return result
 
@@ -199,23 +335,46 @@ def write(result: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     s, t = result["settings"], result["neighbour_table"]
     lines = [
-        "# Subset softmax vs exact loss (SmolLM2-135M Q4_1, bench/subset_quality.py)", "",
-        f"{s['steps']} steps, seq {s['max_seq_len']}, lr {s['lr']}, {s['train_rows']} train / "
-        f"{s['val_rows']} held-out rows ({s['val_tokens']} held-out trainable tokens); "
-        f"loss-head peak over {s['head_rows']} rows of real targets; load average at end "
-        f"{', '.join(f'{x:.2f}' for x in result['loadavg_end'])}; total {result['wall_s']} s.",
-        f"Neighbour table ({t['method']}): {'read from cache' if t['cached_before'] else 'built'} "
-        f"once before the runs in {t['wall_s']} s wall ({t['cpu_s']} CPU-s), then cached.", "",
-        "| loss | grad cos (init) | grad cos (trained) | held-out exact loss | vs full | "
-        "loss-head peak MB | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "# Subset softmax vs exact loss (SmolLM2-135M Q4_1, bench/subset_quality.py)",
+        "",
+        (
+            f"--quick: no training, initial model; seq {s['max_seq_len']}, "
+            if s.get("quick")
+            else f"{s['steps']} steps, seq {s['max_seq_len']}, lr {s['lr']}, "
+        )
+        + f"{s.get('train_rows', '-')} train / {s.get('val_rows', '-')} held-out rows "
+        f"({s['val_tokens']} held-out trainable tokens); "
+        + ("" if s.get("quick") else f"loss-head peak over {s['head_rows']} rows of real targets; ")
+        + "load average start/end "
+        f"{result['loadavg_start'][0]:.2f}/{result['loadavg_end'][0]:.2f}; "
+        f"{result['wall_s']} s so far.",
+        f"Neighbour table ({t['method']}): "
+        + (
+            f"{'read from cache' if t['cached_before'] else 'built'} once before the runs in "
+            f"{t['wall_s']} s wall ({t['cpu_s']} CPU-s), then cached."
+            if "cached_before" in t
+            else f"{t['wall_s']} s for everything after loading."
+        ),
+        "",
+        "| loss | dL/dh cos (init) | norm ratio | p mass outside S | cos (trained) | "
+        "held-out exact loss | vs exact run | loss-head peak MB | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["runs"].items():
-        lines.append(
-            f"| {name} | {r['grad_cos_init']:.4f} | {r['grad_cos_trained']:.4f} | "
-            f"{r['val_exact']:.4f} | {100 * r['val_exact_rel']:+.2f}% | {r['head_peak_mb']} | "
-            f"{r['step_s']} |"
-        )
+        init, trained = r["init"], r.get("trained", {})
+        outside = init.get("mass_outside_s")
+        cells = [
+            name,
+            f"{init['cos']:.4f}",
+            f"{init['norm_ratio']:.3f}",
+            "" if outside is None else f"{outside:.3f}",
+            f"{trained['cos']:.4f}" if trained else "not trained",
+            f"{r['val_exact']:.4f}" if "val_exact" in r else "",
+            f"{100 * r['val_exact_rel']:+.2f}%" if "val_exact_rel" in r else "",
+            str(r.get("head_peak_mb", "")),
+            str(r.get("step_s", "")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -26,6 +26,9 @@ def generate(
     from mlx_lm import generate as mlx_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from . import quant
+
+    quant.prepare_for_training(loaded.model)  # backend's fast kernel; idempotent
     tok = loaded.tokenizer
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template(
@@ -39,14 +42,12 @@ def generate(
 
 def load_for_generation(model: str | None, adapter: str | None = None):
     """Load a model (and optionally an adapter) ready for fast generation on this backend."""
-    from . import quant
     from .loading import load_model
     from .lora import load_adapters
 
     loaded = load_model(model)
     if adapter:
         load_adapters(loaded.model, adapter)
-    quant.prepare_for_training(loaded.model)
     return loaded
 
 

@@ -10,11 +10,20 @@ only one [rows, chunk] block of logits alive and stores just the per-row LSE; th
 recomputes each block's softmax. A quantized head is dequantized one chunk (or only the
 needed rows) at a time. Every head returns the SUM of token cross-entropies.
 
-Peak memory: the graphs need one logits tile at a time, but MLX's scheduler runs ops ahead
-of the compute and allocates their outputs, so the peak is a few tiles unless
-mx.set_memory_limit makes it wait. Measured (2048 rows, V 49152, D 576, 4-bit head, chunk
-4096, loss + dh): full 1404 MB, chunked 396 MB (259 MB under a 120 MB limit), subset
-(k 1000) 92 MB above the inputs.
+Peak memory of the loss head alone (loss + dL/dh; SmolLM2's real head: V 49152, D 576,
+8-bit, --vocab-chunk 8192; 2048 rows of real chat targets; MB above the inputs; mlx 0.32.4
+CPU):  full 1566 -> 1411, chunked 566 -> 140, subset (k 1000) 65 -> 57-64 (noise).
+(A block's backward at 2048 tokens is 293 MB, so the chunked head is no longer a step's peak.)
+Three causes, three fixes: (a) dequantizing from float16 scales and then casting holds
+float16 and float32 copies of a chunk: scales/biases are cast to float32 first (quant.py's
+recipe); (b) MLX schedules ops ~100 ahead, so it dequantized and multiplied many vocabulary
+chunks before reducing any: each tile now waits (`mx.depends`) for the previous tile's
+result, in the forward, in the VJP and across row passes; (c) MLX still *allocates* a few
+tiles ahead of the compute, so the peak scales with the tile: ROW_BLOCK_ELEMENTS went from
+2^24 (64 MB tiles; 298 MB after (a)+(b)) to 2^22 (16 MB; 140 MB). Smaller tiles cost little
+(the frozen head is re-dequantized once per row pass): 2^24 / 2^23 / 2^22 / 2^21 measured
+289 / 163 / 131 / 113 MB (random targets) at 19-23 / 29-31 / 25-27 / 24-25 s per call on the
+shared, loaded 2-core CPU (load ~5, so the timings are +-20%).
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from .blocks import final_norm, head_module
 from .errors import UserError
 from .quant import _dequantize as dequantize  # one dequantize recipe: scales cast first
 
-# Bound on rows x vocab_chunk logits alive at once in the chunked loss (2^24 fp32 = 64 MB):
-# with --vocab-chunk 8192 that is 2048 rows per pass over the vocabulary.
-ROW_BLOCK_ELEMENTS = 1 << 24
+# Size of one rows x vocab_chunk logits tile in the chunked loss (2^22 fp32 = 16 MB): with
+# --vocab-chunk 8192 that is 512 rows per pass over the vocabulary. MLX allocates a few
+# tiles ahead of the compute, so the head's peak scales with this (see the docstring).
+ROW_BLOCK_ELEMENTS = 1 << 22
 
 CrossEntropy = Callable[[mx.array, np.ndarray], mx.array]
 
@@ -127,6 +137,7 @@ def chunked_ce(x: mx.array, targets: np.ndarray, model: nn.Module, chunk: int) -
     """Exact CE summed over rows; each pass over the vocabulary takes a block of rows."""
     V, _ = head_shape(model)
     rows = max(1, ROW_BLOCK_ELEMENTS // chunk)
+
     def chunk_rows(s: int, e: int, after: Any) -> mx.array:
         return head_weight_rows(model, slice(s, e), after)
 

@@ -65,14 +65,15 @@ def test_chunked_row_blocks(monkeypatch):
     assert_close(value_grad(head, h, batch)[1], one_pass[1])
 
 
-def test_chunked_lse_vjp_matches_autodiff():
+@pytest.mark.parametrize("rows", [0, 4])  # 4: three row passes (9 rows), the last ragged
+def test_chunked_lse_vjp_matches_autodiff(rows):
     """The custom VJP against autodiff of the plain logsumexp, with a non-uniform cotangent."""
     rng = np.random.default_rng(3)
     x = mx.array(rng.normal(size=(9, 16)).astype(np.float32))
     w = mx.array(rng.normal(size=(101, 16)).astype(np.float32))
     cot = mx.array(rng.normal(size=(9,)).astype(np.float32))
     ref_out, (ref_dx,) = mx.vjp(lambda x: [mx.logsumexp(x @ w.T, axis=-1)], [x], [cot])
-    fn = lambda x: [loss.chunked_lse(x, lambda s, e, after: w[s:e], 101, 10)]
+    fn = lambda x: [loss.chunked_lse(x, lambda s, e, after: w[s:e], 101, 10, rows)]
     out, (dx,) = mx.vjp(fn, [x], [cot])
     assert_close(np.array(out[0]), np.array(ref_out[0]))
     assert_close(np.array(dx), np.array(ref_dx))
@@ -118,7 +119,7 @@ def lora_model(arch, bits):
 @pytest.mark.parametrize("bits", [None, 4])
 @pytest.mark.parametrize("kind", ["full", "chunked"])
 def test_logits_masking_equals_loss_masking(arch, bits, kind):
-    """Logits for trainable rows only == full [B, L, V] logits with a masked CE, incl. LoRA grads."""
+    """Logits for trainable rows only == full [B, L, V] logits with masked CE, LoRA grads too."""
     model = lora_model(arch, bits)
     rng = np.random.default_rng(4)
     batch = make_batch(rng, B=2, L=12, frac=0.4)
@@ -189,3 +190,13 @@ def test_subset_loss_is_ce_renormalized_over_s(tmp_path, monkeypatch):
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     expected = (lse - logits[np.arange(9), np.searchsorted(s, batch.targets[0])]).sum()
     assert abs(value - expected) <= 1e-5 * abs(expected)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_head_weight_rows_after_only_orders(bits):
+    """`after` adds a scheduling dependency; the rows are the same float32 values."""
+    model, _ = build_tiny_model("llama", quantize_bits=bits)
+    rows = np.array([3, 0, 299, 3])
+    plain = np.array(loss.head_weight_rows(model, rows))
+    after = loss.head_weight_rows(model, rows, after=mx.ones((5,)) * 2)
+    assert after.dtype == mx.float32 and np.array_equal(np.array(after), plain)
