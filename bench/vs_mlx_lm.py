@@ -29,19 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_edgelora.config import DEFAULT_LORA_KEYS
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("BENCH_TMP", "/tmp")) / "edgelora-vs-mlx-lm"
 LOCK = "/tmp/edgelora-bench.lock"
-KEYS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+KEYS = DEFAULT_LORA_KEYS  # the same 7 projections for both tools
 
 
 # ------------------------------------------------------------------------------ preparation

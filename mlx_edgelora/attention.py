@@ -19,6 +19,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
+from .lora import has_active_dropout
 
 
 def block_forward(layer: nn.Module, x: mx.array, attn_chunk: int, mlp_chunk: int) -> mx.array:
@@ -246,9 +247,8 @@ def _mlp_backward(pure, x: mx.array, params, dy: mx.array, chunk: int):
 
 def _check_no_dropout(mlp: nn.Module) -> None:
     """Recompute would draw a second dropout mask; refuse instead of a silent mismatch."""
-    for _, m in mlp.named_modules():
-        if isinstance(m, nn.Dropout) and m.training and m._p_1 < 1.0:
-            raise UserError(
-                "--lora-dropout: active dropout cannot be recomputed by --mlp-chunk; "
-                "set --lora-dropout 0 or --mlp-chunk 0"
-            )
+    if has_active_dropout(mlp):
+        raise UserError(
+            "--lora-dropout: active dropout cannot be recomputed by --mlp-chunk; "
+            "set --lora-dropout 0 or --mlp-chunk 0"
+        )

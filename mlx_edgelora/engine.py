@@ -40,6 +40,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import attention, blocks
 from .config import TrainConfig
 from .errors import UserError
+from .lora import has_active_dropout
 from .spill import BoundaryStore
 from .stream import WeightStream
 
@@ -214,9 +215,8 @@ class SegmentStep:
 
 def _check_no_dropout(model: nn.Module) -> None:
     """Recompute would draw a second dropout mask; refuse instead of wrong gradients."""
-    for _, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and m.training and m._p_1 < 1.0:
-            raise UserError(
-                "--lora-dropout: active dropout cannot be recomputed by --engine segments; "
-                "set --lora-dropout 0 or use --engine graph"
-            )
+    if has_active_dropout(model):
+        raise UserError(
+            "--lora-dropout: active dropout cannot be recomputed by --engine segments; "
+            "set --lora-dropout 0 or use --engine graph"
+        )

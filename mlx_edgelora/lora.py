@@ -67,6 +67,16 @@ def _check_keys(model: nn.Module, keys: list[str]) -> None:
         )
 
 
+def has_active_dropout(module: nn.Module) -> bool:
+    """True if a LoRA dropout inside `module` would draw a new mask on every call.
+
+    Recompute (segment checkpointing, chunked MLP) would then see a second, different mask.
+    """
+    return any(
+        isinstance(m, nn.Dropout) and m.training and m._p_1 < 1.0 for _, m in module.named_modules()
+    )
+
+
 def lora_state(model: nn.Module) -> dict[str, mx.array]:
     """Flat {name: array} of the adapter weights only (what adapters.safetensors holds)."""
     return dict(tree_flatten(model.trainable_parameters()))

@@ -191,8 +191,9 @@ def test_folders_of_killed_runs_are_swept_by_the_next_run(tmp_path):
 
     from mlx_edgelora.spill import OWNER_FILE, private_folder
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / "edgelora-spill-stale"
     stale.mkdir()
     (stale / OWNER_FILE).write_text(dead)

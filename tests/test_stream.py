@@ -50,7 +50,7 @@ def test_offload_frees_memory_and_resident_restores_exact_outputs(arch, tmp_path
         assert before - mx.get_active_memory() >= 0.9 * frozen_bytes
         assert [k for k, _ in tree_flatten(model.parameters())] == keys  # structure unchanged
         assert all(v.size == 0 for v in frozen_parameters(model.model.layers[1]).values())
-        for i, layer in enumerate(model.model.layers):
+        for i in range(len(model.model.layers)):
             with stream.resident(i) as resident:
                 out = resident(h, mask="causal")
                 mx.eval(out)

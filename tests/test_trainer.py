@@ -125,7 +125,9 @@ def test_trainable_parameters_are_only_lora(tmp_path, tiny_model_dir, notes):
             assert mx.array_equal(after[key], v), f"frozen weight {k} changed"
 
 
-def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, notes):
+def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
+    tmp_path, tiny_model_dir, notes
+):
     import os
     import signal
     import subprocess
@@ -133,9 +135,29 @@ def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, 
     import time
 
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "mlx_edgelora.train", "--model", str(tiny_model_dir),
-            "--data", str(notes), "--out", str(out), "--steps", "400", "--max-seq-len", "32",
-            "--rank", "4", "--save-every", "3", "--eval-every", "0", "--activations", "disk"]
+    args = [
+        sys.executable,
+        "-m",
+        "mlx_edgelora.train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(notes),
+        "--out",
+        str(out),
+        "--steps",
+        "400",
+        "--max-seq-len",
+        "32",
+        "--rank",
+        "4",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "0",
+        "--activations",
+        "disk",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while checkpoint.latest(out) is None and time.time() < deadline and proc.poll() is None:
