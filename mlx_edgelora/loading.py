@@ -169,7 +169,9 @@ def _quantize(model: nn.Module, config: dict, bits: int, source: str) -> None:
     """--quantize: affine-quantize every float Linear/Embedding; keep an existing quantization."""
     quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
     if any(isinstance(m, quantized) for _, m in model.named_modules()):
-        warnings.warn(f"{source}: already quantized; keeping it and ignoring --quantize {bits}", stacklevel=2)
+        warnings.warn(
+            f"{source}: already quantized; keeping it and ignoring --quantize {bits}", stacklevel=2
+        )
         return
     overrides: dict = {}  # mlx-lm per-layer entries: {group_size, bits} or False (float)
 
@@ -184,7 +186,10 @@ def _quantize(model: nn.Module, config: dict, bits: int, source: str) -> None:
 
     nn.quantize(model, class_predicate=params)
     if left := [name for name, value in overrides.items() if value is False]:
-        warnings.warn(f"{source}: {len(left)} layers stay float (input size not a multiple of 32)", stacklevel=2)
+        warnings.warn(
+            f"{source}: {len(left)} layers stay float (input size not a multiple of 32)",
+            stacklevel=2,
+        )
     config["quantization"] = {"group_size": QUANT_GROUP_SIZE, "bits": bits, **overrides}
 
 
