@@ -37,7 +37,7 @@ from mlx import nn
 
 from .blocks import final_norm, head_module
 from .errors import UserError
-from .quant import _dequantize as dequantize  # one dequantize recipe: scales cast first
+from .quant import dequantize  # one dequantize recipe: scales cast first
 
 # Size of one rows x vocab_chunk logits tile in the chunked loss (2^22 fp32 = 16 MB): with
 # --vocab-chunk 8192 that is 512 rows per pass over the vocabulary. MLX allocates a few

@@ -67,7 +67,7 @@ def _frozen_bytes(module: nn.Module) -> int:
     return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k not in trainable)
 
 
-def _lora_bytes(model: nn.Module, cfg: TrainConfig, s: _Shape) -> int:
+def _lora_bytes(cfg: TrainConfig, s: _Shape) -> int:
     """fp32 bytes of the LoRA weights the config will create (whether applied yet or not)."""
     io = {
         "self_attn.q_proj": s.D + s.D,
@@ -113,7 +113,7 @@ def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0
     rows = max(1, int(tokens * trainable_fraction))
     boundary = tokens * s.D * F32
     parts = {"weights (resident)": _weights_gb(model, cfg)}
-    parts["LoRA + optimizer"] = _lora_bytes(model, cfg, s) * OPT_COPIES / GB
+    parts["LoRA + optimizer"] = _lora_bytes(cfg, s) * OPT_COPIES / GB
     if cfg.engine == "graph":
         parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False) / GB
     else:

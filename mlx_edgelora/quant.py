@@ -41,7 +41,7 @@ def _cuda_available() -> bool:
     return bool(cuda is not None and cuda.is_available())
 
 
-def _dequantize(w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
+def dequantize(w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
     """The float32 weight [out, in] of a quantized matrix.
 
     Scales/biases are cast first (they are 1/group_size of the weight): dequantizing from
@@ -54,7 +54,7 @@ def _dequantize(w, scales, biases, group_size: int, bits: int, mode: str) -> mx.
 
 def dequant_matmul_reference(x, w, scales, biases, group_size: int, bits: int, mode: str):
     """x @ W.T with W dequantized in the graph (autodiff keeps W alive for backward)."""
-    return x @ _dequantize(w, scales, biases, group_size, bits, mode).T
+    return x @ dequantize(w, scales, biases, group_size, bits, mode).T
 
 
 TILE_BYTES = 16 * 2**20  # float32 weight rows dequantized at a time on CPU
@@ -84,7 +84,7 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
 
     def deq(qparams: tuple) -> mx.array:
         w, scales, *biases = qparams
-        return _dequantize(w, scales, biases[0] if biases else None, *fmt)
+        return dequantize(w, scales, biases[0] if biases else None, *fmt)
 
     @mx.custom_function
     def f(x, *qparams):  # qparams: (w, scales) or (w, scales, biases)
