@@ -75,6 +75,7 @@ DEFAULTS = dict(
     activations="ram",
     loss="full",
     subset_k=1000,
+    subset_fill="predicted",  # neighbours: the paper's fill, on a stand-in table (see below)
     vocab_chunk=8192,
     attn_chunk=0,
     mlp_chunk=0,
@@ -210,6 +211,7 @@ def _trainable(c: dict, model, out: str):
         activations=c["activations"],
         loss=c["loss"],
         subset_k=c["subset_k"],
+        subset_fill=c["subset_fill"],
         vocab_chunk=c["vocab_chunk"],
         attn_chunk=c["attn_chunk"],
         mlp_chunk=c["mlp_chunk"],
@@ -226,24 +228,17 @@ def _trainable(c: dict, model, out: str):
 
 
 def _loss_head(c: dict, model, tc):
-    """The configured head; subset uses an empty neighbour table (lowest ids fill the subset).
-
-    Why: peak memory depends only on k; building the real Llama-size table takes ~10-40 min
-    on this CPU (neighbours.py) and would tell us nothing about memory.
-    """
+    """The configured head. The neighbour fill runs on an empty table (the lowest ids fill
+    the subset): its memory depends only on k, and building the real Llama-size table takes
+    ~10-40 min on this CPU (neighbours.py) and would tell us nothing about memory."""
     import numpy as np
 
     from mlx_edgelora import loss
 
-    if c["loss"] != "subset":
+    if c["loss"] != "subset" or c["subset_fill"] != "neighbours":
         return loss.make_loss_head(model, c["loss"], tc)
-    V, _ = loss.head_shape(model)
-    empty, k = np.zeros((V, 0), np.int32), c["subset_k"]
-    return loss.LossHead(
-        model,
-        "subset",
-        lambda x, t: loss.subset_ce(x, t, loss.subset_for(t, empty, k, V), model),
-    )
+    empty = np.zeros((loss.head_shape(model)[0], 0), np.int32)
+    return loss.LossHead(model, "subset", loss.subset_loss(model, tc, table=empty))
 
 
 def _batch(c: dict, vocab: int):

@@ -10,8 +10,10 @@ data order, a freshly loaded model per run, through the public API. For each los
     chunked loss whatever --loss trains with);
   - head_peak_mb: peak memory of the loss head alone (loss + dL/dh over --head-rows rows of
     real targets), above its inputs.
-The subset loss needs the SmolLM2 neighbour table (one-time, ~4 min exact on this CPU): it is
-built (or read from the cache) once, before the runs, and its cost is reported.
+Subsets are filled two ways: `predicted` (our default: the targets plus the tokens the model
+itself expects most this step) at every k, and the paper's semantic-neighbour fill at
+--neighbour-ks. The neighbour fill needs SmolLM2's neighbour table (one-time, ~4 min exact on
+this CPU): it is built (or read from the cache) once, before the runs, and its cost reported.
 
     flock /tmp/edgelora-bench.lock python bench/subset_quality.py --steps 20
 (~20 min on the shared 2-core CPU: ~4 min neighbour table, then five fine-tunes)
@@ -53,15 +55,22 @@ RESULTS = ROOT / "bench" / "results"
 MB = 1024**2
 
 
-def run_specs(losses: list[str], ks: list[int]) -> list[tuple[str, str, int]]:
-    """(name, --loss, subset_k) per run: chunked (the exact reference) first, full last.
+Spec = tuple[str, str, int, str]  # (name, --loss, subset_k, --subset-fill)
 
-    full and chunked train identically (equal to 1e-5, tests/test_loss.py), so full goes last:
-    if time runs out, the comparison that matters is already written.
+
+def run_specs(losses: list[str], ks: list[int], neighbour_ks: list[int]) -> list[Spec]:
+    """One spec per run: chunked (the exact reference) first, full last.
+
+    Subsets use --subset-fill predicted at every k in `ks` ("subset-k") and the paper's
+    semantic-neighbour fill at `neighbour_ks` ("subset-k-neighbours"). full and chunked train
+    identically (equal to 1e-5, tests/test_loss.py), so full goes last: if time runs out, the
+    comparison that matters is already written.
     """
-    runs = [("chunked", "chunked", 0)] if "chunked" in losses else []
-    runs += [(f"subset-{k}", "subset", k) for k in ks if "subset" in losses]
-    return runs + ([("full", "full", 0)] if "full" in losses else [])
+    runs = [("chunked", "chunked", 0, "")] if "chunked" in losses else []
+    if "subset" in losses:
+        runs += [(f"subset-{k}", "subset", k, "predicted") for k in ks]
+        runs += [(f"subset-{k}-neighbours", "subset", k, "neighbours") for k in neighbour_ks]
+    return runs + ([("full", "full", 0, "")] if "full" in losses else [])
 
 
 def fresh_model():
@@ -90,47 +99,53 @@ def hidden_grads(model, head, hs, batches) -> list[np.ndarray]:
     return out
 
 
-def make_head(model, kind: str, k: int, cfg, table: np.ndarray | None = None):
-    """The trainer's loss head; a subset head uses `table` if given (else the cached one)."""
-    if kind == "subset" and table is not None:
-        V, _ = loss.head_shape(model)
-        ce = lambda x, t: loss.subset_ce(x, t, loss.subset_for(t, table, k, V), model)  # noqa: E731
-        return loss.LossHead(model, kind, ce)
-    return loss.make_loss_head(
-        model, kind, SimpleNamespace(vocab_chunk=cfg.vocab_chunk, subset_k=k)
-    )
+def head_cfg(cfg, k: int, fill: str) -> SimpleNamespace:
+    return SimpleNamespace(vocab_chunk=cfg.vocab_chunk, subset_k=k, subset_fill=fill or "predicted")
+
+
+def make_head(model, kind: str, k: int, fill: str, cfg, table: np.ndarray | None = None):
+    """The trainer's loss head; a neighbour-fill head uses `table` if given (else the cache)."""
+    if kind == "subset":
+        return loss.LossHead(model, kind, loss.subset_loss(model, head_cfg(cfg, k, fill), table))
+    return loss.make_loss_head(model, kind, head_cfg(cfg, k, fill))
 
 
 def grad_cosines(model, cfg, batches, kinds: dict, table=None) -> dict[str, dict]:
     """Per head: cosine and norm ratio of its dL/dh with the full loss's (over all batches),
     and for subsets the exact softmax mass outside S (mean over rows): what S leaves out."""
     hs = [last_hidden(model, b) for b in batches]
-    ref = np.concatenate(hidden_grads(model, make_head(model, "full", 0, cfg), hs, batches))
+    ref = np.concatenate(hidden_grads(model, make_head(model, "full", 0, "", cfg), hs, batches))
     out = {}
-    for name, (kind, k) in kinds.items():
-        g = np.concatenate(hidden_grads(model, make_head(model, kind, k, cfg, table), hs, batches))
+    for name, (kind, k, fill) in kinds.items():
+        head = make_head(model, kind, k, fill, cfg, table)
+        g = np.concatenate(hidden_grads(model, head, hs, batches))
         out[name] = {
             "cos": float(g @ ref / (np.linalg.norm(g) * np.linalg.norm(ref))),
             "norm_ratio": float(np.linalg.norm(g) / np.linalg.norm(ref)),
         }
         if kind == "subset":
-            table_k = neighbours.neighbour_table(model) if table is None else table
-            out[name]["mass_outside_s"] = mass_outside(model, hs, batches, k, table_k)
+            out[name]["mass_outside_s"] = mass_outside(model, cfg, hs, batches, k, fill, table)
     return out
 
 
-def mass_outside(model, hs, batches, k: int, table: np.ndarray) -> float:
+def mass_outside(model, cfg, hs, batches, k: int, fill: str, table) -> float:
     """Mean over trainable rows of the exact softmax probability of tokens outside S."""
     V, _ = loss.head_shape(model)
     w = loss.head_weight_rows(model)
+    if fill == "neighbours" and table is None:
+        table = neighbours.neighbour_table(model)
     masses = []
     for h, batch in zip(hs, batches):
         idx = np.flatnonzero(np.asarray(batch.mask).ravel())
         targets = np.asarray(batch.targets).ravel()[idx]
         x = blocks.final_norm(model)(h.reshape(-1, h.shape[-1])[mx.array(idx)])
-        p = mx.softmax(x.astype(mx.float32) @ w.T, axis=-1)  # [N, V]: a few hundred rows
-        in_s = p[:, mx.array(loss.subset_for(targets, table, k, V))].sum(-1)
-        masses.append(np.array(1 - in_s))
+        x = x.astype(mx.float32)
+        if fill == "neighbours":
+            s = loss.subset_for(targets, table, k, V)
+        else:
+            s = loss.subset_predicted(x, targets, model, k, cfg.vocab_chunk)
+        p = mx.softmax(x @ w.T, axis=-1)  # [N, V]: a few hundred rows
+        masses.append(np.array(1 - p[:, mx.array(s)].sum(-1)))
     return float(np.concatenate(masses).mean())
 
 
@@ -170,8 +185,8 @@ def head_peaks(cfg, specs, targets: np.ndarray) -> dict[str, float]:
     model = fresh_model().model
     D = loss.head_shape(model)[1]
     out = {}
-    for name, kind, k in specs:
-        head = make_head(model, kind, k, cfg)
+    for name, kind, k, fill in specs:
+        head = make_head(model, kind, k, fill, cfg)
         out[name] = round(head_peak_mb(head, D, targets), 1)
         print(f"loss head peak {name}: {out[name]} MB", file=sys.stderr)
     return out
@@ -214,6 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ks", type=int, nargs="+", default=[256, 1000, 4000])
     p.add_argument(
+        "--neighbour-ks",
+        type=int,
+        nargs="*",
+        default=[1000],
+        help="subset sizes also run with the paper's semantic-neighbour fill",
+    )
+    p.add_argument(
         "--train-losses",
         nargs="+",
         default=["chunked", "subset", "full"],
@@ -231,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(RESULTS / "subset_quality"))
     args = p.parse_args(argv)
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    specs = run_specs(["full", "chunked", "subset"], args.ks)
-    train_specs = run_specs(args.train_losses, args.ks)
+    specs = run_specs(["full", "chunked", "subset"], args.ks, args.neighbour_ks)
+    train_specs = run_specs(args.train_losses, args.ks, args.neighbour_ks)
     base = dict(
         data=str(DATA),
         steps=args.steps,
@@ -252,15 +274,21 @@ def main(argv: list[str] | None = None) -> dict:
     val_batches = list(iter_eval_batches(data.val_rows, 1, None))
     if args.quick:
         return quick(args, cfg0, val_batches[: args.quick], specs, load_start, t_start)
-    table = neighbour_table_once()
+    table = neighbour_table_once() if args.neighbour_ks else {"method": "not needed"}
     peaks = head_peaks(cfg0, specs, real_targets(data, args.head_rows))
 
     model = fresh_model().model
-    cos0 = grad_cosines(model, cfg0, val_batches, {n: (kind, k) for n, kind, k in specs})
+    cos0 = grad_cosines(model, cfg0, val_batches, {n: (kd, k, f) for n, kd, k, f in specs})
     del model
     runs = {
-        n: {"loss": kind, "subset_k": k or None, "head_peak_mb": peaks[n], "init": cos0[n]}
-        for n, kind, k in specs
+        n: {
+            "loss": kind,
+            "subset_k": k or None,
+            "subset_fill": fill or None,
+            "head_peak_mb": peaks[n],
+            "init": cos0[n],
+        }
+        for n, kind, k, fill in specs
     }
     result = {
         "runs": runs,
@@ -279,8 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(mx.default_device()),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kind, k in train_specs:
-            cfg = TrainConfig(**base, loss=kind, subset_k=k or 1000, out=f"{tmp}/{name}")
+        for name, kind, k, fill in train_specs:
+            cfg = TrainConfig(
+                **base,
+                loss=kind,
+                subset_k=k or 1000,
+                subset_fill=fill or "predicted",
+                out=f"{tmp}/{name}",
+            )
             loaded = fresh_model()  # train() applies LoRA to this model in place
             t0 = time.perf_counter()
             res = train(cfg, loaded=loaded, data=data)
@@ -288,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] |= {
                 "val_exact": res.val_loss,
                 "train_loss_last": res.history[-1]["loss"],
-                "trained": grad_cosines(loaded.model, cfg0, val_batches, {name: (kind, k)})[name],
+                "trained": grad_cosines(loaded.model, cfg0, val_batches, {name: (kind, k, fill)})[
+                    name
+                ],
                 "train_wall_s": round(wall, 1),
                 "step_s": round(wall / args.steps, 2),
             }
@@ -312,10 +348,13 @@ def quick(args, cfg, batches, specs, load_start, t_start) -> dict:
     model = fresh_model().model
     t0 = time.perf_counter()
     table = partial_table(model, batches)
-    cos = grad_cosines(model, cfg, batches, {n: (kind, k) for n, kind, k in specs}, table)
+    cos = grad_cosines(model, cfg, batches, {n: (kd, k, f) for n, kd, k, f in specs}, table)
     rows = sum(int(np.asarray(b.mask).sum()) for b in batches)
     result = {
-        "runs": {n: {"loss": kind, "subset_k": k or None, "init": cos[n]} for n, kind, k in specs},
+        "runs": {
+            n: {"loss": kd, "subset_k": k or None, "subset_fill": f or None, "init": cos[n]}
+            for n, kd, k, f in specs
+        },
         "neighbour_table": {
             "method": f"--quick: exact rows for the targets of {rows} held-out tokens only",
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -354,6 +393,8 @@ def write(result: dict, out: Path) -> None:
             f"{t['wall_s']} s wall ({t['cpu_s']} CPU-s), then cached."
             if "cached_before" in t
             else f"{t['wall_s']} s for everything after loading."
+            if "wall_s" in t
+            else ""
         ),
         "",
         "| loss | dL/dh cos (init) | norm ratio | p mass outside S | cos (trained) | "

@@ -15,7 +15,16 @@ Each run is a fresh process running the tool's own main in-process (`--wrap`), p
 `mx.get_peak_memory()` and max RSS (`resource.getrusage`) at exit; peak is read the same way
 for both, over the whole run (validation included).
 
+Equal loss: the tools see the rows in a different order (we pack, mlx-lm shuffles lines), so
+their training losses are not comparable step by step. Each saved adapter is therefore scored
+afterwards by one evaluator, on the same held-out lines (exact masked CE over the completion
+tokens, base model + adapter, full-vocabulary softmax). mlx-lm gets our default peak learning
+rate (constant, Adam); ours runs its defaults (AdamW, warm-up then cosine decay).
+
     python bench/vs_mlx_lm.py --contexts 512 2048 --steps 3
+
+Results are merged into bench/results/vs_mlx_lm.json by (seq, tool): a run of one context
+keeps the others' rows. `--tools` picks a subset of the three runs.
 """
 
 from __future__ import annotations
@@ -29,13 +38,19 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_edgelora.config import DEFAULT_LORA_KEYS
+from mlx_edgelora.config import DEFAULT_LORA_KEYS, TrainConfig
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("BENCH_TMP", "/tmp")) / "edgelora-vs-mlx-lm"
 LOCK = "/tmp/edgelora-bench.lock"
 KEYS = DEFAULT_LORA_KEYS  # the same 7 projections for both tools
+TOOLS = {  # label -> runner
+    "mlx-lm": "mlx_lm",
+    "mlx-lm --grad-checkpoint": "mlx_lm",
+    "mlx-edgelora (defaults)": "ours",
+}
+OURS = "mlx-edgelora (defaults)"
 
 
 # ------------------------------------------------------------------------------ preparation
@@ -98,6 +113,30 @@ def write_data(tokenizer, seq: int, folder: Path) -> dict:
     }
 
 
+def heldout_loss(model: Path, adapter: Path | None, data: Path, seq: int) -> float:
+    """Mean exact CE over the completion tokens of valid.jsonl, base model (+ adapter)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_edgelora import quant
+    from mlx_edgelora.data import load_documents
+    from mlx_edgelora.generate import load_for_generation
+
+    loaded = load_for_generation(str(model), None if adapter is None else str(adapter))
+    quant.prepare_for_training(loaded.model)  # the backend's fast kernel
+    total, count = 0.0, 0
+    for ex in load_documents(str(data / "valid.jsonl"), loaded.tokenizer):
+        tokens = np.array(ex.tokens[:seq])
+        mask = np.array(ex.mask[:seq])[1:]
+        logits = loaded.model(mx.array(tokens[None, :-1]))[0].astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(
+            logits, mx.array(tokens[1:, None]), axis=-1
+        ).squeeze(-1)
+        total += float((ce * mx.array(mask)).sum())
+        count += int(mask.sum())
+    return total / count
+
+
 # ----------------------------------------------------------------------------- the runners
 
 
@@ -123,7 +162,7 @@ def mlx_lm_argv(model: Path, data: Path, seq: int, steps: int, ckpt: bool, out: 
         "--max-seq-length",
         str(seq),
         "--learning-rate",
-        "2e-4",
+        str(TrainConfig().lr),
         "--steps-per-report",
         "1",
         "--val-batches",
@@ -245,36 +284,29 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS))
     a = p.parse_args()
     import mlx_edgelora  # noqa: F401
 
     model = WORK / "smollm2-mlx"
     tok = convert_model(model)
-    results = []
+    path = RESULTS / "vs_mlx_lm.json"
+    results = json.loads(path.read_text()) if path.exists() else []
     for seq in a.contexts:
         data = WORK / f"data{seq}"
         info = write_data(tok, seq, data)
-        runs = [
-            (
-                "mlx-lm",
-                "mlx_lm",
-                mlx_lm_argv(model, data, seq, a.steps, False, WORK / f"mlxlm{seq}"),
-            ),
-            (
-                "mlx-lm --grad-checkpoint",
-                "mlx_lm",
-                mlx_lm_argv(model, data, seq, a.steps, True, WORK / f"mlxlmgc{seq}"),
-            ),
-            (
-                "mlx-edgelora (defaults)",
-                "ours",
-                ours_argv(model, data, seq, a.steps, WORK / f"ours{seq}"),
-            ),
-        ]
-        for label, tool, argv in runs:
+        for label in a.tools:
+            tool, out = TOOLS[label], WORK / f"{label.replace(' ', '').replace('-', '')}{seq}"
+            if tool == "ours":
+                argv, adapter = ours_argv(model, data, seq, a.steps, out), out
+            else:
+                argv = mlx_lm_argv(model, data, seq, a.steps, "checkpoint" in label, out)
+                adapter = out / "adapter"
             r = run_wrapped(tool, argv, a.timeout)
             tokens = seq if tool == "ours" else info["mean_line_tokens"]
             r = summarize(r, tool, tokens)
+            if r["status"] == "ok":
+                r["heldout_loss"] = round(heldout_loss(model, adapter, data, seq), 4)
             r.update(
                 label=label,
                 seq=seq,
@@ -282,33 +314,43 @@ def main() -> None:
                 data=info,
                 command=" ".join(["python bench/vs_mlx_lm.py --wrap", tool, *argv]),
             )
-            results.append(r)
+            results = [x for x in results if (x["seq"], x["label"]) != (seq, label)] + [r]
+            results.sort(key=lambda x: (x["seq"], list(TOOLS).index(x["label"])))
             print(
                 seq,
                 label,
                 {
                     k: r.get(k)
-                    for k in ("status", "peak_gb", "max_rss_gb", "tokens_per_s", "loss_last")
+                    for k in ("status", "peak_gb", "max_rss_gb", "tokens_per_s", "heldout_loss")
                 },
                 flush=True,
             )
             RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "vs_mlx_lm.json").write_text(json.dumps(results, indent=1))
+            path.write_text(json.dumps(results, indent=1))
     (RESULTS / "vs_mlx_lm.md").write_text(markdown(results))
 
 
 def markdown(results: list[dict]) -> str:
+    """One row per run; the last two columns compare each mlx-lm run with ours at that length."""
     lines = [
-        "| seq | tool | peak GB | max RSS GB | tokens/s | loss step 1 → last | load |",
-        "|---|---|---|---|---|---|---|",
+        "| seq | tool | steps | peak GB | max RSS GB | tokens/s | train loss first → last"
+        " | held-out loss | peak ÷ ours | ours' speed ÷ this | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ours = {r["seq"]: r for r in results if r["label"] == OURS and r["status"] == "ok"}
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['seq']} | {r['label']} | {r['status']} | | | | |")
+            lines.append(f"| {r['seq']} | {r['label']} | {r['steps']} | {r['status']} |" + " |" * 7)
             continue
+        o = ours.get(r["seq"])
+        ratio = f"{r['peak_gb'] / o['peak_gb']:.1f}×" if o else "?"
+        speed = f"{o['tokens_per_s'] / r['tokens_per_s']:.1f}×" if o else "?"
+        held = r.get("heldout_loss")
         lines.append(
-            f"| {r['seq']} | {r['label']} | {r['peak_gb']:.3f} | {r['max_rss_gb']:.3f}"
-            f" | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f}"
+            f"| {r['seq']} | {r['label']} | {r['steps']} | {r['peak_gb']:.3f}"
+            f" | {r['max_rss_gb']:.3f} | {r['tokens_per_s']:.1f}"
+            f" | {r['loss_first']:.3f} → {r['loss_last']:.3f}"
+            f" | {'' if held is None else f'{held:.4f}'} | {ratio} | {speed}"
             f" | {r['loadavg'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"

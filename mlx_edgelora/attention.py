@@ -101,9 +101,13 @@ def _unrows(tiles: list[mx.array], H: int) -> mx.array:
     return out.reshape(B, H, out.shape[3], *rest)
 
 
-def _scores(qi: mx.array, kj: mx.array, diagonal: bool, rep: int) -> mx.array:
-    """Scaled scores of one tile [B, Hkv, rep*n, m] in float32, -inf above the diagonal."""
-    s = (qi @ kj.swapaxes(-1, -2)).astype(mx.float32)
+def _scores(qi: mx.array, kj: mx.array, diagonal: bool, rep: int, scale: float) -> mx.array:
+    """Scaled scores of one tile [B, Hkv, rep*n, m] in float32, -inf above the diagonal.
+
+    The scale is applied to the tile, not to q: a scaled copy of q would be one more
+    [B, H, L, hd] tensor alive for the whole pass.
+    """
+    s = (qi @ kj.swapaxes(-1, -2)).astype(mx.float32) * scale
     if diagonal:  # query chunk == key chunk: keep key position <= query position
         n = kj.shape[2]
         causal = mx.arange(n)[:, None] >= mx.arange(n)[None, :]
@@ -114,16 +118,18 @@ def _scores(qi: mx.array, kj: mx.array, diagonal: bool, rep: int) -> mx.array:
 def _flash_forward(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.array]:
     """Online-softmax forward, query chunk outer; saves only o and lse."""
     H, kv = q.shape[1], k.shape[1]
-    spans, qs = _spans(q.shape[2], chunk), q * scale
+    spans = _spans(q.shape[2], chunk)
     outs, lses = [], []
     for i, (s, e) in enumerate(spans):
-        qi = _rows(qs, kv, s, e)  # [B, Hkv, rep*n, hd]
+        qi = _rows(q, kv, s, e)  # [B, Hkv, rep*n, hd]
+        if outs:  # finish the previous query chunk before this one starts
+            qi = mx.depends(qi, [outs[-1], lses[-1]])
         m = l = acc = None
         for j in range(i + 1):
             ks, ke = spans[j]
             if acc is not None:  # finish the previous tile before this one starts
                 qi = mx.depends(qi, [acc, l])
-            t = _scores(qi, k[:, :, ks:ke], j == i, H // kv)
+            t = _scores(qi, k[:, :, ks:ke], j == i, H // kv, scale)
             m_new = t.max(axis=-1) if m is None else mx.maximum(m, t.max(axis=-1))
             p = mx.exp(t - m_new[..., None])
             pv = p.astype(v.dtype) @ v[:, :, ks:ke]
@@ -142,29 +148,28 @@ def _flash_forward(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.arra
 def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int):
     """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile."""
     H, kv, rep = q.shape[1], k.shape[1], q.shape[1] // k.shape[1]
-    spans, qs = _spans(q.shape[2], chunk), q * scale
+    spans = _spans(q.shape[2], chunk)
     # D = rowsum(dO * O) - dlse, so that dS = P * (dP - D) also carries lse's cotangent
     d = (do * o).sum(axis=-1).astype(mx.float32) - dlse
-    rows = [[_rows(a, kv, s, e) for s, e in spans] for a in (qs, do, lse, d)]
     dq: list[mx.array | None] = [None] * len(spans)
     dks, dvs, last = [], [], []
     for j, (ks, ke) in enumerate(spans):
         kj, vj, dk, dv = k[:, :, ks:ke], v[:, :, ks:ke], None, None
         for i in range(j, len(spans)):
-            qi, doi, lse_i, d_i = (r[i] for r in rows)
+            # grouped row copies are made per tile (cheap next to its matmuls), not kept
+            qi, doi, lse_i, d_i = (_rows(a, kv, *spans[i]) for a in (q, do, lse, d))
             if last:  # finish the previous tile (free its P, dS) before this one starts
                 qi = mx.depends(qi, last)
-            p = mx.exp(_scores(qi, kj, i == j, rep) - lse_i[..., None])
+            p = mx.exp(_scores(qi, kj, i == j, rep, scale) - lse_i[..., None])
             ds = p * ((doi @ vj.swapaxes(-1, -2)).astype(mx.float32) - d_i[..., None])
-            p, ds = p.astype(q.dtype), ds.astype(q.dtype)
+            p, ds = p.astype(q.dtype), (ds * scale).astype(q.dtype)  # d(scores) / d(q k^T)
             dv = _acc(dv, p.swapaxes(-1, -2) @ doi)  # sums over the rep query heads
             dk = _acc(dk, ds.swapaxes(-1, -2) @ qi)
             dq[i] = _acc(dq[i], ds @ kj)
             last = [dv, dk, dq[i]]
         dks.append(dk)
         dvs.append(dv)
-    dq_full = _unrows(dq, H) * scale
-    return dq_full, mx.concatenate(dks, axis=2), mx.concatenate(dvs, axis=2)
+    return _unrows(dq, H), mx.concatenate(dks, axis=2), mx.concatenate(dvs, axis=2)
 
 
 def _acc(total: mx.array | None, term: mx.array) -> mx.array:

@@ -105,7 +105,9 @@ class TrainConfig:
         choices=["none", "last"],
     )
     attn_chunk: int = _opt(
-        512, "query/key chunk of the chunked attention used in recompute (0 = unchunked)"
+        256,
+        "query/key chunk of the chunked attention used in recompute (0 = unchunked; a tile "
+        "of heads x chunk x chunk floats: 256 halves 512's peak at the same speed)",
     )
     mlp_chunk: int = _opt(
         256, "token chunk of the MLP in recompute (0 = unchunked; smaller = less memory)"
@@ -117,10 +119,17 @@ class TrainConfig:
     loss: str = _opt(
         "chunked",
         "full: all-vocabulary logits (reference); chunked: exact, vocabulary-chunked; "
-        "subset: softmax over the targets plus their semantic neighbours (approximate)",
+        "subset: softmax over a k-token vocabulary subset that holds the targets (approximate)",
         choices=["full", "chunked", "subset"],
     )
     subset_k: int = _opt(1000, "vocabulary subset size for --loss subset")
+    subset_fill: str = _opt(
+        "predicted",
+        "how --loss subset fills S beyond the targets: predicted = the tokens the model "
+        "expects most this step (one extra no-gradient pass over the head); neighbours = "
+        "the targets' nearest LM-head rows (the paper's; one-time table, less accurate)",
+        choices=["predicted", "neighbours"],
+    )
     vocab_chunk: int = _opt(8192, "vocabulary chunk for the chunked exact loss")
     # --- planning
     memory_budget_gb: float | None = _opt(

@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .lora import has_active_dropout
 from .spill import BoundaryStore
-from .stream import WeightStream
+from .stream import HEAD, WeightStream
 
 CACHE_POLICIES = ("none", "last")
 
@@ -58,21 +58,26 @@ def make_step(model: nn.Module, cfg: TrainConfig, loss_head):
 
 def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | None = None):
     """(loss_sum, n_tokens) of a batch without gradients, evaluated block by block."""
-    h = blocks.embed(model, mx.array(batch.inputs))
+    with _resident(stream, [], head=True):
+        h = blocks.embed(model, mx.array(batch.inputs))
+        mx.eval(h)
     for i, layer in enumerate(blocks.layers(model)):
         with _resident(stream, [i]):
             h = attention.block_forward(layer, h, cfg.attn_chunk, cfg.mlp_chunk)
             mx.eval(h)
-    loss = head(h, batch)
-    mx.eval(loss)
+    with _resident(stream, [], head=True):
+        loss = head(h, batch)
+        mx.eval(loss)
     return loss.item(), int(batch.mask.sum())
 
 
-def _resident(stream: WeightStream | None, ids: list[int]) -> ExitStack:
-    """A context holding blocks `ids`' frozen weights in memory (nothing if not streaming)."""
+def _resident(stream: WeightStream | None, ids: list[int], head: bool = False) -> ExitStack:
+    """A context holding blocks `ids`' frozen weights (and with `head` the embedding and LM
+    head, if streamed) in memory; nothing if not streaming."""
     stack = ExitStack()
-    for i in ids if stream is not None else []:
-        stack.enter_context(stream.resident(i))
+    if stream is not None:
+        for i in ids + ([HEAD] if head and stream.streams_head else []):
+            stack.enter_context(stream.resident(i))
     return stack
 
 
@@ -120,7 +125,7 @@ class SegmentStep:
         self.stream = None
         if cfg.stream_weights:
             self.stream = WeightStream(model, cfg.spill_dir, cfg.out)
-            self.stream.offload()
+            self.stream.offload(head=True)
 
     def __call__(self, batch):
         _check_no_dropout(self.model)
@@ -148,8 +153,9 @@ class SegmentStep:
 
     def _forward(self, store: BoundaryStore, inputs: mx.array, n_ckpt: int) -> mx.array:
         """Run segments 0..n_ckpt-1 without autodiff, storing each one's input."""
-        h = blocks.embed(self.model, inputs)
-        mx.eval(h)
+        with _resident(self.stream, [], head=True):
+            h = blocks.embed(self.model, inputs)
+            mx.eval(h)
         store.check_space(h.nbytes * n_ckpt)
         for j in range(n_ckpt):
             store.put(j, h)
@@ -165,7 +171,7 @@ class SegmentStep:
         def fn(x: mx.array) -> mx.array:
             return self.loss_head(self._run(ids, x), batch)
 
-        with _resident(self.stream, ids):
+        with _resident(self.stream, ids, head=True):
             loss, dh = self._vjp(ids, h, mx.array(1.0), fn, grads)
             mx.eval(loss, dh if n_ckpt else [], [grads[i] for i in ids])
         return loss.item(), dh

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from . import blocks
 from .config import TrainConfig
 from .errors import UserError
+from .loss import ROW_BLOCK_ELEMENTS
 
 GB = 1024**3
 F32 = 4
@@ -101,8 +102,11 @@ def _block_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) 
 
 
 def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
-    cols = {"full": s.V, "chunked": min(cfg.vocab_chunk, s.V), "subset": min(cfg.subset_k, s.V)}
+    tile = min(cfg.vocab_chunk, ROW_BLOCK_ELEMENTS // s.D, s.V)  # loss.vocab_tile
+    cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
+    if cfg.loss == "subset" and cfg.subset_fill == "predicted":
+        c = max(c, tile)  # its no-gradient scoring pass runs over vocabulary tiles
     return (rows * c * 3 + c * s.D * 2 + rows * s.D * 4) * F32 / GB
 
 

@@ -1,4 +1,4 @@
-"""Weight streaming: each block's frozen weights live on disk, in memory only while used.
+"""Weight streaming: frozen weights live on disk, in memory only while used.
 
 Our addition to paper technique 2: with segment checkpointing a block's quantized weights are
 needed only while its segment runs (forward, then recompute + VJP in backward), so a model can
@@ -6,6 +6,9 @@ train in less memory than its own INT4 weights. `offload()` writes each block's 
 parameters (quantized weight/scales/biases, biases, norms; never lora_a/lora_b) to
 `block{i}.safetensors` and leaves zero-size placeholders in the module: same keys, same module
 structure, same trainable parameters. `resident(i)` loads them back for the duration of a `with`.
+The embedding and LM head (one matrix when tied) are a unit too, HEAD: needed only to embed
+the inputs and in the loss segment. For a 3B model they are the largest single weight (128K x
+3072 at INT4: 0.25 GB), so streaming them takes a quarter GB off every other moment of a step.
 
 The caller must evaluate everything that uses block i before leaving `resident(i)`: a lazy
 graph still referencing the weights keeps them alive (and is wrong to evaluate after eviction).
@@ -31,6 +34,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .spill import private_folder, register_cleanup, unregister_cleanup
 
 LORA_NAMES = ("lora_a", "lora_b")
+HEAD = "head"  # the unit holding the embedding and (untied) LM head
+HEAD_PREFIXES = ("model.embed_tokens.", "lm_head.")
 
 
 @dataclass
@@ -56,7 +61,7 @@ class WeightStream:
         self.model = model
         self.folder = private_folder("edgelora-weights-", folder, near)
         self.stats = StreamStats()
-        self._empty: dict[int, dict] = {}  # block index -> placeholder tree
+        self._empty: dict[int | str, dict] = {}  # block index or HEAD -> placeholder tree
         self._closed = False
         self._token = register_cleanup(self._remove)
 
@@ -66,44 +71,60 @@ class WeightStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _path(self, i: int) -> Path:
-        return self.folder / f"block{i}.safetensors"
+    def _path(self, i: int | str) -> Path:
+        return self.folder / (f"{i}.safetensors" if i == HEAD else f"block{i}.safetensors")
 
-    def offload(self) -> None:
-        """Move every block's frozen weights to disk (the model cannot run until resident)."""
-        for i, layer in enumerate(self.model.model.layers):
+    def _module(self, i: int | str) -> nn.Module:
+        """What unit i's parameter tree is relative to: block i, or the whole model."""
+        return self.model if i == HEAD else self.model.model.layers[i]
+
+    def _frozen(self, i: int | str) -> dict[str, mx.array]:
+        if i != HEAD:
+            return frozen_parameters(self._module(i))
+        params = tree_flatten(self.model.parameters())
+        return {k: v for k, v in params if k.startswith(HEAD_PREFIXES)}
+
+    def offload(self, head: bool = False) -> None:
+        """Move every block's frozen weights (and, with `head`, the embedding and LM head) to
+        disk; the model cannot run until they are resident."""
+        units: list[int | str] = list(range(len(self.model.model.layers)))
+        for i in units + ([HEAD] if head else []):
             if i in self._empty:  # already on disk: its placeholders must not overwrite it
                 continue
-            frozen = frozen_parameters(layer)
+            frozen = self._frozen(i)
             mx.save_safetensors(str(self._path(i)), frozen)
             self.stats.bytes_written += sum(v.nbytes for v in frozen.values())
             # (0,)-shaped placeholders keep the keys and dtypes, and free the weights.
             self._empty[i] = tree_unflatten(
                 [(k, mx.zeros((0,), dtype=v.dtype)) for k, v in frozen.items()]
             )
-            layer.update(self._empty[i])
+            self._module(i).update(self._empty[i])
             del frozen
 
+    @property
+    def streams_head(self) -> bool:
+        return HEAD in self._empty
+
     @contextmanager
-    def resident(self, i: int) -> Iterator[nn.Module]:
-        """Block i with its frozen weights loaded; evicted again on exit."""
+    def resident(self, i: int | str) -> Iterator[nn.Module]:
+        """Block i (or HEAD: the model) with its frozen weights loaded; evicted on exit."""
         if i not in self._empty:
-            raise KeyError(f"block {i} is not offloaded")
-        layer = self.model.model.layers[i]
-        layer.update(self._load(i))
+            raise KeyError(f"{'the head' if i == HEAD else f'block {i}'} is not offloaded")
+        module = self._module(i)
+        module.update(self._load(i))
         try:
-            yield layer
+            yield module
         finally:
-            layer.update(self._empty[i])
+            module.update(self._empty[i])
 
     def restore(self) -> None:
-        """Load every block back for good (e.g. to generate after training), then forget."""
+        """Load every unit back for good (e.g. to generate after training), then forget."""
         for i in list(self._empty):
-            self.model.model.layers[i].update(self._load(i))
+            self._module(i).update(self._load(i))
             del self._empty[i]
 
-    def _load(self, i: int) -> dict:
-        """Block i's frozen weights read from disk and evaluated, as a parameter tree."""
+    def _load(self, i: int | str) -> dict:
+        """Unit i's frozen weights read from disk and evaluated, as a parameter tree."""
         t0 = time.perf_counter()
         weights = mx.load(str(self._path(i)))  # lazy: the read happens in mx.eval
         mx.eval(list(weights.values()))

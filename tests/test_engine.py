@@ -15,7 +15,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_edgelora import blocks, engine, quant
+from mlx_edgelora import blocks, engine, loss, quant
 from mlx_edgelora.batching import Batch
 from mlx_edgelora.config import DEFAULT_LORA_KEYS, TrainConfig
 from mlx_edgelora.errors import UserError
@@ -114,6 +114,23 @@ def test_segments_match_graph(arch, bits, case, tmp_path):
         step.close()
     assert_same_step(got, ref)
     assert list(tmp_path.iterdir()) == []  # boundaries and streamed weights are gone
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_predicted_subset_head_gives_the_same_step_in_both_engines(tmp_path, stream):
+    """The predicted fill evaluates the head's input mid-step (inside the loss segment's VJP,
+    with a streamed head resident): same subset, same loss and gradients as the graph."""
+    model, batch = make_model("llama", 4), make_batch()
+    head_cfg = TrainConfig(loss="subset", subset_k=40, vocab_chunk=64)
+    head = loss.make_loss_head(model, "subset", head_cfg)
+    ref = engine.make_step(model, TrainConfig(engine="graph"), head)(batch)
+    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), stream_weights=stream)
+    step = engine.make_step(model, cfg, head)
+    try:
+        got = step(batch)
+    finally:
+        step.close()
+    assert_same_step(got, ref)
 
 
 def test_grads_have_the_trainable_tree_shape_with_lora_on_some_blocks():

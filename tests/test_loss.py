@@ -24,8 +24,8 @@ def make_batch(rng, B=2, L=11, frac=0.6, vocab=V):
     )
 
 
-def cfg(vocab_chunk=64, subset_k=1000):
-    return SimpleNamespace(vocab_chunk=vocab_chunk, subset_k=subset_k)
+def cfg(vocab_chunk=64, subset_k=1000, subset_fill="predicted"):
+    return SimpleNamespace(vocab_chunk=vocab_chunk, subset_k=subset_k, subset_fill=subset_fill)
 
 
 def value_grad(head, h, batch):
@@ -174,22 +174,62 @@ def test_subset_with_k_equal_v_is_the_full_loss(arch, bits):
     assert_close(subset[1], full[1])
 
 
-def test_subset_loss_is_ce_renormalized_over_s(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fill", ["neighbours", "predicted"])
+def test_subset_loss_is_ce_renormalized_over_s(tmp_path, monkeypatch, fill):
     monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path))
     model, _ = build_tiny_model("llama", quantize_bits=4)
     rng = np.random.default_rng(8)
     h = mx.array(rng.normal(size=(1, 9, 64)).astype(np.float32))
     batch = make_batch(rng, B=1, L=9, frac=1.0)
-    value, _ = value_grad(loss.make_loss_head(model, "subset", cfg(subset_k=40)), h, batch)
-    assert list((tmp_path / "neighbours").glob("*.npy"))  # the table was cached there
-    from mlx_edgelora.neighbours import neighbour_table
-
-    s = loss.subset_for(batch.targets.ravel(), neighbour_table(model), 40, V)
+    head = loss.make_loss_head(model, "subset", cfg(subset_k=40, subset_fill=fill))
+    value, _ = value_grad(head, h, batch)
     x = np.array(model.model.norm(h[0]))
+    if fill == "neighbours":
+        assert list((tmp_path / "neighbours").glob("*.npy"))  # the table was cached there
+        from mlx_edgelora.neighbours import neighbour_table
+
+        s = loss.subset_for(batch.targets.ravel(), neighbour_table(model), 40, V)
+    else:
+        assert not (tmp_path / "neighbours").exists()  # predicted fill needs no table
+        s = loss.subset_predicted(mx.array(x), batch.targets.ravel(), model, 40, 64)
     logits = x @ np.array(loss.head_weight_rows(model, s)).T  # [9, 40]
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     expected = (lse - logits[np.arange(9), np.searchsorted(s, batch.targets[0])]).sum()
     assert abs(value - expected) <= 1e-5 * abs(expected)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_predicted_mass_is_the_softmax_summed_over_rows(bits):
+    model, _ = build_tiny_model("llama", quantize_bits=bits)
+    x = mx.array(np.random.default_rng(9).normal(size=(13, 64)).astype(np.float32))
+    logits = np.array(x @ loss.head_weight_rows(model).T, dtype=np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    expected = (p / p.sum(1, keepdims=True)).sum(0)
+    got = loss.predicted_mass(x, model, chunk=70)  # ragged last vocabulary tile
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert abs(got.sum() - 13) < 1e-4  # one unit of probability per row
+
+
+def test_predicted_subset_is_targets_plus_the_most_expected_tokens():
+    model, _ = build_tiny_model("qwen2", quantize_bits=4)
+    x = mx.array(np.random.default_rng(10).normal(size=(6, 64)).astype(np.float32))
+    targets = np.array([5, 5, 299, 17, 40, 17])
+    mass = loss.predicted_mass(x, model, chunk=64)
+    for k in [4, 30, 120]:
+        s = loss.subset_predicted(x, targets, model, k, 64)
+        assert np.all(np.diff(s) > 0) and set(targets) <= set(s)
+        assert len(s) == max(k, len(set(targets)))
+        rest = np.setdiff1d(s, targets)
+        outside = np.setdiff1d(np.arange(V), s)
+        if rest.size:  # every filled token is expected at least as much as any left out
+            assert mass[rest].min() >= mass[outside].max()
+    assert np.array_equal(loss.subset_predicted(x, targets, model, V, 64), np.arange(V))
+
+
+def test_unknown_subset_fill_is_a_user_error():
+    model, _ = build_tiny_model("llama")
+    with pytest.raises(UserError, match="--subset-fill"):
+        loss.make_loss_head(model, "subset", cfg(subset_k=10, subset_fill="random"))
 
 
 @pytest.mark.parametrize("bits", [None, 4])

@@ -57,7 +57,9 @@ def test_options_that_save_memory_lower_the_plan(tmp_path):
 
     assert total(engine="segments") < total(engine="graph")
     assert total(activations="disk") < total(activations="ram")
-    assert total(loss="subset", subset_k=256) < total(loss="chunked", vocab_chunk=1024)
+    subset_nb = total(loss="subset", subset_k=256, subset_fill="neighbours")
+    assert subset_nb < total(loss="chunked", vocab_chunk=1024)
+    assert subset_nb < total(loss="subset", subset_k=256) <= total(loss="chunked")  # scoring
     assert total(loss="chunked", vocab_chunk=1024) < total(loss="full")
     assert total(stream_weights=True) < total()
     assert plan.estimate(model, cfg, 0.3).total_gb < plan.estimate(model, cfg, 1.0).total_gb

@@ -9,7 +9,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_edgelora.stream import WeightStream, frozen_parameters
+from mlx_edgelora.stream import HEAD, WeightStream, frozen_parameters
 
 
 def _lora_model(arch: str) -> nn.Module:
@@ -85,3 +85,26 @@ def test_restore_and_close_remove_folder(tmp_path):
     stream.close()
     stream.close()  # idempotent
     assert not stream.folder.exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_head_unit_streams_the_embedding_and_lm_head(arch, tmp_path):
+    model = _lora_model(arch)
+    tokens = mx.array([[5, 6, 7, 299]])
+    ref = model(tokens)
+    mx.eval(ref)
+    head_keys = [
+        k for k, _ in tree_flatten(model.parameters()) if k.startswith(("model.embed", "lm_head"))
+    ]
+    with WeightStream(model, folder=str(tmp_path)) as stream:
+        stream.offload(head=True)
+        assert stream.streams_head and (stream.folder / f"{HEAD}.safetensors").is_file()
+        params = dict(tree_flatten(model.parameters()))
+        assert head_keys and all(params[k].size == 0 for k in head_keys)
+        with ExitStack() as stack:
+            for i in [HEAD, *range(len(model.model.layers))]:
+                stack.enter_context(stream.resident(i))
+            assert mx.array_equal(model(tokens), ref).item()
+        assert dict(tree_flatten(model.parameters()))[head_keys[0]].size == 0  # evicted again
+        stream.restore()
+        assert mx.array_equal(model(tokens), ref).item()
