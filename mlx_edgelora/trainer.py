@@ -142,19 +142,9 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
     opt = make_optimizer(cfg)
     batches = BatchIterator(data.train_rows, cfg.batch_size, seed=cfg.seed)
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
+    eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
     step_fn = engine.make_step(model, cfg, train_head)
-    run = _Run(
-        cfg,
-        out,
-        model,
-        adapter_cfg,
-        data,
-        opt,
-        batches,
-        step_fn,
-        loss.exact_loss_head(model, cfg),
-        reporter,
-    )
+    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter)
     if cfg.resume:
         saved = checkpoint.load(checkpoint.latest(out), model, opt)
         _check_resume(cfg, saved)

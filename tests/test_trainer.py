@@ -114,15 +114,25 @@ def test_resume_rejects_a_changed_rank(tmp_path, tiny_model_dir, notes):
         train(_cfg(tiny_model_dir, notes, out, steps=4, rank=8, resume=True))
 
 
-def test_trainable_parameters_are_only_lora(tmp_path, tiny_model_dir, notes):
+@pytest.mark.parametrize("stream", [False, True])
+def test_trainable_parameters_are_only_lora(tmp_path, tiny_model_dir, notes, stream):
+    """Frozen weights never change; streamed ones (blocks, embedding/head) are all back after
+    the run. Also trains with the predicted-fill subset loss."""
     loaded = load_model(str(tiny_model_dir))
     base = {k: v for k, v in tree_flatten(loaded.model.parameters())}
-    train(_cfg(tiny_model_dir, notes, tmp_path / "o", steps=2), loaded=loaded)
+    cfg = _cfg(tiny_model_dir, notes, tmp_path / "o", steps=2, stream_weights=stream)
+    if stream:
+        cfg = TrainConfig(**{**cfg.to_dict(), "loss": "subset", "subset_k": 50})
+    train(cfg, loaded=loaded)
     after = dict(tree_flatten(loaded.model.parameters()))
+    checked = 0
     for k, v in base.items():
-        key = k if k in after else k.replace(".weight", ".linear.weight")
-        if key in after and after[key].shape == v.shape:
-            assert mx.array_equal(after[key], v), f"frozen weight {k} changed"
+        head, _, leaf = k.rpartition(".")
+        key = k if k in after else f"{head}.linear.{leaf}"  # inside a LoRA layer now
+        assert after[key].shape == v.shape, f"{k} not restored"
+        assert mx.array_equal(after[key], v), f"frozen weight {k} changed"
+        checked += 1
+    assert checked == len(base)
 
 
 def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
