@@ -32,10 +32,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+# isort: off
+import mlx_edgelora  # noqa: F401  (first: it preloads OpenBLAS before mlx loads)
 import mlx.core as mx
+
+# isort: on
 import numpy as np
 
-import mlx_edgelora  # noqa: F401,I001  (must precede mlx)
 from mlx_edgelora import (
     TrainConfig,
     attention,
@@ -250,6 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="only dL/dh cosines at the initial model on the first N held-out rows, with "
         "neighbour rows computed for their targets only (~1 min; no table, no training)",
     )
+    p.add_argument(
+        "--peaks-only",
+        action="store_true",
+        help="only re-measure the loss-head peaks, into the existing results at --out",
+    )
     p.add_argument("--out", default=str(RESULTS / "subset_quality"))
     args = p.parse_args(argv)
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -274,6 +282,14 @@ def main(argv: list[str] | None = None) -> dict:
     val_batches = list(iter_eval_batches(data.val_rows, 1, None))
     if args.quick:
         return quick(args, cfg0, val_batches[: args.quick], specs, load_start, t_start)
+    if args.peaks_only:
+        result = json.loads(Path(args.out).with_suffix(".json").read_text())
+        peaks = head_peaks(cfg0, specs, real_targets(data, args.head_rows))
+        for name, mb in peaks.items():
+            result["runs"].setdefault(name, {})["head_peak_mb"] = mb
+        result["head_peaks_measured"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+        write(result, Path(args.out))
+        return result
     table = neighbour_table_once() if args.neighbour_ks else {"method": "not needed"}
     peaks = head_peaks(cfg0, specs, real_targets(data, args.head_rows))
 

@@ -12,10 +12,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+# isort: off
+import mlx_edgelora  # noqa: F401  (must precede mlx: it preloads OpenBLAS)
 import mlx.core as mx
-import pytest
 
-import mlx_edgelora  # noqa: F401  (must precede mlx)
+# isort: on
+import pytest
 
 TINY_VOCAB = 300  # 256 bytes + specials + headroom
 
