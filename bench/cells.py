@@ -281,8 +281,8 @@ def child(c: dict) -> dict:
     model = _build(c)
     tc = _trainable(c, model, out)
     head = _loss_head(c, model, tc)
+    batch = _batch(c, loss.head_shape(model)[0])  # before the step may offload the head
     step = engine.make_step(model, tc, head)
-    batch = _batch(c, loss.head_shape(model)[0])
     per_layer = _per_layer_bytes(model, c)
     gc.collect()
     mx.clear_cache()

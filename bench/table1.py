@@ -122,6 +122,8 @@ def load_cache() -> dict:
     if CACHE.exists():
         for line in CACHE.read_text().splitlines():
             r = json.loads(line)
+            if r["status"] == "error":  # a crash is a bug to fix, not a result: run it again
+                continue
             # cells cached before a key existed ran with what is now that key's default,
             # except subset_fill: they used the (memory-equivalent) neighbour stand-in
             r["config"] = cells.config(**{"subset_fill": "neighbours", **r["config"]})
