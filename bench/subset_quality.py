@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             wall = time.perf_counter() - t0
             runs[name] |= {
                 "val_exact": res.val_loss,
-                "train_loss_last": res.history[-1]["loss"],
+                "train_loss_last": [r for r in res.history if "loss" in r][-1]["loss"],
                 "trained": grad_cosines(loaded.model, cfg0, val_batches, {name: (kind, k, fill)})[
                     name
                 ],
