@@ -126,7 +126,8 @@ def load_cache() -> dict:
                 continue
             # cells cached before a key existed ran with what is now that key's default,
             # except subset_fill: they used the (memory-equivalent) neighbour stand-in
-            r["config"] = cells.config(**{"subset_fill": "neighbours", **r["config"]})
+            old_fill = "neighbours" if r["config"]["loss"] == "subset" else "predicted"
+            r["config"] = cells.config(**{"subset_fill": old_fill, **r["config"]})
             out[json.dumps(r["config"], sort_keys=True)] = r
     return out
 
