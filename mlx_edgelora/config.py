@@ -130,6 +130,11 @@ class TrainConfig:
         "the targets' nearest LM-head rows (the paper's; one-time table, less accurate)",
         choices=["predicted", "neighbours"],
     )
+    subset_tail: bool = _opt(
+        True,
+        "with --subset-fill predicted: the tokens outside S count as one extra logit, so the "
+        "loss value is exact and training does not drift (off = the paper's renormalization)",
+    )
     vocab_chunk: int = _opt(8192, "vocabulary chunk for the chunked exact loss")
     # --- planning
     memory_budget_gb: float | None = _opt(

@@ -24,8 +24,10 @@ def make_batch(rng, B=2, L=11, frac=0.6, vocab=V):
     )
 
 
-def cfg(vocab_chunk=64, subset_k=1000, subset_fill="predicted"):
-    return SimpleNamespace(vocab_chunk=vocab_chunk, subset_k=subset_k, subset_fill=subset_fill)
+def cfg(vocab_chunk=64, subset_k=1000, subset_fill="predicted", subset_tail=False):
+    return SimpleNamespace(
+        vocab_chunk=vocab_chunk, subset_k=subset_k, subset_fill=subset_fill, subset_tail=subset_tail
+    )
 
 
 def value_grad(head, h, batch):
@@ -196,6 +198,28 @@ def test_subset_loss_is_ce_renormalized_over_s(tmp_path, monkeypatch, fill):
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     expected = (lse - logits[np.arange(9), np.searchsorted(s, batch.targets[0])]).sum()
     assert abs(value - expected) <= 1e-5 * abs(expected)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_subset_tail_value_is_exact_and_gradient_exact_with_one_token_outside(bits):
+    model, _ = build_tiny_model("llama", quantize_bits=bits)
+    rng = np.random.default_rng(11)
+    h = mx.array(rng.normal(size=(2, 11, 64)).astype(np.float32))
+    batch = make_batch(rng)
+    full = value_grad(loss.make_loss_head(model, "full", cfg()), h, batch)
+    for k in [40, V - 1]:
+        tail = loss.make_loss_head(model, "subset", cfg(subset_k=k, subset_tail=True))
+        value, grad = value_grad(tail, h, batch)
+        assert_close(value, full[0])  # the loss value is the exact CE at any k
+        if k == V - 1:  # one token outside S: its row is the tail direction, exactly
+            assert_close(grad, full[1], rtol=1e-4)
+        else:  # an approximation, but a close one (a random head spreads mass widely)
+            cos = (grad * full[1]).sum() / np.sqrt((grad**2).sum() * (full[1] ** 2).sum())
+            renorm = value_grad(loss.make_loss_head(model, "subset", cfg(subset_k=k)), h, batch)
+            cos_renorm = (renorm[1] * full[1]).sum() / np.sqrt(
+                (renorm[1] ** 2).sum() * (full[1] ** 2).sum()
+            )
+            assert cos > cos_renorm
 
 
 @pytest.mark.parametrize("bits", [None, 4])
