@@ -103,7 +103,12 @@ def hidden_grads(model, head, hs, batches) -> list[np.ndarray]:
 
 
 def head_cfg(cfg, k: int, fill: str) -> SimpleNamespace:
-    return SimpleNamespace(vocab_chunk=cfg.vocab_chunk, subset_k=k, subset_fill=fill or "predicted")
+    return SimpleNamespace(
+        vocab_chunk=cfg.vocab_chunk,
+        subset_k=k,
+        subset_fill=fill or "predicted",
+        subset_tail=cfg.subset_tail,
+    )
 
 
 def make_head(model, kind: str, k: int, fill: str, cfg, table: np.ndarray | None = None):
@@ -258,6 +263,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only re-measure the loss-head peaks, into the existing results at --out",
     )
+    p.add_argument(
+        "--no-tail",
+        action="store_true",
+        help="predicted-fill subsets renormalize over S (the paper's loss) instead of counting "
+        "the rest of the vocabulary as one pseudo-token (--subset-tail, our default)",
+    )
     p.add_argument("--out", default=str(RESULTS / "subset_quality"))
     args = p.parse_args(argv)
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -276,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_every=0,
         activations="ram",
         overwrite=True,
+        subset_tail=not args.no_tail,
     )
     cfg0 = TrainConfig(**base)
     data = load_dataset(str(DATA), load_model(None).tokenizer, cfg0)  # one split, one order
@@ -391,6 +403,14 @@ def write(result: dict, out: Path) -> None:
     s, t = result["settings"], result["neighbour_table"]
     lines = [
         "# Subset softmax vs exact loss (SmolLM2-135M Q4_1, bench/subset_quality.py)",
+        "",
+        "Predicted-fill subsets: "
+        + (
+            "softmax renormalized over S (`--no-tail`, the paper's loss)."
+            if s.get("no_tail")
+            else "S plus one pseudo-token for the rest of the vocabulary (`--subset-tail`, "
+            "our default: exact loss value)."
+        ),
         "",
         (
             f"--quick: no training, initial model; seq {s['max_seq_len']}, "
