@@ -126,7 +126,7 @@ class TrainConfig:
     subset_fill: str = _opt(
         "predicted",
         "how --loss subset fills S beyond the targets: predicted = the tokens the model "
-        "expects most this step (one extra no-gradient pass over the head); neighbours = "
+        "expects most this step (two no-gradient passes over the head); neighbours = "
         "the targets' nearest LM-head rows (the paper's; one-time table, less accurate)",
         choices=["predicted", "neighbours"],
     )
