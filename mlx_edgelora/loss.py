@@ -3,10 +3,10 @@
 Paper technique 4 (logits masking): the hidden states of the trainable positions are selected
 *before* the final norm and the LM head, so logits exist only for rows that carry loss and no
 sequence x vocabulary tensor is ever built. Paper technique 3 (softmax over a vocabulary
-subset): `subset` renormalizes the softmax over the step's targets plus k - |targets| more
-tokens: by default those the model itself predicts most this step (found by one no-gradient
-pass over the head, `predicted_mass`), or, as in the paper, the targets' nearest LM-head
-neighbours (neighbours.py). Measured on SmolLM2 at k = 1000 (bench/subset_quality.py): the
+subset): `subset` takes the softmax over the step's targets plus k - |targets| more tokens: by
+default those the model itself predicts most this step (found by two no-gradient passes over
+the head, `predicted_scores`), or, as in the paper, the targets' nearest LM-head neighbours
+(neighbours.py). Measured on SmolLM2 at k = 1000 (bench/subset_quality.py): the
 neighbour fill leaves 32% of the softmax mass outside S (dL/dh cosine 0.913 with the exact
 gradient), the predicted fill 10% (cosine 0.995); with the rest of the vocabulary as one
 pseudo-token (`subset_tail_ce`, the default) cosine 0.9997 and, after 20 training steps, a
@@ -54,11 +54,11 @@ ROW_BLOCK_ELEMENTS = 1 << 22
 CrossEntropy = Callable[[mx.array, np.ndarray], mx.array]
 
 
-def vocab_tile(model: nn.Module, chunk: int) -> int:
+def vocab_tile(chunk: int, D: int) -> int:
     """Head rows per vocabulary tile: --vocab-chunk, capped so that one dequantized float32
     tile [tile, D] is at most ROW_BLOCK_ELEMENTS (16 MB). Why: at D = 3072 (Llama-3.2-3B) an
     8192-row tile would be a 100 MB temporary, more than the logits tile it feeds."""
-    return max(1, min(chunk, ROW_BLOCK_ELEMENTS // head_shape(model)[1]))
+    return max(1, min(chunk, ROW_BLOCK_ELEMENTS // D))
 
 
 def head_shape(model: nn.Module) -> tuple[int, int]:
@@ -149,8 +149,8 @@ def chunked_lse(
 
 def chunked_ce(x: mx.array, targets: np.ndarray, model: nn.Module, chunk: int) -> mx.array:
     """Exact CE summed over rows; each pass over the vocabulary takes a block of rows."""
-    V, _ = head_shape(model)
-    chunk = vocab_tile(model, chunk)
+    V, D = head_shape(model)
+    chunk = vocab_tile(chunk, D)
     rows = max(1, ROW_BLOCK_ELEMENTS // chunk)
 
     def chunk_rows(s: int, e: int, after: Any) -> mx.array:
@@ -208,14 +208,14 @@ def predicted_scores(x: mx.array, model: nn.Module, chunk: int) -> Scores:
 
     Two passes over the vocabulary per block of rows (the row LSEs, then exp(logit - LSE)
     summed over rows), tile by tile as in the chunked loss: one [rows, chunk] tile is alive
-    at a time. Cost: about one chunked-loss forward; nothing is kept for the backward.
+    at a time. Cost: about two chunked-loss forwards; nothing is kept for the backward.
     """
     # A fresh array, not stop_gradient: inside a grad trace (the loss segment's VJP) every
     # tile evaluated from a traced x stays alive until the trace ends (1.4 GB instead of
     # 0.13 GB for SmolLM2's head at 2048 rows, measured).
     x = mx.array(np.array(x.astype(mx.float32)))
     V, D = head_shape(model)
-    chunk = vocab_tile(model, chunk)
+    chunk = vocab_tile(chunk, D)
     rows = max(1, ROW_BLOCK_ELEMENTS // chunk)
     mass = np.zeros(V, dtype=np.float64)
     lses, pull = [], mx.zeros((D,))
@@ -249,7 +249,12 @@ def subset_predicted(x: mx.array, targets: np.ndarray, model: nn.Module, k: int,
     V, _ = head_shape(model)
     if k >= V:
         return np.arange(V, dtype=np.int32)
-    return _fill(targets, np.argsort(-predicted_mass(x, model, chunk), kind="stable"), k, V)
+    return _most_expected(targets, predicted_mass(x, model, chunk), k)
+
+
+def _most_expected(targets: np.ndarray, mass: np.ndarray, k: int) -> np.ndarray:
+    """The targets, then the tokens of highest predicted mass, up to k (sorted int32)."""
+    return _fill(targets, np.argsort(-mass, kind="stable"), k, mass.size)
 
 
 def subset_tail_ce(x: mx.array, targets: np.ndarray, subset: np.ndarray, model, scores: Scores):
@@ -334,7 +339,7 @@ def subset_loss(model: nn.Module, cfg: Any, table: np.ndarray | None = None) -> 
 
         def ce(x: mx.array, t: np.ndarray) -> mx.array:
             scores = predicted_scores(x, model, chunk)
-            s = _fill(t, np.argsort(-scores.mass, kind="stable"), k, V)
+            s = _most_expected(t, scores.mass, k)
             return subset_tail_ce(x, t, s, model, scores) if tail else subset_ce(x, t, s, model)
 
         return ce

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from . import blocks
 from .config import TrainConfig
 from .errors import UserError
-from .loss import ROW_BLOCK_ELEMENTS
+from .loss import vocab_tile
 
 GB = 1024**3
 F32 = 4
@@ -102,7 +102,7 @@ def _block_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) 
 
 
 def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
-    tile = min(cfg.vocab_chunk, ROW_BLOCK_ELEMENTS // s.D, s.V)  # loss.vocab_tile
+    tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
     if cfg.loss == "subset" and cfg.subset_fill == "predicted":
