@@ -217,7 +217,7 @@ def report() -> dict:
         "weights": "random, model shape from paper.md; INT4 = nn.quantize(group 64, 4 bits), "
         "float32 scales; embedding/LM head (tied) quantized too",
         "subset": "k=1000, --subset-fill predicted (our default: the targets plus the "
-        "tokens the model expects most, found by one no-gradient pass over the head)",
+        "tokens the model expects most, found by two no-gradient passes over the head)",
         "masking": "first 70% of positions are prompt (no loss); rows above use 100%",
     }
     out = {"meta": meta, "table": table}

@@ -45,12 +45,12 @@ RESULTS = HERE / "results"
 WORK = Path(os.environ.get("BENCH_TMP", "/tmp")) / "edgelora-vs-mlx-lm"
 LOCK = "/tmp/edgelora-bench.lock"
 KEYS = DEFAULT_LORA_KEYS  # the same 7 projections for both tools
-TOOLS = {  # label -> runner
-    "mlx-lm": "mlx_lm",
-    "mlx-lm --grad-checkpoint": "mlx_lm",
-    "mlx-edgelora (defaults)": "ours",
-}
 OURS = "mlx-edgelora (defaults)"
+TOOLS = {  # label -> (runner, output folder prefix, --grad-checkpoint)
+    "mlx-lm": ("mlx_lm", "mlxlm", False),
+    "mlx-lm --grad-checkpoint": ("mlx_lm", "mlxlmgc", True),
+    OURS: ("ours", "ours", False),
+}
 
 
 # ------------------------------------------------------------------------------ preparation
@@ -116,6 +116,7 @@ def write_data(tokenizer, seq: int, folder: Path) -> dict:
 def heldout_loss(model: Path, adapter: Path | None, data: Path, seq: int) -> float:
     """Mean exact CE over the completion tokens of valid.jsonl, base model (+ adapter)."""
     import mlx.core as mx
+    import mlx.nn as nn
     import numpy as np
 
     from mlx_edgelora import quant
@@ -129,9 +130,7 @@ def heldout_loss(model: Path, adapter: Path | None, data: Path, seq: int) -> flo
         tokens = np.array(ex.tokens[:seq])
         mask = np.array(ex.mask[:seq])[1:]
         logits = loaded.model(mx.array(tokens[None, :-1]))[0].astype(mx.float32)
-        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(
-            logits, mx.array(tokens[1:, None]), axis=-1
-        ).squeeze(-1)
+        ce = nn.losses.cross_entropy(logits, mx.array(tokens[1:]), reduction="none")
         total += float((ce * mx.array(mask)).sum())
         count += int(mask.sum())
     return total / count
@@ -296,11 +295,12 @@ def main() -> None:
         data = WORK / f"data{seq}"
         info = write_data(tok, seq, data)
         for label in a.tools:
-            tool, out = TOOLS[label], WORK / f"{label.replace(' ', '').replace('-', '')}{seq}"
+            tool, prefix, grad_ckpt = TOOLS[label]
+            out = WORK / f"{prefix}{seq}"
             if tool == "ours":
                 argv, adapter = ours_argv(model, data, seq, a.steps, out), out
             else:
-                argv = mlx_lm_argv(model, data, seq, a.steps, "checkpoint" in label, out)
+                argv = mlx_lm_argv(model, data, seq, a.steps, grad_ckpt, out)
                 adapter = out / "adapter"
             r = run_wrapped(tool, argv, a.timeout)
             tokens = seq if tool == "ours" else info["mean_line_tokens"]
