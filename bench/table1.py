@@ -17,6 +17,7 @@ Cells already measured are cached in results/table1_cells.jsonl (delete it to re
 
     python bench/table1.py                       # the default plan (hours at low load)
     python bench/table1.py --only llama3b:1024   # one model:context
+    python bench/table1.py --full-depth          # the CHECKS cells at full depth
     python bench/table1.py --report
 """
 
@@ -74,6 +75,7 @@ ROWS = [
     ),
 ]
 ROW_OPTS = {k: o for k, _, o, _ in ROWS}
+ROW_OPTS_LABEL = {k: label for k, label, _, _ in ROWS}
 
 PAPER = {  # paper.md, Table 1 (A100, batch 1, FP32 compute, LoRA r=16; GB)
     "llama3b": {
@@ -107,6 +109,8 @@ PLAN = [
     ("llama3b", 2048, GRAPH),
     ("llama3b", 16384, ["stream"]),
 ]
+# Cells also run at FULL depth, to test the 2-block derivation against a real measurement.
+CHECKS = [("llama3b", 1024, "stream")]
 
 
 def cell_for(shape: str, seq: int, row: str, layers: int) -> dict:
@@ -132,12 +136,13 @@ def load_cache() -> dict:
     return out
 
 
-def run_plan(plan, timeout: int) -> None:
+def run_plan(plan, timeout: int, full_depth: bool = False) -> None:
+    """Run the plan's cells not cached yet; `full_depth` runs them at the model's depth."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = load_cache()
     for shape, seq, rows in plan:
         for row in rows:
-            for n in depths(row):
+            for n in [FULL_DEPTH[shape]] if full_depth else depths(row):
                 c = cell_for(shape, seq, row, n)
                 if json.dumps(c, sort_keys=True) in done:
                     continue
@@ -151,6 +156,31 @@ def run_plan(plan, timeout: int) -> None:
                     f"peak {r.get('peak_gb')} GB step {r.get('step_s')} s",
                     flush=True,
                 )
+
+
+def depth_checks(cache: dict) -> list[dict]:
+    """Every cached full-depth cell next to the figure derived from its 2-block cell."""
+    out = []
+    for shape, seq, row in {
+        (r["config"]["shape"], r["config"]["seq"], r["row"]) for r in cache.values() if r.get("row")
+    }:
+        n = FULL_DEPTH[shape]
+        full = cache.get(json.dumps(cell_for(shape, seq, row, n), sort_keys=True))
+        if full is None or full["status"] != "ok":
+            continue
+        d = derive(shape, seq, row, cache)
+        out.append(
+            {
+                "shape": shape,
+                "seq": seq,
+                "row": row,
+                "layers": n,
+                "measured_full_depth_gb": full["peak_gb"],
+                "step_s_full_depth": full["step_s"],
+                "derived_from_depth2_gb": d.get("full_depth_gb"),
+            }
+        )
+    return sorted(out, key=lambda x: (x["shape"], x["seq"], x["row"]))
 
 
 def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
@@ -220,9 +250,10 @@ def report() -> dict:
         "tokens the model expects most, found by two no-gradient passes over the head)",
         "masking": "first 70% of positions are prompt (no loss); rows above use 100%",
     }
-    out = {"meta": meta, "table": table}
+    checks = depth_checks(cache)
+    out = {"meta": meta, "table": table, "full_depth_checks": checks}
     (RESULTS / "table1.json").write_text(json.dumps(out, indent=1))
-    (RESULTS / "table1.md").write_text(markdown(table))
+    (RESULTS / "table1.md").write_text(markdown(table, checks))
     return out
 
 
@@ -241,7 +272,7 @@ def _fmt(d: dict) -> str:
     return d["status"]
 
 
-def markdown(table: dict) -> str:
+def markdown(table: dict, checks: list[dict]) -> str:
     lines = [
         "Peak memory, GB, of one forward+backward step (batch 1). Each cell: **measured at 2 "
         "blocks → derived full depth** (see bench/table1.py for the derivation); paper = "
@@ -266,6 +297,22 @@ def markdown(table: dict) -> str:
                 cellstr.append(s)
             lines.append(f"| {entry['label']} | " + " | ".join(cellstr) + " |")
         lines.append("")
+    if checks:
+        lines += [
+            "### The derivation, checked: cells also run at full depth",
+            "",
+            "| model | context | row | measured at full depth | derived from 2 blocks | step s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in checks:
+            derived = c["derived_from_depth2_gb"]
+            lines.append(
+                f"| {NAMES[c['shape']]} ({c['layers']} blocks) | {c['seq']} | "
+                f"{ROW_OPTS_LABEL[c['row']]} | {c['measured_full_depth_gb']:.3f} GB | "
+                f"{'?' if derived is None else f'{derived:.3f} GB'} | "
+                f"{c['step_s_full_depth']:.0f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -275,6 +322,9 @@ def main() -> None:
     p.add_argument("--only", help="model:context, e.g. llama3b:1024")
     p.add_argument("--cells", nargs="+", help="model:context:row[,row...] items, run in order")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument(
+        "--full-depth", action="store_true", help="run the chosen cells at full depth (CHECKS)"
+    )
     a = p.parse_args()
     if not a.report:
         plan = PLAN
@@ -285,7 +335,9 @@ def main() -> None:
             plan = [
                 (m, int(q), rows.split(",")) for m, q, rows in (item.split(":") for item in a.cells)
             ]
-        run_plan(plan, a.timeout)
+        if a.full_depth and not a.cells:
+            plan = [(s, q, [r]) for s, q, r in CHECKS]
+        run_plan(plan, a.timeout, a.full_depth)
     report()
 
 
