@@ -2,9 +2,9 @@
 
 Why a fresh process per cell: MLX's allocator peak and cache are per process, so cells must not
 share one. The parent (`run_cell`) starts `python bench/cells.py --child '<json>'` under
-`flock /tmp/edgelora-bench.lock` (heavy runs on the shared machine never overlap; a caller
-that holds the lock for a batch of cells sets BENCH_LOCK_HELD=1) with a timeout; the child
-builds the model, measures, and prints one JSON line.
+`flock /tmp/edgelora-bench.lock` (locked.py: heavy runs on the shared machine never overlap)
+with a timeout that starts once the lock is held; the child builds the model, measures, and
+prints one JSON line.
 
 Measured, per cell (batch 1): resident bytes after the model, LoRA and the step object are
 built (`mx.get_active_memory`); `mx.get_peak_memory()` over ONE step (forward, backward,
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-LOCK = "/tmp/edgelora-bench.lock"
+from locked import run_locked
+
 MAX_GB = 20.0  # this machine has 24 GB and other people's tests
 GB = 1024**3
 
@@ -130,7 +130,7 @@ def estimate_gb(c: dict) -> float:
 # ----------------------------------------------------------------------------- run (parent)
 
 
-def run_cell(c: dict, timeout: int = 1800, lock: bool = True) -> dict:
+def run_cell(c: dict, timeout: int = 1800) -> dict:
     """Run one cell in a fresh process; returns its result dict (never raises for OOM/timeout)."""
     est = estimate_gb(c)
     if est > MAX_GB:
@@ -141,12 +141,9 @@ def run_cell(c: dict, timeout: int = 1800, lock: bool = True) -> dict:
             "note": f"OOM (estimated {est:.1f} GB > {MAX_GB:.0f} GB)",
         }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(c)]
-    if lock and not os.environ.get("BENCH_LOCK_HELD"):  # set when a caller holds LOCK
-        cmd = ["flock", LOCK, *cmd]
     t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    p = run_locked(cmd, timeout)
+    if p is None:
         return {"config": c, "status": "timeout", "timeout_s": timeout}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:

@@ -33,17 +33,17 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from locked import run_locked
 
 from mlx_edgelora.config import DEFAULT_LORA_KEYS, TrainConfig
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("BENCH_TMP", "/tmp")) / "edgelora-vs-mlx-lm"
-LOCK = "/tmp/edgelora-bench.lock"
 KEYS = DEFAULT_LORA_KEYS  # the same 7 projections for both tools
 OURS = "mlx-edgelora (defaults)"
 TOOLS = {  # label -> (runner, output folder prefix, --grad-checkpoint)
@@ -234,12 +234,9 @@ def wrap(tool: str, argv: list[str]) -> None:
 
 def run_wrapped(tool: str, argv: list[str], timeout: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--wrap", tool, *argv]
-    if not os.environ.get("BENCH_LOCK_HELD"):  # set when the caller holds LOCK already
-        cmd = ["flock", LOCK, *cmd]
     load = [round(x, 2) for x in os.getloadavg()]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    p = run_locked(cmd, timeout)
+    if p is None:
         return {"status": "timeout", "timeout_s": timeout, "loadavg": load}
     lines = [x for x in p.stdout.splitlines() if x.startswith('{"peak_gb"')]
     if p.returncode or not lines:
