@@ -19,10 +19,12 @@ NAMES = {"llama3b": "Llama-3.2-3B shape", "qwen3b": "Qwen2.5-3B shape"}
 
 
 def main() -> None:
-    data = json.loads((ROOT / "bench/results/table1.json").read_text())["table"]
+    results = json.loads((ROOT / "bench/results/table1.json").read_text())
+    data = results["table"]
+    rows = list(next(iter(data.values())))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, (shape, rows) in zip(axes, data.items()):
-        for i, entry in enumerate(rows.values()):
+    for ax, (shape, entries) in zip(axes, data.items()):
+        for i, entry in enumerate(entries.values()):
             color = f"C{i}"
             ctx = [int(c) for c in entry["contexts"]]
             paper = [
@@ -39,6 +41,10 @@ def main() -> None:
             ]
             if ours:
                 ax.plot(*zip(*ours), "o-", color=color, lw=2)
+        for check in results.get("full_depth_checks", []):
+            if check["shape"] == shape:
+                color = f"C{rows.index(check['row'])}"
+                ax.plot(check["seq"], check["measured_full_depth_gb"], "*", ms=14, color=color)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks([1024, 2048, 4096, 8192, 16384], ["1K", "2K", "4K", "8K", "16K"])
@@ -54,6 +60,7 @@ def main() -> None:
     handles += [
         Line2D([], [], color="k", marker="o", lw=2, label="ours (full-depth estimate)"),
         Line2D([], [], color="k", ls="--", lw=1.2, label="paper Table 1"),
+        Line2D([], [], color="k", marker="*", ms=12, lw=0, label="ours, measured at full depth"),
     ]
     axes[1].legend(handles=handles, fontsize=7, loc="upper left")
     fig.suptitle(

@@ -40,6 +40,12 @@ def head_module(model: nn.Module) -> nn.Module:
     return model.model.embed_tokens if head_is_tied(model) else model.lm_head
 
 
+def head_logits(model: nn.Module, x: mx.array) -> mx.array:
+    """Logits x @ W.T through the head module's own kernel: a quantized head runs the
+    backend's quantized path (quant.py) and never holds a whole float copy of W."""
+    return model.model.embed_tokens.as_linear(x) if head_is_tied(model) else model.lm_head(x)
+
+
 def check_trainable_in_blocks(model: nn.Module) -> None:
     """The segment engine differentiates blocks only: refuse trainable params elsewhere."""
     outside = [

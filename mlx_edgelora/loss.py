@@ -42,7 +42,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .blocks import final_norm, head_module
+from .blocks import final_norm, head_logits, head_module
 from .errors import UserError
 from .quant import dequantize  # one dequantize recipe: scales cast first
 
@@ -98,7 +98,12 @@ def head_weight_rows(
 
 def full_ce(x: mx.array, w: mx.array, targets: mx.array) -> mx.array:
     """Reference per-row CE: logits [N, V] = x @ w.T over the whole vocabulary."""
-    logits = x @ w.T
+    return logits_ce(x @ w.T, targets)
+
+
+def logits_ce(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-row CE of logits [N, V] (autodiff keeps them and their softmax: the paper's
+    baseline head, before techniques 3 and 4)."""
     target = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return mx.logsumexp(logits, axis=-1) - target
 
@@ -319,7 +324,7 @@ def make_loss_head(model: nn.Module, kind: str, cfg: Any) -> LossHead:
     V, _ = head_shape(model)
     if kind == "full":
         return LossHead(
-            model, kind, lambda x, t: full_ce(x, head_weight_rows(model), mx.array(t)).sum()
+            model, kind, lambda x, t: logits_ce(head_logits(model, x), mx.array(t)).sum()
         )
     if kind == "chunked":
         return LossHead(model, kind, lambda x, t: chunked_ce(x, t, model, cfg.vocab_chunk))

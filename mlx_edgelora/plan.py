@@ -107,7 +107,8 @@ def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
     c = cols[cfg.loss]
     if cfg.loss == "subset" and cfg.subset_fill == "predicted":
         c = max(c, tile)  # its no-gradient scoring pass runs over vocabulary tiles
-    return (rows * c * 3 + c * s.D * 2 + rows * s.D * 4) * F32 / GB
+    w_rows = c if cfg.loss == "subset" else tile  # the full head's kernel dequantizes tiles too
+    return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 / GB
 
 
 def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0) -> MemoryPlan:

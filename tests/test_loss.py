@@ -54,6 +54,37 @@ def test_chunked_matches_full(arch, bits, vocab_chunk):
     assert_close(chunked[1], full[1])
 
 
+V_BIG = 131072
+
+
+def test_full_head_on_a_quantized_head_holds_no_float_copy():
+    """The full head runs the head module's own kernel: the value and gradient are the float
+    reference's, and a 4-bit head is never dequantized whole (256 MB here) for it: the
+    kernel's row tiles bound it (~70 MB measured; dequantizing whole took 2x W)."""
+    from mlx_edgelora import quant
+
+    model, _ = build_tiny_model(
+        "qwen2", quantize_bits=4, hidden_size=512, vocab_size=V_BIG, num_hidden_layers=1
+    )
+    quant.prepare_for_training(model)
+    rng = np.random.default_rng(3)
+    h = mx.array(rng.normal(size=(1, 16, 512)).astype(np.float32))
+    batch = make_batch(rng, B=1, L=16, frac=0.5, vocab=V_BIG)
+    head = loss.make_loss_head(model, "full", cfg())
+    mx.eval(h)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    got = value_grad(head, h, batch)
+    peak = mx.get_peak_memory() - base
+
+    x = loss.final_norm(model)(h.reshape(-1, 512)[mx.array(np.flatnonzero(batch.mask))])
+    targets = mx.array(batch.targets.reshape(-1)[batch.mask.reshape(-1)])
+    float_w_bytes = V_BIG * 512 * 4
+    assert peak < 0.5 * float_w_bytes
+    want = loss.full_ce(x, loss.head_weight_rows(model), targets).sum().item()
+    assert_close(got[0], want)
+
+
 def test_chunked_row_blocks(monkeypatch):
     """Rows split into several passes over the vocabulary give the same loss and gradient."""
     model, _ = build_tiny_model("llama", quantize_bits=4)
