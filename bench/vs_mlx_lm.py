@@ -291,6 +291,7 @@ def main() -> None:
     for seq in a.contexts:
         data = WORK / f"data{seq}"
         info = write_data(tok, seq, data)
+        base = round(heldout_loss(model, None, data, seq), 4)  # the untrained starting point
         for label in a.tools:
             tool, prefix, grad_ckpt = TOOLS[label]
             out = WORK / f"{prefix}{seq}"
@@ -312,6 +313,9 @@ def main() -> None:
                 command=" ".join(["python bench/vs_mlx_lm.py --wrap", tool, *argv]),
             )
             results = [x for x in results if (x["seq"], x["label"]) != (seq, label)] + [r]
+            for x in results:
+                if x["seq"] == seq:
+                    x["base_heldout_loss"] = base
             results.sort(key=lambda x: (x["seq"], list(TOOLS).index(x["label"])))
             print(
                 seq,
@@ -331,7 +335,7 @@ def markdown(results: list[dict]) -> str:
     """One row per run; the last two columns compare each mlx-lm run with ours at that length."""
     lines = [
         "| seq | tool | steps | peak GB | max RSS GB | tokens/s | train loss first → last"
-        " | held-out loss | peak ÷ ours | ours' speed ÷ this | load |",
+        " | held-out loss: base → after | peak ÷ ours | ours' speed ÷ this | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ours = {r["seq"]: r for r in results if r["label"] == OURS and r["status"] == "ok"}
@@ -343,11 +347,13 @@ def markdown(results: list[dict]) -> str:
         ratio = f"{r['peak_gb'] / o['peak_gb']:.1f}×" if o else "?"
         speed = f"{o['tokens_per_s'] / r['tokens_per_s']:.1f}×" if o else "?"
         held = r.get("heldout_loss")
+        base = r.get("base_heldout_loss")
         lines.append(
             f"| {r['seq']} | {r['label']} | {r['steps']} | {r['peak_gb']:.3f}"
             f" | {r['max_rss_gb']:.3f} | {r['tokens_per_s']:.1f}"
             f" | {r['loss_first']:.3f} → {r['loss_last']:.3f}"
-            f" | {'' if held is None else f'{held:.4f}'} | {ratio} | {speed}"
+            f" | {'' if base is None else f'{base:.4f} → '}{'' if held is None else f'{held:.4f}'}"
+            f" | {ratio} | {speed}"
             f" | {r['loadavg'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
