@@ -122,7 +122,10 @@ def estimate_gb(c: dict) -> float:
     logits = 3 * 4 * rows * (c["subset_k"] if c["loss"] == "subset" else V)
     if c["loss"] == "chunked":
         logits = 3 * 4 * rows * c["vocab_chunk"]
-    act_layer = 4 * L * (12 * D + 4 * Im) + 3 * 4 * H * L * L
+    chunked = c["engine"] == "segments"  # the chunked attention/MLP VJPs run only there
+    cols = min(c["attn_chunk"], L) if chunked and c["attn_chunk"] else L  # score columns
+    mlp_rows = min(c["mlp_chunk"], L) if chunked and c["mlp_chunk"] else L
+    act_layer = 4 * L * 12 * D + 4 * mlp_rows * 4 * Im + 3 * 4 * H * L * cols
     acts = (n if c["engine"] == "graph" else 1) * act_layer + n * 4 * L * D
     return (bytes_w + grads + logits + acts) / GB
 
