@@ -112,8 +112,10 @@ class TrainConfig:
     mlp_chunk: int = _opt(
         256, "token chunk of the MLP in recompute (0 = unchunked; smaller = less memory)"
     )
-    stream_weights: bool = _opt(
-        False, "keep block weights on disk and load each segment's weights only while used"
+    stream_weights: bool | None = _opt(
+        None,
+        "keep frozen block and embedding/head weights on disk and load each segment's only "
+        "while it runs (default: on with --engine segments; costs a few ms per block read)",
     )
     # --- loss head (techniques 3 and 4)
     loss: str = _opt(
@@ -155,6 +157,8 @@ class TrainConfig:
         for name in ["attn_chunk", "mlp_chunk", "warmup", "eval_every", "save_every"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.stream_weights is None:  # auto: streaming needs the segment engine
+            self.stream_weights = self.engine == "segments"
         return self
 
     def to_dict(self) -> dict:
@@ -184,7 +188,9 @@ def build_parser(prog: str = "python -m mlx_edgelora.train") -> argparse.Argumen
     for f in dataclasses.fields(TrainConfig):
         typ, meta = _field_type(f), f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{meta['help']} (default: {default})"
+        help_text = meta["help"]
+        if "default:" not in help_text:  # a help text may describe its own (auto) default
+            help_text += f" (default: {default})"
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction

@@ -26,10 +26,13 @@ recipe); (b) MLX schedules ops ~100 ahead, so it dequantized and multiplied many
 chunks before reducing any: each tile now waits (`mx.depends`) for the previous tile's
 result, in the forward, in the VJP and across row passes; (c) MLX still *allocates* a few
 tiles ahead of the compute, so the peak scales with the tile: ROW_BLOCK_ELEMENTS went from
-2^24 (64 MB tiles; 298 MB after (a)+(b)) to 2^22 (16 MB; 140 MB). Smaller tiles cost little
-(the frozen head is re-dequantized once per row pass): 2^24 / 2^23 / 2^22 / 2^21 measured
-289 / 163 / 131 / 113 MB (random targets) at 19-23 / 29-31 / 25-27 / 24-25 s per call on the
-shared, loaded 2-core CPU (load ~5, so the timings are +-20%).
+2^24 (64 MB tiles; 298 MB after (a)+(b)) to 2^22 (16 MB; 140 MB) and then to 2^20 (4 MB).
+Smaller tiles cost little (the frozen head is re-dequantized once per row pass): 2^24 / 2^23 /
+2^22 / 2^21 measured 289 / 163 / 131 / 113 MB (random targets) at 19-23 / 29-31 / 25-27 /
+24-25 s per call on the shared, loaded 2-core CPU (load ~5, so the timings are +-20%). Later,
+Q4_1 head (loss + dL/dh, 2048 random rows, load ~2): 2^22 / 2^21 / 2^20 / 2^19 = 129 / 72 /
+56 / 56 MB at 19-21 / 22 / 23-24 / 27 s. At 2^20 the head is below a block's backward (~100
+MB at 2048 tokens), and a 512-token validation pass fell from 87 to 27 MB above the weights.
 """
 
 from __future__ import annotations
@@ -46,17 +49,17 @@ from .blocks import final_norm, head_logits, head_module
 from .errors import UserError
 from .quant import dequantize  # one dequantize recipe: scales cast first
 
-# Size of one rows x vocab_chunk logits tile in the chunked loss (2^22 fp32 = 16 MB): with
-# --vocab-chunk 8192 that is 512 rows per pass over the vocabulary. MLX allocates a few
-# tiles ahead of the compute, so the head's peak scales with this (see the docstring).
-ROW_BLOCK_ELEMENTS = 1 << 22
+# Size of one rows x vocab-tile logits tile in the chunked loss (2^20 fp32 = 4 MB); it also caps
+# the dequantized head tile (vocab_tile). MLX allocates a few tiles ahead of the compute, so
+# the head's peak scales with this (see the docstring); below 2^20 it stopped falling.
+ROW_BLOCK_ELEMENTS = 1 << 20
 
 CrossEntropy = Callable[[mx.array, np.ndarray], mx.array]
 
 
 def vocab_tile(chunk: int, D: int) -> int:
     """Head rows per vocabulary tile: --vocab-chunk, capped so that one dequantized float32
-    tile [tile, D] is at most ROW_BLOCK_ELEMENTS (16 MB). Why: at D = 3072 (Llama-3.2-3B) an
+    tile [tile, D] is at most ROW_BLOCK_ELEMENTS (4 MB). Why: at D = 3072 (Llama-3.2-3B) an
     8192-row tile would be a 100 MB temporary, more than the logits tile it feeds."""
     return max(1, min(chunk, ROW_BLOCK_ELEMENTS // D))
 

@@ -142,6 +142,17 @@ def sweep_stale(base: Path, prefix: str) -> int:
     return removed
 
 
+def require_free_space(folder: Path, nbytes: int, what: str, alternative: str) -> None:
+    """Raise UserError unless `folder`'s disk has room for `nbytes` (with a margin): fail
+    before writing, not halfway through a run with a full disk."""
+    free, need = shutil.disk_usage(folder).free, nbytes * SPACE_MARGIN
+    if free < need:
+        raise UserError(
+            f"{folder}: needs ~{need / 1e9:.1f} GB free for {what}, only {free / 1e9:.1f} GB "
+            f"free; use --spill-dir on a bigger disk or {alternative}"
+        )
+
+
 def private_folder(prefix: str, parent: str | None, near: str) -> Path:
     """A fresh 0700 folder inside `parent`, or by default beside `near` (same disk)."""
     if parent is None:
@@ -325,13 +336,7 @@ class BoundaryStore:
         """Raise UserError unless the spill disk has room for `nbytes` of boundaries."""
         if self.kind == "ram":
             return
-        free, need = shutil.disk_usage(self.folder).free, nbytes * SPACE_MARGIN
-        if free < need:
-            raise UserError(
-                f"{self.folder}: needs ~{need / 1e9:.1f} GB free for spilled activations, "
-                f"only {free / 1e9:.1f} GB free; use --spill-dir on a bigger disk "
-                "or --activations ram"
-            )
+        require_free_space(self.folder, nbytes, "spilled activations", "--activations ram")
 
     def _shutdown(self, timeout: float | None) -> None:
         # Also the signal/atexit path: no locks the interrupted main thread might hold.

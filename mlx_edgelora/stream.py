@@ -31,7 +31,8 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .spill import private_folder, register_cleanup, unregister_cleanup
+from .errors import UserError
+from .spill import private_folder, register_cleanup, require_free_space, unregister_cleanup
 
 LORA_NAMES = ("lora_a", "lora_b")
 HEAD = "head"  # the unit holding the embedding and (untied) LM head
@@ -88,9 +89,14 @@ class WeightStream:
         """Move every block's frozen weights (and, with `head`, the embedding and LM head) to
         disk; the model cannot run until they are resident."""
         units: list[int | str] = list(range(len(self.model.model.layers)))
-        for i in units + ([HEAD] if head else []):
-            if i in self._empty:  # already on disk: its placeholders must not overwrite it
-                continue
+        units = [i for i in units + ([HEAD] if head else []) if i not in self._empty]
+        nbytes = sum(v.nbytes for i in units for v in self._frozen(i).values())
+        try:
+            require_free_space(self.folder, nbytes, "streamed weights", "--no-stream-weights")
+        except UserError:
+            self.close()  # nothing was moved yet: the model still holds every weight
+            raise
+        for i in units:  # (units already on disk are skipped: placeholders must not overwrite)
             frozen = self._frozen(i)
             mx.save_safetensors(str(self._path(i)), frozen)
             self.stats.bytes_written += sum(v.nbytes for v in frozen.values())

@@ -7,7 +7,15 @@ from mlx_edgelora.errors import UserError
 
 
 def test_defaults_come_from_the_dataclass_once():
-    assert parse_config([]) == TrainConfig()
+    assert parse_config([]) == TrainConfig().validate()
+
+
+def test_weight_streaming_is_on_by_default_with_segments_only():
+    assert parse_config([]).stream_weights is True
+    assert parse_config(["--engine", "graph"]).stream_weights is False
+    assert parse_config(["--no-stream-weights"]).stream_weights is False
+    help_text = " ".join(build_parser().format_help().split())
+    assert "(default: on with --engine segments;" in help_text
 
 
 def test_cli_overrides_yaml_overrides_default(tmp_path):

@@ -157,7 +157,9 @@ def test_exception_in_the_step_leaves_no_spill_files_and_an_intact_model(tmp_pat
     def failing_head(h, batch):
         raise RuntimeError("boom")
 
-    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), cache_policy=policy)
+    cfg = TrainConfig(
+        spill_dir=str(tmp_path), out=str(tmp_path), cache_policy=policy, stream_weights=False
+    )
     step = engine.make_step(model, cfg.validate(), failing_head)
     with pytest.raises(RuntimeError, match="boom"):
         step(batch)

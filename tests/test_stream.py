@@ -108,3 +108,21 @@ def test_head_unit_streams_the_embedding_and_lm_head(arch, tmp_path):
         assert dict(tree_flatten(model.parameters()))[head_keys[0]].size == 0  # evicted again
         stream.restore()
         assert mx.array_equal(model(tokens), ref).item()
+
+
+def test_a_full_disk_is_refused_before_any_weight_moves(tmp_path, monkeypatch):
+    import shutil
+
+    from mlx_edgelora import spill
+    from mlx_edgelora.errors import UserError
+
+    model = _lora_model("llama")
+    before = tree_flatten(model.parameters())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(spill.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    stream = WeightStream(model, near=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="streamed weights.*--no-stream-weights"):
+        stream.offload(head=True)
+    after = tree_flatten(model.parameters())
+    assert all(k == j and v is w for (k, v), (j, w) in zip(before, after))
+    assert not stream.folder.exists()
