@@ -89,6 +89,7 @@ def _accumulate(step_fn, batches: BatchIterator, n_micro: int):
         loss_sum, n_tok = loss_sum + ls, n_tok + n
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(grads)
+        del g  # else this micro-batch's gradients stay alive through the next one's step
     return loss_sum, n_tok, grads
 
 
@@ -197,6 +198,7 @@ def _loop(run: _Run) -> float | None:
             loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
             if n_tok:
                 _update(run.model, run.opt, cfg, grads, n_tok)
+            del grads  # else the last step's gradients stay alive through the next step's peak
             done, done_data = step, run.batches.state_dict()
             run.reporter.step(step, loss_sum / max(n_tok, 1), n_tok, float(run.opt.learning_rate))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
