@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(argv)
-        result = train(cfg)
+        result = train(cfg, keep_model=False)  # exits next: no need to reload weights
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -173,14 +173,21 @@ def train(
     loaded: LoadedModel | None = None,
     data: Dataset | None = None,
     reporter: Reporter | None = None,
+    keep_model: bool = True,
 ) -> TrainResult:
-    """Fine-tune LoRA adapters per `cfg`; writes the adapter and checkpoints to cfg.out."""
+    """Fine-tune LoRA adapters per `cfg`; writes the adapter and checkpoints to cfg.out.
+
+    With weight streaming the model's frozen weights are on disk while it trains; `keep_model`
+    loads them back afterwards (to generate in the same process). The CLI, which exits, skips
+    that. The reported peak is the training peak, read before any reload.
+    """
     run = _setup(cfg.validate(), loaded, data, reporter)
     try:
         val = _loop(run)
+        peak = mx.get_peak_memory() / 1024**3
     finally:
-        run.step_fn.close(restore=True)  # weight streaming: blocks back in memory, files gone
-    return TrainResult(run.out, run.reporter.history, val, mx.get_peak_memory() / 1024**3)
+        run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+    return TrainResult(run.out, run.reporter.history, val, peak)
 
 
 def _loop(run: _Run) -> float | None:

@@ -135,6 +135,21 @@ def test_trainable_parameters_are_only_lora(tmp_path, tiny_model_dir, notes, str
     assert checked == len(base)
 
 
+def test_without_keep_model_streamed_weights_stay_off_and_leave_no_files(
+    tmp_path, tiny_model_dir, notes
+):
+    """The CLI's path: no reload after training (it exits), the weight folder is gone, and the
+    reported peak is the training peak (a reload would add every weight on top of Adam)."""
+    loaded = load_model(str(tiny_model_dir))
+    cfg = _cfg(tiny_model_dir, notes, tmp_path / "o", steps=2)
+    assert cfg.validate().stream_weights  # the default
+    result = train(cfg, loaded=loaded, keep_model=False)
+    layer = loaded.model.model.layers[0]
+    assert layer.mlp.down_proj.linear.weight.size == 0  # still a placeholder
+    assert not list(tmp_path.glob("edgelora-weights-*"))
+    assert 0 < result.peak_gb
+
+
 def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     tmp_path, tiny_model_dir, notes
 ):
