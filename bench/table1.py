@@ -15,7 +15,7 @@ full-depth estimate:
 Cells already measured are cached in results/table1_cells.jsonl (delete it to re-run);
 `--report` only rebuilds table1.json / table1.md from that cache.
 
-    python bench/table1.py                       # the default plan (hours at low load)
+    python bench/table1.py                       # every cell not cached yet (a day on 2 cores)
     python bench/table1.py --only llama3b:1024   # one model:context
     python bench/table1.py --full-depth          # the CHECKS cells at full depth
     python bench/table1.py --report
@@ -96,19 +96,16 @@ PAPER = {  # paper.md, Table 1 (A100, batch 1, FP32 compute, LoRA r=16; GB)
     },
 }
 
-# What runs, in priority order (the most informative cells first): (model, context, rows).
+# What runs, in priority order: every cell of both tables, our rows before the paper's at the
+# long contexts; a cell whose estimate cannot fit is recorded as OOM without running.
 GRAPH = ["fp32", "lora", "int4"]
 SEGS = ["ckpt", "subset", "mask", "chunk", "stream", "exact"]
-PLAN = [
-    ("llama3b", 1024, GRAPH + SEGS),
-    ("llama3b", 2048, SEGS),
-    ("qwen3b", 1024, GRAPH + SEGS),
-    ("llama3b", 4096, ["stream", "exact"]),
-    ("llama3b", 8192, ["stream"]),
-    ("qwen3b", 2048, SEGS),
-    ("llama3b", 2048, GRAPH),
-    ("llama3b", 16384, ["stream"]),
-]
+OURS = ["stream", "exact", "chunk"]
+PLAN = (
+    [(m, seq, GRAPH + SEGS) for seq in CONTEXTS[:2] for m in FULL_DEPTH]
+    + [(m, seq, OURS) for seq in CONTEXTS[2:] for m in FULL_DEPTH]
+    + [(m, seq, GRAPH + SEGS[:3]) for seq in CONTEXTS[2:] for m in FULL_DEPTH]
+)
 # Cells also run at FULL depth, to test the 2-block derivation against a real measurement.
 CHECKS = [("llama3b", 1024, "stream")]
 
@@ -118,7 +115,8 @@ def cell_for(shape: str, seq: int, row: str, layers: int) -> dict:
 
 
 def depths(row: str) -> list[int]:
-    return [1, 2] if row in GRAPH else [2]
+    """Depth 2 first: when it cannot fit, the depth-1 cell (only a slope point) is skipped."""
+    return [2, 1] if row in GRAPH else [2]
 
 
 def load_cache() -> dict:
@@ -145,6 +143,9 @@ def run_plan(plan, timeout: int, full_depth: bool = False) -> None:
             for n in [FULL_DEPTH[shape]] if full_depth else depths(row):
                 c = cell_for(shape, seq, row, n)
                 if json.dumps(c, sort_keys=True) in done:
+                    continue
+                deeper = done.get(json.dumps(cell_for(shape, seq, row, 2), sort_keys=True))
+                if n == 1 and deeper is not None and deeper["status"] == "oom":
                     continue
                 r = cells.run_cell(c, timeout=timeout)
                 r["row"] = row
@@ -198,7 +199,11 @@ def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
     if r2 is None:
         return {"status": "not run"}
     if r2["status"] != "ok":
-        return {"status": r2["status"], "note": r2.get("note", "")}
+        return {
+            "status": r2["status"],
+            "note": r2.get("note", ""),
+            "estimate_gb": r2.get("estimate_gb"),
+        }
     out = {
         "status": "ok",
         "measured_gb_depth2": r2["peak_gb"],
@@ -266,7 +271,7 @@ def _fmt(d: dict) -> str:
             else f"{d['measured_gb_depth2']:.2f} → ?"
         )
     if d["status"] == "oom":
-        return d["note"]
+        return f"OOM here at 2 blocks (est. {d['estimate_gb']:.0f} GB > {cells.MAX_GB:.0f})"
     if d["status"] == "depth 1 only":
         return f"{d['measured_gb_depth1']:.2f} at 1 block → ?"
     return d["status"]
