@@ -18,17 +18,24 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import blocks
 from .errors import UserError
 from .lora import has_active_dropout
 
 
-def block_forward(layer: nn.Module, x: mx.array, attn_chunk: int, mlp_chunk: int) -> mx.array:
+def block_forward(
+    layer: nn.Module, x: mx.array, attn_chunk: int, mlp_chunk: int, halves=blocks.HALVES
+) -> mx.array:
     """Exactly `layer(x, mask="causal")` for an mlx-lm Llama/Qwen2 block, in chunks.
 
-    attn_chunk / mlp_chunk = 0 (or >= the sequence) use the plain, unchunked path.
+    attn_chunk / mlp_chunk = 0 (or >= the sequence) use the plain, unchunked path. `halves`
+    runs only those residual halves, in order: ("attn",) then ("mlp",) is the whole block.
     """
-    h = x + attention_forward(layer.self_attn, layer.input_layernorm(x), attn_chunk)
-    return h + mlp_forward(layer.mlp, layer.post_attention_layernorm(h), mlp_chunk)
+    if "attn" in halves:
+        x = x + attention_forward(layer.self_attn, layer.input_layernorm(x), attn_chunk)
+    if "mlp" in halves:
+        x = x + mlp_forward(layer.mlp, layer.post_attention_layernorm(x), mlp_chunk)
+    return x
 
 
 # ----------------------------------------------------------------------------- attention

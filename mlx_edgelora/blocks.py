@@ -14,6 +14,24 @@ from mlx.utils import tree_flatten
 
 LAYERS_PATH = "model.layers"  # dotted path of the block list in model.parameters()
 
+# The two residual halves of a block, h = x + attn(norm(x)); out = h + mlp(norm(h)), by the
+# children each one uses. A checkpoint boundary and a streamed-weight unit may sit between
+# them (engine.py, stream.py).
+HALVES = ("attn", "mlp")
+HALF_CHILDREN = {
+    "attn": ("input_layernorm", "self_attn"),
+    "mlp": ("post_attention_layernorm", "mlp"),
+}
+
+
+def half_of(name: str) -> str:
+    """The half a block parameter belongs to, from its dotted name relative to the block."""
+    child = name.split(".", 1)[0]
+    for half, children in HALF_CHILDREN.items():
+        if child in children:
+            return half
+    raise ValueError(f"block parameter '{name}' is in neither half of the block")
+
 
 def embed(model: nn.Module, inputs: mx.array) -> mx.array:
     """Token embeddings [B, L, D] in float32 (the compute dtype) for inputs [B, L]."""

@@ -86,7 +86,13 @@ class TrainConfig:
         "graph: one autodiff graph (reference)",
         choices=["segments", "graph"],
     )
-    checkpoint_every: int = _opt(1, "blocks per checkpoint segment")
+    checkpoint_every: int = _opt(1, "blocks (halves with --split-blocks) per checkpoint segment")
+    split_blocks: bool = _opt(
+        True,
+        "a checkpoint boundary also between each block's attention and MLP halves: the "
+        "recompute peak is the larger half's, not the whole block's, and a streamed segment "
+        "loads only its half's weights (twice the boundaries, the same compute)",
+    )
     activations: str = _opt(
         "disk",
         "where segment boundaries live between forward and backward: "

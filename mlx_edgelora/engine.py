@@ -6,7 +6,10 @@ grads)`, grads shaped like `model.trainable_parameters()` and evaluated.
 - engine "graph": the reference, `nn.value_and_grad` over embed -> blocks -> loss head; MLX
   keeps every activation of the whole model until the backward pass.
 - engine "segments": one lazy graph for the whole model would hold everything at once, so
-  evaluation is driven explicitly. A segment is `checkpoint_every` blocks. The forward pass
+  evaluation is driven explicitly. A segment is `checkpoint_every` units: blocks, or with
+  `split_blocks` the blocks' attention and MLP halves (a boundary between them caps the
+  recompute peak at the larger half's, and a streamed segment loads only its half's weights;
+  twice the boundaries, the same compute). The forward pass
   evaluates segment by segment with no autodiff graph and keeps only each segment's *input*
   (a boundary) in a BoundaryStore (RAM or disk, spill.py). The loss head is the last
   segment: its VJP gives dL/dh. The backward pass walks the segments in reverse: it reads the
@@ -62,7 +65,7 @@ def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | No
         h = blocks.embed(model, mx.array(batch.inputs))
         mx.eval(h)
     for i, layer in enumerate(blocks.layers(model)):
-        with _resident(stream, [i]):
+        with _resident(stream, [(i, blocks.HALVES)]):
             h = attention.block_forward(layer, h, cfg.attn_chunk, cfg.mlp_chunk)
             mx.eval(h)
     with _resident(stream, [], head=True):
@@ -71,13 +74,25 @@ def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | No
     return loss.item(), int(batch.mask.sum())
 
 
-def _resident(stream: WeightStream | None, ids: list[int], head: bool = False) -> ExitStack:
-    """A context holding blocks `ids`' frozen weights (and with `head` the embedding and LM
+Unit = tuple[int, tuple[str, ...]]  # (block index, the halves of it that run)
+
+
+def units(n_blocks: int, split_blocks: bool) -> list[Unit]:
+    """The model's checkpoint units in order: whole blocks, or each block's two halves."""
+    if split_blocks:
+        return [(i, (half,)) for i in range(n_blocks) for half in blocks.HALVES]
+    return [(i, blocks.HALVES) for i in range(n_blocks)]
+
+
+def _resident(stream: WeightStream | None, us: list[Unit], head: bool = False) -> ExitStack:
+    """A context holding the units' frozen weights (and with `head` the embedding and LM
     head, if streamed) in memory; nothing if not streaming."""
     stack = ExitStack()
     if stream is not None:
-        for i in ids + ([HEAD] if head and stream.streams_head else []):
-            stack.enter_context(stream.resident(i))
+        for i, halves in us:
+            stack.enter_context(stream.resident(i, halves))
+        if head and stream.streams_head:
+            stack.enter_context(stream.resident(HEAD))
     return stack
 
 
@@ -120,8 +135,8 @@ class SegmentStep:
             )
         blocks.check_trainable_in_blocks(model)
         self.model, self.cfg, self.loss_head = model, cfg, loss_head
-        n, k = len(blocks.layers(model)), cfg.checkpoint_every
-        self.segments = [list(range(s, min(s + k, n))) for s in range(0, n, k)]
+        us, k = units(len(blocks.layers(model)), cfg.split_blocks), cfg.checkpoint_every
+        self.segments = [us[s : s + k] for s in range(0, len(us), k)]
         self.stream = None
         if cfg.stream_weights:
             self.stream = WeightStream(model, cfg.spill_dir, cfg.out)
@@ -166,14 +181,14 @@ class SegmentStep:
 
     def _loss_and_vjp(self, h, batch, n_ckpt: int, grads: list[dict]):
         """Loss and dL/dh at boundary n_ckpt; the segments after it run here, once."""
-        ids = [i for seg in self.segments[n_ckpt:] for i in seg]
+        us = [u for seg in self.segments[n_ckpt:] for u in seg]
 
         def fn(x: mx.array) -> mx.array:
-            return self.loss_head(self._run(ids, x), batch)
+            return self.loss_head(self._run(us, x), batch)
 
-        with _resident(self.stream, ids, head=True):
-            loss, dh = self._vjp(ids, h, mx.array(1.0), fn, grads)
-            mx.eval(loss, dh if n_ckpt else [], [grads[i] for i in ids])
+        with _resident(self.stream, us, head=True):
+            loss, dh = self._vjp(us, h, mx.array(1.0), fn, grads)
+            mx.eval(loss, dh if n_ckpt else [], [grads[i] for i, _ in us])
         return loss.item(), dh
 
     def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
@@ -182,23 +197,23 @@ class SegmentStep:
             x = store.get(j)
             if j > 0:
                 store.prefetch(j - 1)
-            ids = self.segments[j]
-            with _resident(self.stream, ids):
-                out, dh = self._vjp(ids, x, dh, partial(self._run, ids), grads)
-                mx.eval([grads[i] for i in ids], dh if j > 0 else [])  # block 0: no dx needed
+            us = self.segments[j]
+            with _resident(self.stream, us):
+                out, dh = self._vjp(us, x, dh, partial(self._run, us), grads)
+                mx.eval([grads[i] for i, _ in us], dh if j > 0 else [])  # unit 0: no dx needed
             del x, out  # the lazy recomputed output would keep this segment's graph alive
 
-    def _run(self, ids: list[int], h: mx.array) -> mx.array:
-        """Blocks `ids` in order, with chunked attention and MLP."""
-        layers = blocks.layers(self.model)
-        for i in ids:
-            h = attention.block_forward(layers[i], h, self.cfg.attn_chunk, self.cfg.mlp_chunk)
+    def _run(self, us: list[Unit], h: mx.array) -> mx.array:
+        """Units `us` in order, with chunked attention and MLP."""
+        layers, c = blocks.layers(self.model), self.cfg
+        for i, halves in us:
+            h = attention.block_forward(layers[i], h, c.attn_chunk, c.mlp_chunk, halves)
         return h
 
-    def _vjp(self, ids: list[int], x: mx.array, cotangent: mx.array, fn, grads: list[dict]):
-        """(fn(x), d/dx) under mx.vjp w.r.t. x and blocks `ids`' LoRA params -> grads[i]."""
-        layers = [blocks.layers(self.model)[i] for i in ids]
-        saved = [layer.trainable_parameters() for layer in layers]
+    def _vjp(self, us: list[Unit], x: mx.array, cotangent: mx.array, fn, grads: list[dict]):
+        """(fn(x), d/dx) under mx.vjp w.r.t. x and the units' LoRA params -> grads[block]."""
+        layers = [blocks.layers(self.model)[i] for i, _ in us]
+        saved = [_unit_parameters(layer, halves) for layer, (_, halves) in zip(layers, us)]
         flat = [tree_flatten(p) for p in saved]
 
         def pure(x: mx.array, *params: mx.array) -> mx.array:
@@ -214,9 +229,17 @@ class SegmentStep:
             for layer, p in zip(layers, saved):
                 layer.update(p)
         it = iter(dparams)
-        for i, p in zip(ids, saved):
-            grads[i] = tree_map(lambda _: next(it), p)
+        for (i, _), p in zip(us, saved):  # a block's halves fill its tree in two calls
+            grads[i] = {**grads[i], **tree_map(lambda _: next(it), p)}
         return out, dx
+
+
+def _unit_parameters(layer: nn.Module, halves: tuple[str, ...]) -> dict:
+    """The trainable tree of those halves of a block (all of it for a whole block)."""
+    tree = layer.trainable_parameters()
+    if halves == blocks.HALVES:
+        return tree
+    return {k: v for k, v in tree.items() if blocks.half_of(k) in halves}
 
 
 def _check_no_dropout(model: nn.Module) -> None:

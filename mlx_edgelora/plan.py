@@ -23,8 +23,10 @@ from .loss import vocab_tile
 GB = 1024**3
 F32 = 4
 # Floats kept per token by one block's autodiff graph (inputs of norms, projections, LoRA,
-# residuals), as multiples of the hidden size D, the KV width and the MLP width I.
+# residuals), as multiples of the hidden size D, the KV width and the MLP width I; the
+# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest.
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
+ATTN_PER_D = 6
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 
 
@@ -83,22 +85,43 @@ def _lora_bytes(cfg: TrainConfig, s: _Shape) -> int:
     return n * cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys) * F32
 
 
+def _segment_blocks(cfg: TrainConfig) -> int:
+    """The most blocks one segment touches (k halves can straddle k // 2 + 1 blocks)."""
+    k = cfg.checkpoint_every
+    return k // 2 + 1 if cfg.split_blocks else k
+
+
 def _weights_gb(model: nn.Module, cfg: TrainConfig) -> float:
     total = _frozen_bytes(model)
     if cfg.stream_weights and cfg.engine == "segments":
         per_block = [_frozen_bytes(layer) for layer in blocks.layers(model)]
-        total = total - sum(per_block) + cfg.checkpoint_every * max(per_block)
+        total = total - sum(per_block) + _segment_blocks(cfg) * max(per_block)
     return total / GB
+
+
+def _half_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
+    """Bytes each half of one block's autodiff graph holds for `tokens` tokens."""
+    attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
+    scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
+    mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
+    return {
+        "attn": tokens * (ATTN_PER_D * s.D + ACT_PER_KV * s.kv) * F32 + scores,
+        "mlp": tokens * (ACT_PER_D - ATTN_PER_D) * s.D * F32 + mlp_rows * ACT_PER_I * s.I * F32,
+    }
 
 
 def _block_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
     """Bytes one block's autodiff graph holds for `tokens` tokens."""
-    linear = tokens * (ACT_PER_D * s.D + ACT_PER_KV * s.kv) * F32
-    attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
-    scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
-    mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
-    mlp = mlp_rows * ACT_PER_I * s.I * F32
-    return linear + scores + mlp
+    return sum(_half_activations(s, tokens, cfg, chunked).values())
+
+
+def _segment_activations(s: _Shape, tokens: int, cfg: TrainConfig) -> float:
+    """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
+    k = cfg.checkpoint_every
+    if not cfg.split_blocks:
+        return k * _block_activations(s, tokens, cfg, True)
+    big, small = sorted(_half_activations(s, tokens, cfg, True).values(), reverse=True)
+    return -(-k // 2) * big + k // 2 * small
 
 
 def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
@@ -122,11 +145,11 @@ def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0
     if cfg.engine == "graph":
         parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False) / GB
     else:
-        n_seg = -(-s.n_layers // cfg.checkpoint_every)
+        n_units = s.n_layers * (2 if cfg.split_blocks else 1)
+        n_seg = -(-n_units // cfg.checkpoint_every)
         kept = n_seg if cfg.activations == "ram" else 3  # disk: in flight + prefetched
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
-        seg = cfg.checkpoint_every * _block_activations(s, tokens, cfg, True)
-        parts["segment recompute"] = seg / GB
+        parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
     return MemoryPlan(parts)
 

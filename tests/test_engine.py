@@ -90,14 +90,18 @@ FIELDS = [
     "mlp_chunk",
     "cache_policy",
     "stream_weights",
+    "split_blocks",
 ]
 CASES = [  # each option value appears with several others
-    (1, "ram", 0, 0, "none", False),
-    (2, "disk", 8, 8, "none", False),
-    (1, "disk", 8, 0, "last", False),
-    (3, "ram", 0, 8, "last", False),  # 3 does not divide 4 blocks: segments [0, 1, 2], [3]
-    (1, "disk", 8, 8, "none", True),
-    (4, "ram", 0, 0, "last", True),  # one segment: the whole model runs once, with the head
+    (1, "ram", 0, 0, "none", False, False),
+    (1, "ram", 0, 0, "none", False, True),  # every half-block a segment
+    (2, "disk", 8, 8, "none", False, True),  # two halves: whole blocks again
+    (1, "disk", 8, 0, "last", False, True),
+    (3, "ram", 0, 8, "last", False, False),  # 3 does not divide 4 blocks: [0, 1, 2], [3]
+    (3, "ram", 0, 8, "none", False, True),  # 3 halves straddle blocks: [0a 0m 1a] [1m 2a 2m]..
+    (1, "disk", 8, 8, "none", True, True),  # streamed halves
+    (1, "disk", 8, 8, "none", True, False),
+    (4, "ram", 0, 0, "last", True, False),  # one segment: the whole model runs once, with the head
 ]
 
 

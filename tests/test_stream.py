@@ -77,7 +77,7 @@ def test_restore_and_close_remove_folder(tmp_path):
     assert stream.folder.parent == tmp_path / "spill"
     stream.offload()
     stream.offload()  # a second call must not overwrite the files with placeholders
-    assert min(p.name for p in stream.folder.iterdir()) == "block0.safetensors"
+    assert min(p.name for p in stream.folder.iterdir()) == "block0-attn.safetensors"
     with pytest.raises(KeyError):
         stream.resident(9).__enter__()
     stream.restore()  # the model runs on its own again
@@ -126,3 +126,29 @@ def test_a_full_disk_is_refused_before_any_weight_moves(tmp_path, monkeypatch):
     after = tree_flatten(model.parameters())
     assert all(k == j and v is w for (k, v), (j, w) in zip(before, after))
     assert not stream.folder.exists()
+
+
+def test_one_half_of_a_block_is_resident_alone(tmp_path):
+    """A half-block segment loads only its half: the other half's weights stay on disk."""
+    model = _lora_model("qwen2")  # q/k/v biases: the attention half has more than matrices
+    layer = model.model.layers[1]
+    x = mx.random.normal((1, 5, 256))
+    ref = layer(x, mask="causal")
+    mx.eval(ref)
+    with WeightStream(model, folder=str(tmp_path)) as stream:
+        stream.offload()
+
+        def sizes(prefix: str) -> set[int]:
+            return {v.size for k, v in frozen_parameters(layer).items() if k.startswith(prefix)}
+
+        for half, (loaded, evicted) in {
+            "attn": ("self_attn", "mlp"),
+            "mlp": ("mlp", "self_attn"),
+        }.items():
+            with stream.resident(1, (half,)):
+                assert 0 not in sizes(loaded) and sizes(evicted) == {0}
+            assert sizes(loaded) == {0}
+        with stream.resident(1, ("attn",)), stream.resident(1, ("mlp",)):
+            out = layer(x, mask="causal")
+            mx.eval(out)
+        assert mx.array_equal(out, ref).item()
