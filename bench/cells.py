@@ -80,6 +80,7 @@ DEFAULTS = dict(
     attn_chunk=0,
     mlp_chunk=0,
     stream_weights=False,
+    split_blocks=False,  # True: checkpoint boundaries between block halves too
     cache_policy="none",
     steps=1,  # steps run; the peak covers all, the time reported is the fastest
 )
@@ -216,6 +217,7 @@ def _trainable(c: dict, model, out: str):
         attn_chunk=c["attn_chunk"],
         mlp_chunk=c["mlp_chunk"],
         stream_weights=c["stream_weights"],
+        split_blocks=c["split_blocks"],
         cache_policy=c["cache_policy"],
     ).validate()
     if c["full_ft"]:
@@ -318,7 +320,7 @@ def child(c: dict) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "--child":
         load = [round(x, 2) for x in os.getloadavg()]
-        res = child(json.loads(argv[1]))
+        res = child(config(**json.loads(argv[1])))  # keys added since the parent started
         res["loadavg"] = load  # at the start of the cell
         print(json.dumps(res), flush=True)
         return

@@ -6,8 +6,11 @@ this 2-core CPU). Every result carries the measured reduced-depth peak AND a der
 full-depth estimate:
 - graph-engine rows (the first three): every block holds its activations (and, for the FP32
   baseline, its gradients) until the backward pass, so the peak grows per block by an
-  amount we measure: per_block = peak(depth 2) - peak(depth 1); full = peak(2) + (n-2) x
-  per_block.
+  amount we measure at 1, 2 and 4 blocks. Between 1 and 2 blocks the peak can still move
+  between phases (the head's temporaries, the FP32 embedding gradient), so the slope comes
+  from the two deepest cells that ran: per_block = [peak(4) - peak(2)] / 2 (else
+  peak(2) - peak(1), flagged); full = peak(2) + (n-2) x per_block. Both slopes are reported, and
+  INT4 graph cells that fit are also run at full depth (CHECKS).
 - segment-engine rows: the peak holds one segment's recompute; more blocks only add what
   stays resident per block, which is counted exactly: frozen block weights (0 when streamed)
   + LoRA params and their gradients (+ the boundary when kept in RAM; on disk here). full =
@@ -38,6 +41,7 @@ FULL_DEPTH = {"llama3b": 28, "qwen3b": 36}
 NAMES = {"llama3b": "Llama-3.2-3B", "qwen3b": "Qwen2.5-3B"}
 
 _CKPT = dict(bits=4, engine="segments", activations="disk")
+_STREAM = dict(_CKPT, trainable=0.3, attn_chunk=256, mlp_chunk=256, stream_weights=True)
 # (key, label, cell options, paper row); each row adds to the ones above it
 ROWS = [
     ("fp32", "FP32 baseline (full fine-tune)", dict(full_ft=True), "FP32 baseline"),
@@ -57,20 +61,17 @@ ROWS = [
         dict(_CKPT, loss="subset", trainable=0.3, attn_chunk=256, mlp_chunk=256),
         None,
     ),
+    ("stream", "+ weight streaming (ours)", dict(_STREAM, loss="subset"), None),
     (
-        "stream",
-        "+ weight streaming (ours)",
-        dict(
-            _CKPT, loss="subset", trainable=0.3, attn_chunk=256, mlp_chunk=256, stream_weights=True
-        ),
+        "split",
+        "+ half-block checkpoint boundaries (ours)",
+        dict(_STREAM, loss="subset", split_blocks=True),
         None,
     ),
     (
         "exact",
-        "all on, exact chunked CE instead of subset (ours)",
-        dict(
-            _CKPT, loss="chunked", trainable=0.3, attn_chunk=256, mlp_chunk=256, stream_weights=True
-        ),
+        "all on, exact chunked CE instead of subset (ours; the trainer's defaults)",
+        dict(_STREAM, loss="chunked", split_blocks=True),
         None,
     ),
 ]
@@ -99,15 +100,16 @@ PAPER = {  # paper.md, Table 1 (A100, batch 1, FP32 compute, LoRA r=16; GB)
 # What runs, in priority order: every cell of both tables, our rows before the paper's at the
 # long contexts; a cell whose estimate cannot fit is recorded as OOM without running.
 GRAPH = ["fp32", "lora", "int4"]
-SEGS = ["ckpt", "subset", "mask", "chunk", "stream", "exact"]
-OURS = ["stream", "exact", "chunk"]
+DEEP = 4  # the graph rows' second slope point: far enough from the head to see the trend
+SEGS = ["ckpt", "subset", "mask", "chunk", "stream", "split", "exact"]
+OURS = ["exact", "split", "stream", "chunk"]
 PLAN = (
     [(m, seq, GRAPH + SEGS) for seq in CONTEXTS[:2] for m in FULL_DEPTH]
     + [(m, seq, OURS) for seq in CONTEXTS[2:] for m in FULL_DEPTH]
     + [(m, seq, GRAPH + SEGS[:3]) for seq in CONTEXTS[2:] for m in FULL_DEPTH]
 )
 # Cells also run at FULL depth, to test the 2-block derivation against a real measurement.
-CHECKS = [("llama3b", 1024, "stream")]
+CHECKS = [("llama3b", 1024, "stream"), ("llama3b", 1024, "int4"), ("qwen3b", 1024, "int4")]
 
 
 def cell_for(shape: str, seq: int, row: str, layers: int) -> dict:
@@ -115,8 +117,8 @@ def cell_for(shape: str, seq: int, row: str, layers: int) -> dict:
 
 
 def depths(row: str) -> list[int]:
-    """Depth 2 first: when it cannot fit, the depth-1 cell (only a slope point) is skipped."""
-    return [2, 1] if row in GRAPH else [2]
+    """Depth 2 first: when it cannot fit, the slope cells (1 and DEEP blocks) are skipped."""
+    return [2, 1, DEEP] if row in GRAPH else [2]
 
 
 def load_cache() -> dict:
@@ -145,7 +147,7 @@ def run_plan(plan, timeout: int, full_depth: bool = False) -> None:
                 if json.dumps(c, sort_keys=True) in done:
                     continue
                 deeper = done.get(json.dumps(cell_for(shape, seq, row, 2), sort_keys=True))
-                if n == 1 and deeper is not None and deeper["status"] == "oom":
+                if n != 2 and deeper is not None and deeper["status"] == "oom":
                     continue
                 r = cells.run_cell(c, timeout=timeout)
                 r["row"] = row
@@ -212,14 +214,28 @@ def derive(shape: str, seq: int, row: str, cache: dict) -> dict:
         "loadavg": r2["loadavg"],
     }
     if row in GRAPH:
-        r1 = cache.get(json.dumps(cell_for(shape, seq, row, 1), sort_keys=True))
-        if r1 is None or r1["status"] != "ok":
+        r4 = cache.get(json.dumps(cell_for(shape, seq, row, DEEP), sort_keys=True))
+        ok = lambda r: r is not None and r["status"] == "ok"  # noqa: E731
+        if ok(r1):
+            out["measured_gb_depth1"] = r1["peak_gb"]
+            out["slope_1_2_gb"] = round((r2["peak_bytes"] - r1["peak_bytes"]) / cells.GB, 4)
+        if ok(r4):
+            per = (r4["peak_bytes"] - r2["peak_bytes"]) / (DEEP - 2)
+            out[f"measured_gb_depth{DEEP}"] = r4["peak_gb"]
+            out[f"slope_2_{DEEP}_gb"] = round(per / cells.GB, 4)
+            out["derivation"] = (
+                f"peak(2) + {n_full - 2} x [peak({DEEP}) - peak(2)] / {DEEP - 2} (measured slope)"
+            )
+        elif ok(r1):
+            per = r2["peak_bytes"] - r1["peak_bytes"]
+            out["derivation"] = (
+                f"peak(2) + {n_full - 2} x [peak(2) - peak(1)] (measured slope; "
+                "no depth-4 cell, so the peak may still be moving between phases)"
+            )
+        else:
             out["full_depth_gb"] = None
-            out["derivation"] = "depth-1 cell not run: no per-block slope"
+            out["derivation"] = "no depth-1 or depth-4 cell: no per-block slope"
             return out
-        per = r2["peak_bytes"] - r1["peak_bytes"]
-        out["measured_gb_depth1"] = r1["peak_gb"]
-        out["derivation"] = f"peak(2) + {n_full - 2} x [peak(2) - peak(1)] (measured slope)"
     else:
         pl = r2["per_layer_bytes"]
         per = pl["frozen"] + pl["trainable_and_grads"]
@@ -248,7 +264,7 @@ def report() -> dict:
     meta = {
         "what": "peak memory of one forward+backward step, batch 1, no optimizer update",
         "machine": "Linux, 2 CPU cores (shared), 24 GB RAM, MLX CPU backend + OpenBLAS",
-        "depth": "cells run at 2 blocks (and 1 for the slope of graph rows); see derivation",
+        "depth": "cells run at 2 blocks (graph rows also at 1 and 4: the slope); see derivation",
         "weights": "random, model shape from paper.md; INT4 = nn.quantize(group 64, 4 bits), "
         "float32 scales; embedding/LM head (tied) quantized too",
         "subset": "k=1000, --subset-fill predicted (our default: the targets plus the "
@@ -259,22 +275,48 @@ def report() -> dict:
     out = {"meta": meta, "table": table, "full_depth_checks": checks}
     (RESULTS / "table1.json").write_text(json.dumps(out, indent=1))
     (RESULTS / "table1.md").write_text(markdown(table, checks))
+    sync_readme(table)
     return out
 
 
 def _fmt(d: dict) -> str:
     if d["status"] == "ok":
         full = d.get("full_depth_gb")
-        return (
-            f"{d['measured_gb_depth2']:.2f} → {full:.2f}"
-            if full
-            else f"{d['measured_gb_depth2']:.2f} → ?"
-        )
+        if not full:
+            return f"{d['measured_gb_depth2']:.2f} → ?"
+        shallow = "slope_1_2_gb" in d and f"slope_2_{DEEP}_gb" not in d  # see SHALLOW
+        return f"{d['measured_gb_depth2']:.2f} → {full:.2f}{'†' if shallow else ''}"
     if d["status"] == "oom":
         return f"OOM here at 2 blocks (est. {d['estimate_gb']:.0f} GB > {cells.MAX_GB:.0f})"
     if d["status"] == "depth 1 only":
         return f"{d['measured_gb_depth1']:.2f} at 1 block → ?"
     return d["status"]
+
+
+SHALLOW = (
+    "† graph row whose slope comes from 1 → 2 blocks only (no 4-block cell): the peak may "
+    "still be moving between phases there, so read it as ±15%."
+)
+
+
+def slopes(table: dict) -> list[str]:
+    """The graph rows' per-block slopes, 1→2 and 2→DEEP blocks: linear where they agree."""
+    lines = [
+        "### Graph rows: the per-block slope (GB per block)",
+        "",
+        f"| model | row | context | 1 → 2 blocks | 2 → {DEEP} blocks |",
+        "|---|---|---|---|---|",
+    ]
+    for shape, rows in table.items():
+        for key in GRAPH:
+            for seq, d in rows[key]["contexts"].items():
+                a, b = d.get("slope_1_2_gb"), d.get(f"slope_2_{DEEP}_gb")
+                if a is not None or b is not None:
+                    lines.append(
+                        f"| {NAMES[shape]} | {rows[key]['label']} | {seq} | "
+                        f"{'–' if a is None else f'{a:.3f}'} | {'–' if b is None else f'{b:.3f}'} |"
+                    )
+    return lines + [""]
 
 
 def markdown(table: dict, checks: list[dict]) -> str:
@@ -302,6 +344,14 @@ def markdown(table: dict, checks: list[dict]) -> str:
                 cellstr.append(s)
             lines.append(f"| {entry['label']} | " + " | ".join(cellstr) + " |")
         lines.append("")
+    if any(
+        "†" in _fmt(d)
+        for rows in table.values()
+        for e in rows.values()
+        for d in e["contexts"].values()
+    ):
+        lines += [SHALLOW, ""]
+    lines += slopes(table)
     if checks:
         lines += [
             "### The derivation, checked: cells also run at full depth",
@@ -319,6 +369,54 @@ def markdown(table: dict, checks: list[dict]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+README = Path(__file__).parent.parent / "README.md"
+README_START, README_END = "<!-- table1:start -->", "<!-- table1:end -->"
+OURS_BOLD = {"split", "exact"}  # our headline rows: their full-depth figure in bold
+
+
+def _readme_cell(key: str, d: dict) -> str:
+    """Compact: '2 blocks → full depth (paper)'; OOM from the estimate; – not run."""
+    paper = "" if d["paper_gb"] is None else f" ({d['paper_gb']})"
+    if d["status"] == "ok" and d.get("full_depth_gb"):
+        full = f"{d['full_depth_gb']:.2f}"
+        full = f"**{full}**" if key in OURS_BOLD else full
+        mark = "†" if _fmt(d).endswith("†") else ""
+        return f"{d['measured_gb_depth2']:.2f} → {full}{mark}{paper}"
+    return ("OOM" if d["status"] == "oom" else "–") + paper
+
+
+def readme_tables(table: dict) -> str:
+    """The README's Table 1 block, rebuilt from the same results as table1.md."""
+    lines = []
+    for shape, rows in table.items():
+        lines += [
+            f"{NAMES[shape]} shape ({FULL_DEPTH[shape]} blocks), GB, "
+            '"2 blocks → full depth (paper)":',
+            "",
+            "| row (cumulative) | " + " | ".join(str(c) for c in CONTEXTS) + " |",
+            "|---|" + "---|" * len(CONTEXTS),
+        ]
+        for key, entry in rows.items():
+            cells_ = [_readme_cell(key, entry["contexts"][str(c)]) for c in CONTEXTS]
+            lines.append(f"| {entry['label']} | " + " | ".join(cells_) + " |")
+        lines.append("")
+    lines.append(
+        f"OOM = the 2-block cell's up-front estimate is above this machine's {cells.MAX_GB:.0f} "
+        "GB guard, so it was not run; – = not run. " + SHALLOW
+    )
+    return "\n".join(lines)
+
+
+def sync_readme(table: dict) -> None:
+    """Replace the README's block between the table1 markers (nothing else is touched)."""
+    text = README.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{README}: the {README_START} / {README_END} markers are missing")
+    head = text[: start + len(README_START)]
+    README.write_text(head + "\n" + readme_tables(table) + "\n" + text[end:])
 
 
 def main() -> None:
