@@ -111,9 +111,6 @@ def _on_signal(signum: int, frame: object) -> None:
         os.kill(os.getpid(), signum)
 
 
-OWNER_FILE = "owner.pid"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -128,14 +125,16 @@ def sweep_stale(base: Path, prefix: str) -> int:
     """Remove `prefix*` folders left by runs that were killed outright (SIGKILL, power loss).
 
     No handler runs on SIGKILL, so its spill folder survives; the next run beside it removes
-    every such folder whose owner process is gone. Returns how many were removed.
+    every such folder whose owner process is gone. The owner's pid is in the folder's name
+    (`private_folder`), so there is no moment at which a kill leaves an unowned folder.
+    Returns how many were removed.
     """
     removed = 0
     for folder in base.glob(prefix + "*"):
-        try:
-            pid = int((folder / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or still being created: leave it
+        owner = folder.name[len(prefix) :].split("-", 1)[0]
+        if not owner.isdigit():
+            continue  # not named by private_folder: not ours to delete
+        pid = int(owner)
         if pid != os.getpid() and not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
@@ -154,7 +153,8 @@ def require_free_space(folder: Path, nbytes: int, what: str, alternative: str) -
 
 
 def private_folder(prefix: str, parent: str | None, near: str) -> Path:
-    """A fresh 0700 folder inside `parent`, or by default beside `near` (same disk)."""
+    """A fresh 0700 folder `<prefix><pid>-<random>` inside `parent`, or by default beside
+    `near` (same disk)."""
     if parent is None:
         base = Path(near).expanduser().resolve().parent
         while not base.exists():  # `near` may not be created yet
@@ -164,9 +164,8 @@ def private_folder(prefix: str, parent: str | None, near: str) -> Path:
     try:
         base.mkdir(parents=True, exist_ok=True)
         sweep_stale(base, prefix)
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mkdtemp: mode 0700
-        (folder / OWNER_FILE).write_text(str(os.getpid()))
-        return folder
+        # mkdtemp: mode 0700, and the name carries the owner from the first moment
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
     except OSError as e:
         raise UserError(
             f"{base}: cannot create a private spill folder ({e.strerror or e}); "
@@ -317,8 +316,7 @@ class BoundaryStore:
         self._writes.clear()
         self._reads.clear()
         for p in self.folder.iterdir():
-            if p.name != OWNER_FILE:
-                p.unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
         if failed:
             raise UserError(self._message(failed[0].error))
 

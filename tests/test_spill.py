@@ -33,7 +33,7 @@ def _arrays() -> dict[str, mx.array]:
 
 
 def _files(store: BoundaryStore) -> list[str]:
-    return sorted(p.name for p in store.folder.iterdir() if p.name != spill.OWNER_FILE)
+    return sorted(p.name for p in store.folder.iterdir())
 
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
@@ -186,20 +186,23 @@ def test_atexit_removes_folder_without_close(tmp_path):
 
 
 def test_folders_of_killed_runs_are_swept_by_the_next_run(tmp_path):
+    import os
     import subprocess
     import sys
 
-    from mlx_edgelora.spill import OWNER_FILE, private_folder
+    from mlx_edgelora.spill import private_folder
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     ).stdout.strip()
-    stale = tmp_path / "edgelora-spill-stale"
+    stale = tmp_path / f"edgelora-spill-{dead}-x1y2"
     stale.mkdir()
-    (stale / OWNER_FILE).write_text(dead)
     (stale / "b0.npy").write_bytes(b"x")
-    foreign = tmp_path / "edgelora-spill-foreign"  # no owner file: not ours to delete
+    foreign = tmp_path / "edgelora-spill-foreign"  # no owner pid in the name: not ours
     foreign.mkdir()
+    alive = tmp_path / f"edgelora-spill-{os.getppid()}-live"  # a live owner: still in use
+    alive.mkdir()
     fresh = private_folder("edgelora-spill-", str(tmp_path), ".")
-    assert not stale.exists() and foreign.exists() and fresh.exists()
-    assert (fresh / OWNER_FILE).read_text() == str(__import__("os").getpid())
+    assert not stale.exists() and foreign.exists() and alive.exists() and fresh.exists()
+    assert fresh.name.startswith(f"edgelora-spill-{os.getpid()}-")
+    assert list(fresh.iterdir()) == []
