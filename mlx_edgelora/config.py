@@ -79,6 +79,19 @@ class TrainConfig:
     save_every: int = _opt(10, "write a resumable checkpoint every N steps")
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = _opt(False, "allow writing into a non-empty --out that is not a resume")
+    # --- several Macs (data parallel, launched with mlx.launch; see README)
+    backend: str = _opt(
+        "any",
+        "distributed backend joining the ranks: ring (TCP over Ethernet or Thunderbolt, what "
+        "mlx.launch starts by default), mpi (mpirun), jaccl (RDMA over Thunderbolt 5), or any "
+        "(the first that works); a plain run is one rank whatever this says",
+        choices=["any", "ring", "mpi", "jaccl"],
+    )
+    dist_timeout: float = _opt(
+        600.0,
+        "seconds a rank waits without progress on the others (one forward pass, or one "
+        "segment's backward) before it removes its spill folders and exits with an error",
+    )
     # --- memory engine (technique 2)
     engine: str = _opt(
         "segments",
@@ -160,6 +173,8 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive (got {self.lr})")
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be positive (got {self.dist_timeout})")
         for name in ["attn_chunk", "mlp_chunk", "warmup", "eval_every", "save_every"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")

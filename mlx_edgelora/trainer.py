@@ -8,6 +8,7 @@ in by configuration. Validation always uses the exact loss, whatever the trainin
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_map
 
-from . import checkpoint, engine, lora, loss, plan, quant
+from . import checkpoint, distributed, engine, lora, loss, plan, quant
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -26,7 +27,8 @@ from .loading import LoadedModel, load_model
 from .report import Reporter
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
-RESUME_KEYS = ["rank", "lora_scale", "lora_keys", "num_layers", "max_seq_len", "batch_size"]
+# (--batch-size may change with the number of ranks: distributed.check_resume.)
+RESUME_KEYS = ["rank", "lora_scale", "lora_keys", "num_layers", "max_seq_len"]
 
 
 @dataclass
@@ -70,13 +72,20 @@ def prepare_output(cfg: TrainConfig) -> Path:
     return out
 
 
-def evaluate(step_fn, cfg: TrainConfig, rows, head) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients."""
+def evaluate(
+    step_fn, cfg: TrainConfig, rows, head, world: distributed.World | None = None
+) -> tuple[float, int]:
+    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients;
+    with several ranks each takes every world.size-th batch and the sums are added up."""
     total, count = 0.0, 0
     limit = None if cfg.eval_batches < 0 else cfg.eval_batches
-    for batch in iter_eval_batches(rows, cfg.batch_size, limit):
-        loss_sum, n = step_fn.forward_loss(head, batch)
-        total, count = total + loss_sum, count + n
+    world = world or distributed.World(None, timeout=1.0)
+    for b, batch in enumerate(iter_eval_batches(rows, cfg.batch_size, limit)):
+        if b % world.size == world.rank:
+            world.tick()
+            loss_sum, n = step_fn.forward_loss(head, batch)
+            total, count = total + loss_sum, count + n
+    total, count = world.sum_counts(total, count)
     return (total / count if count else float("nan")), count
 
 
@@ -125,44 +134,61 @@ class _Run:
     step_fn: object
     eval_head: object
     reporter: Reporter
+    world: distributed.World
     start: int = 0
 
 
 def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, reporter) -> _Run:
-    out = prepare_output(cfg)
+    world = distributed.init(cfg)
+    out = prepare_output(cfg) if world.is_main else Path(cfg.out)  # only rank 0 touches --out
     loaded = loaded or load_model(cfg.model, cfg.quantize)
     data = data or load_dataset(cfg.data, loaded.tokenizer, cfg)
     mx.random.seed(cfg.seed)
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
     quant.prepare_for_training(model)
-    reporter = reporter or Reporter(cfg.steps, log_path=out / "metrics.jsonl")
-    memory_plan = plan.estimate(model, cfg, data.trainable_fraction())
+    if reporter is None and world.is_main:
+        reporter = Reporter(cfg.steps, log_path=out / "metrics.jsonl")
+    elif reporter is None:  # the other ranks stay quiet: rank 0 prints the global figures
+        reporter = Reporter(cfg.steps, stream=open(os.devnull, "w"))  # noqa: SIM115
+    memory_plan = plan.estimate(model, cfg, data.trainable_fraction(), ranks=world.size)
     reporter.info(memory_plan.describe())
     plan.check_budget(memory_plan, cfg)
     opt = make_optimizer(cfg)
-    batches = BatchIterator(data.train_rows, cfg.batch_size, seed=cfg.seed)
+    batches = BatchIterator(data.train_rows, cfg.batch_size * world.size, seed=cfg.seed)
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
     eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
     step_fn = engine.make_step(model, cfg, train_head)
-    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter)
-    if cfg.resume:
+    if world.size > 1:
+        step_fn.grad_hook = world.reduce
+    shard = world.shard(batches)
+    run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
+    position = [0, 0, 0]
+    if cfg.resume and world.is_main:
         saved = checkpoint.load(checkpoint.latest(out), model, opt)
         _check_resume(cfg, saved)
+        distributed.check_resume(saved, cfg, world)
         batches.load_state_dict(saved["data"])
-        run.start = saved["step"]
+        position = [saved["step"], batches.epoch, batches.position]
+    with world.collective("setup"):  # rank 0's adapter, optimizer state and position
+        position = world.broadcast(model, opt if cfg.resume else None, position)
+    run.start, batches.epoch, batches.position = position
+    if cfg.resume:
         reporter.info(f"resumed from step {run.start} ({out})")
     return run
 
 
 def _save(run: _Run, step: int, data_state: dict) -> None:
-    state = {"config": run.cfg.to_dict(), "data": data_state}
+    if not run.world.is_main:
+        return
+    state = {"config": run.cfg.to_dict(), "data": data_state, "world_size": run.world.size}
     checkpoint.save(run.out, step, run.model, run.opt, state)
     lora.save_adapters(run.model, run.out, run.adapter_cfg)
 
 
 def _eval(run: _Run, step: int) -> float:
-    val, n = evaluate(run.step_fn, run.cfg, run.data.val_rows, run.eval_head)
+    with run.world.collective(f"evaluation at step {step}"):
+        val, n = evaluate(run.step_fn, run.cfg, run.data.val_rows, run.eval_head, run.world)
     if n:
         run.reporter.eval(step, val, n)
     return val
@@ -187,6 +213,7 @@ def train(
         peak = mx.get_peak_memory() / 1024**3
     finally:
         run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+        run.world.close()
     return TrainResult(run.out, run.reporter.history, val, peak)
 
 
@@ -202,7 +229,9 @@ def _loop(run: _Run) -> float | None:
     try:
         for step in range(run.start + 1, cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # resumable dropout RNG
-            loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
+            with run.world.collective(f"step {step}"):  # gradients are summed in the step
+                loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
+                loss_sum, n_tok = run.world.sum_counts(loss_sum, n_tok)
             if n_tok:
                 _update(run.model, run.opt, cfg, grads, n_tok)
             del grads  # else the last step's gradients stay alive through the next step's peak
