@@ -21,6 +21,7 @@ one process with --batch-size 2, and their summed gradients are the same sums.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -101,7 +102,14 @@ class World:
 
     def shard(self, batches: BatchIterator) -> Iterator[Batch]:
         """This rank's rows of each global micro-batch (`batches` yields ranks x batch rows)."""
-        return batches if self.size == 1 else _Shard(batches, self.rank, self.size)
+        return batches if self.size == 1 else _Shard(batches, self)
+
+    def rows_of(self, batch: Batch) -> Batch:
+        """Rows rank, rank + size, ... of a global batch: this rank's share."""
+        if self.size == 1:
+            return batch
+        r, n = self.rank, self.size
+        return Batch(batch.inputs[r::n], batch.targets[r::n], batch.mask[r::n])
 
     @contextmanager
     def collective(self, what: str) -> Iterator[None]:
@@ -165,7 +173,6 @@ class World:
             opt.init(model.trainable_parameters())  # the other ranks: same names, zeros
             opt.state = tree_unflatten(list(self._from_main(dict(tree_flatten(opt.state))).items()))
         (out,) = self._from_main({"ints": mx.array(ints, dtype=mx.int32)}).values()
-        mx.eval(model.trainable_parameters(), opt.state)
         return out.tolist()
 
     def _from_main(self, flat: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -177,9 +184,24 @@ class World:
         mx.eval(out)
         return out
 
+    def check_same_data(self, main: int, mine: int) -> None:
+        """Every rank must pack the same rows, or the shards overlap and miss (silently)."""
+        if main != mine:
+            raise UserError(
+                f"--data: rank {self.rank}'s training rows differ from rank 0's (fingerprint "
+                f"{mine} vs {main}); give every Mac the same --data, --model and --max-seq-len"
+            )
+
     def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.disarm()
+
+
+def fingerprint(batches: BatchIterator) -> int:
+    """A 24-bit digest of the packed training rows (exact through a float32 all_sum)."""
+    h = hashlib.sha256(batches.tokens.tobytes())
+    h.update(batches.mask.tobytes())
+    return int.from_bytes(h.digest()[:3], "little")
 
 
 def _flat(leaves: list[mx.array]) -> mx.array:
@@ -198,15 +220,14 @@ def _unflat(buf: mx.array, like: list[mx.array]) -> list[mx.array]:
 class _Shard:
     """Rows rank, rank + size, ... of each global batch; position state is the global one."""
 
-    def __init__(self, batches: BatchIterator, rank: int, size: int):
-        self.batches, self.rank, self.size = batches, rank, size
+    def __init__(self, batches: BatchIterator, world: World):
+        self.batches, self.world = batches, world
 
     def __iter__(self) -> _Shard:
         return self
 
     def __next__(self) -> Batch:
-        b, r, n = next(self.batches), self.rank, self.size
-        return Batch(b.inputs[r::n], b.targets[r::n], b.mask[r::n])
+        return self.world.rows_of(next(self.batches))
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()

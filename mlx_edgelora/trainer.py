@@ -37,6 +37,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     val_loss: float | None = None
     peak_gb: float = 0.0
+    rank: int = 0  # this process's rank in a data-parallel run (only rank 0 wrote `out`)
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
@@ -76,12 +77,13 @@ def evaluate(
     step_fn, cfg: TrainConfig, rows, head, world: distributed.World | None = None
 ) -> tuple[float, int]:
     """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients;
-    with several ranks each takes every world.size-th batch and the sums are added up."""
+    with several ranks each evaluates its rows of each global batch and the sums are added."""
     total, count = 0.0, 0
     limit = None if cfg.eval_batches < 0 else cfg.eval_batches
     world = world or distributed.World(None, timeout=1.0)
-    for b, batch in enumerate(iter_eval_batches(rows, cfg.batch_size, limit)):
-        if b % world.size == world.rank:
+    for batch in iter_eval_batches(rows, cfg.batch_size * world.size, limit):
+        batch = world.rows_of(batch)  # this rank's rows of the global batch
+        if len(batch.inputs):
             world.tick()
             loss_sum, n = step_fn.forward_loss(head, batch)
             total, count = total + loss_sum, count + n
@@ -170,8 +172,10 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
         distributed.check_resume(saved, cfg, world)
         batches.load_state_dict(saved["data"])
         position = [saved["step"], batches.epoch, batches.position]
-    with world.collective("setup"):  # rank 0's adapter, optimizer state and position
-        position = world.broadcast(model, opt if cfg.resume else None, position)
+    mine = distributed.fingerprint(batches)
+    with world.collective("setup"):  # rank 0's adapter, optimizer state, position, data
+        *position, main = world.broadcast(model, opt if cfg.resume else None, position + [mine])
+    world.check_same_data(main, mine)
     run.start, batches.epoch, batches.position = position
     if cfg.resume:
         reporter.info(f"resumed from step {run.start} ({out})")
@@ -214,7 +218,7 @@ def train(
     finally:
         run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
         run.world.close()
-    return TrainResult(run.out, run.reporter.history, val, peak)
+    return TrainResult(run.out, run.reporter.history, val, peak, run.world.rank)
 
 
 def _loop(run: _Run) -> float | None:
