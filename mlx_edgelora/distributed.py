@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .errors import UserError
 
 WATCHDOG_EXIT = 2  # the CLI's exit code for an error line
+SETUP_PATIENCE = 600.0  # s: the ranks meet after loading the model, which can take minutes
 
 
 class Watchdog:
@@ -52,13 +53,15 @@ class Watchdog:
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank = timeout, rank
         self._what: str | None = None
-        self._last = time.monotonic()
+        self._last, self._limit = time.monotonic(), timeout
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True, name="edgelora-watchdog").start()
 
-    def arm(self, what: str) -> None:
+    def arm(self, what: str, patience: float | None = None) -> None:
+        """Watch from now; `patience` (default: the timeout) for this phase only."""
         with self._lock:
             self._what, self._last = what, time.monotonic()
+            self._limit = patience or self.timeout
 
     def tick(self) -> None:
         self._last = time.monotonic()
@@ -71,15 +74,15 @@ class Watchdog:
         while True:
             time.sleep(min(1.0, self.timeout / 4))
             with self._lock:
-                what = self._what
+                what, limit = self._what, self._limit
                 silent = time.monotonic() - self._last
-            if what is not None and silent > self.timeout:
-                self._fire(what)
+            if what is not None and silent > limit:
+                self._fire(what, limit)
 
-    def _fire(self, what: str) -> None:
+    def _fire(self, what: str, limit: float) -> None:
         spill.cleanup_now()  # os._exit skips atexit: remove this rank's spill folders first
         sys.stderr.write(
-            f"error: rank {self.rank}: no progress for {self.timeout:g} s during {what}: "
+            f"error: rank {self.rank}: no progress for {limit:g} s during {what}: "
             "another rank died or hangs; spill folders removed; stop all ranks and rerun with "
             "--resume (raise --dist-timeout if one step's forward pass is that slow)\n"
         )
@@ -105,19 +108,17 @@ class World:
         return batches if self.size == 1 else _Shard(batches, self)
 
     def rows_of(self, batch: Batch) -> Batch:
-        """Rows rank, rank + size, ... of a global batch: this rank's share."""
-        if self.size == 1:
-            return batch
-        r, n = self.rank, self.size
-        return Batch(batch.inputs[r::n], batch.targets[r::n], batch.mask[r::n])
+        """This rank's share of a global batch."""
+        return batch if self.size == 1 else rows_of(batch, self.rank, self.size)
 
     @contextmanager
-    def collective(self, what: str) -> Iterator[None]:
-        """A phase that waits on the other ranks: watched, and a lost peer is one line."""
+    def collective(self, what: str, patience: float | None = None) -> Iterator[None]:
+        """A phase that waits on the other ranks: watched (for `patience` seconds without
+        progress, default --dist-timeout), and a lost peer is one line."""
         if self.size == 1:
             yield
             return
-        self.watchdog.arm(what)
+        self.watchdog.arm(what, patience)
         try:
             yield
         except RuntimeError as e:
@@ -215,6 +216,11 @@ def _unflat(buf: mx.array, like: list[mx.array]) -> list[mx.array]:
         out.append(buf[offset : offset + v.size].reshape(v.shape).astype(v.dtype))
         offset += v.size
     return out
+
+
+def rows_of(batch: Batch, rank: int, size: int) -> Batch:
+    """Rows rank, rank + size, ... of a global batch: disjoint over ranks, covering it."""
+    return Batch(batch.inputs[rank::size], batch.targets[rank::size], batch.mask[rank::size])
 
 
 class _Shard:

@@ -165,21 +165,28 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
         step_fn.grad_hook = world.reduce
     shard = world.shard(batches)
     run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
-    position = [0, 0, 0]
+    _start_position(run, batches)
+    return run
+
+
+def _start_position(run: _Run, batches: BatchIterator) -> None:
+    """With --resume rank 0 reads the checkpoint; then every rank holds rank 0's adapter,
+    optimizer state and data position (the other Macs need no copy of --out)."""
+    cfg, world, position = run.cfg, run.world, [0, 0, 0]
     if cfg.resume and world.is_main:
-        saved = checkpoint.load(checkpoint.latest(out), model, opt)
+        saved = checkpoint.load(checkpoint.latest(run.out), run.model, run.opt)
         _check_resume(cfg, saved)
         distributed.check_resume(saved, cfg, world)
         batches.load_state_dict(saved["data"])
         position = [saved["step"], batches.epoch, batches.position]
     mine = distributed.fingerprint(batches)
-    with world.collective("setup"):  # rank 0's adapter, optimizer state, position, data
-        *position, main = world.broadcast(model, opt if cfg.resume else None, position + [mine])
+    with world.collective("setup", max(cfg.dist_timeout, distributed.SETUP_PATIENCE)):
+        opt = run.opt if cfg.resume else None
+        *position, main = world.broadcast(run.model, opt, position + [mine])
     world.check_same_data(main, mine)
     run.start, batches.epoch, batches.position = position
     if cfg.resume:
-        reporter.info(f"resumed from step {run.start} ({out})")
-    return run
+        run.reporter.info(f"resumed from step {run.start} ({run.out})")
 
 
 def _save(run: _Run, step: int, data_state: dict) -> None:
