@@ -55,6 +55,7 @@ class Watchdog:
         self._what: str | None = None
         self._last, self._limit = time.monotonic(), timeout
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="edgelora-watchdog").start()
 
     def arm(self, what: str, patience: float | None = None) -> None:
@@ -70,9 +71,13 @@ class Watchdog:
         with self._lock:
             self._what = None
 
+    def stop(self) -> None:
+        """End the thread (a notebook may train several times in one process)."""
+        self.disarm()
+        self._stop.set()
+
     def _watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout / 4))
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
             with self._lock:
                 what, limit = self._what, self._limit
                 silent = time.monotonic() - self._last
@@ -195,7 +200,7 @@ class World:
 
     def close(self) -> None:
         if self.watchdog is not None:
-            self.watchdog.disarm()
+            self.watchdog.stop()
 
 
 def fingerprint(batches: BatchIterator) -> int:
