@@ -32,6 +32,10 @@ CHAT_TEMPLATE = (
 FAMILY_OVERRIDES = {
     "llama": {},
     "qwen2": {"tie_word_embeddings": True},
+    "mistral": {
+        "sliding_window": 6,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
 }
 
 

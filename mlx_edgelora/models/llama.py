@@ -8,7 +8,7 @@ from .base import Family
 
 
 class Llama(Family):
-    model_types = ("llama",)
+    model_types = ("llama", "mistral")
     gguf_arch = "llama"
 
 
