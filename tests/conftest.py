@@ -36,6 +36,7 @@ FAMILY_OVERRIDES = {
         "sliding_window": 6,
         "layer_types": ["sliding_attention", "full_attention"] * 2,
     },
+    "qwen3": {"head_dim": 24, "tie_word_embeddings": True},
 }
 
 
