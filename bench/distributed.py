@@ -1,7 +1,7 @@
 """Two data-parallel ranks on this machine vs one process: correctness and per-rank peak.
 
 The real embedded SmolLM2-135M-Instruct Q4_1 model, the bundled sample notes, trainer
-defaults (segment engine, spilled boundaries, streamed weights), LoRA r=16, 512 tokens per
+defaults (segment engine, spilled boundaries, streamed weights), LoRA r=16, 256 tokens per
 sequence. Three runs from the same seed, each in fresh processes:
   - 2 ranks x --batch-size 1 (mlx.launch --backend ring on 127.0.0.1),
   - 1 process x --batch-size 1 x --grad-accum 2 (the same rows and the same sums),
@@ -26,7 +26,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-OPTIONS = dict(steps=8, max_seq_len=512, eval_every=4, eval_batches=-1, save_every=4, seed=0)
+OPTIONS = dict(steps=4, max_seq_len=256, eval_every=0, eval_batches=-1, save_every=0, seed=0)
 
 
 def worker(spec: dict) -> None:
