@@ -244,9 +244,13 @@ def _number(v: Any, typ: type, flag: str) -> int | float:
         if abs(int(v)) > _MAX_INT:
             raise UserError(f"{flag} is out of range (got {v!r})")
         return int(v)
-    if abs(v) > _MAX_INT or not math.isfinite(v):
+    try:
+        v = float(v)  # an int beyond float's range overflows
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
         raise UserError(f"{flag} must be a finite number (got {v!r})")
-    return float(v)
+    return v
 
 
 def _field_type(f: dataclasses.Field) -> type:
