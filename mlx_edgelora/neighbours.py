@@ -30,9 +30,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .blocks import head_module
+from .blocks import head_module, head_shape, head_weight_rows
 from .files import atomic_path
-from .loss import head_shape, head_weight_rows
 
 DEFAULT_NEIGHBOURS = 64  # round-robin fill: n x distinct targets is usually >> subset_k
 EXACT_MAX_MACS = 2e12  # CPU: above this many multiply-adds, `auto` uses the approximation
