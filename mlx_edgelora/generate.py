@@ -42,8 +42,10 @@ def generate(
 def load_for_generation(model: str | None, adapter: str | None = None):
     """Load a model (and optionally an adapter) ready for fast generation on this backend."""
     from .loading import load_model
-    from .lora import load_adapters
+    from .lora import check_adapter, load_adapters
 
+    if adapter:
+        check_adapter(adapter)
     loaded = load_model(model)
     if adapter:
         load_adapters(loaded.model, adapter)

@@ -71,6 +71,12 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
@@ -117,7 +123,10 @@ def test_failed_fuse_leaves_the_old_output_and_no_temp_folder(tmp_path, model_di
     assert _digests(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "fused", "model"]
     monkeypatch.undo()
+    dead = _dead_pid()
+    (tmp_path / f".fused.fuse-{dead}-tmp").mkdir()  # what a SIGKILLed fuse leaves
     fuse.fuse(str(model_dir), str(adapter), str(out), overwrite=True)  # replaces ours only
+    assert not (tmp_path / f".fused.fuse-{dead}-tmp").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
 
 
