@@ -87,6 +87,13 @@ FIELDS = [
 ]
 
 
+# Gemma 3's float32 graph step is itself 1.4e-5 (relative) away from a float64 run of the
+# same fixture; the chunked segment step is 0.7e-5 away (its (1 + w) norms, w = 1 at init,
+# double activations four times a block). Graph vs chunked then differ by up to 1.35e-5 with
+# or without the sliding window, and by 0 unchunked; 1e-5 would test float32 rounding.
+REL = {"gemma3_text": 3e-5, "gemma3": 3e-5}
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("arch", NEW)
 def test_segments_match_graph(arch, case, tmp_path):
@@ -97,7 +104,7 @@ def test_segments_match_graph(arch, case, tmp_path):
         got = step(batch)
     finally:
         step.close()
-    assert_same_step(got, ref)
+    assert_same_step(got, ref, REL.get(arch, 1e-5))
     assert list(tmp_path.iterdir()) == []
 
 
