@@ -47,16 +47,12 @@ from .lora import has_active_dropout
 from .spill import BoundaryStore
 from .stream import HEAD, WeightStream
 
-CACHE_POLICIES = ("none", "last")
-
 
 def make_step(model: nn.Module, cfg: TrainConfig, loss_head):
     """The training step the config asks for (see the module docstring)."""
     if cfg.engine == "graph":
         return GraphStep(model, cfg, loss_head)
-    if cfg.engine == "segments":
-        return SegmentStep(model, cfg, loss_head)
-    raise UserError(f"--engine: unknown engine '{cfg.engine}'; use segments or graph")
+    return SegmentStep(model, cfg, loss_head)
 
 
 def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | None = None):
@@ -128,11 +124,6 @@ class SegmentStep:
     """Segment-wise forward, per-segment VJP backward; boundaries in RAM or on disk."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
-        if cfg.cache_policy not in CACHE_POLICIES:
-            raise UserError(
-                f"--cache-policy: unknown policy '{cfg.cache_policy}'; "
-                f"use {' or '.join(CACHE_POLICIES)}"
-            )
         blocks.check_trainable_in_blocks(model)
         self.model, self.cfg, self.loss_head = model, cfg, loss_head
         us, k = units(len(blocks.layers(model)), cfg.split_blocks), cfg.checkpoint_every

@@ -296,9 +296,7 @@ def make_loss_head(model: nn.Module, kind: str, cfg: Any) -> LossHead:
         )
     if kind == "chunked":
         return LossHead(model, kind, lambda x, t: chunked_ce(x, t, model, cfg.vocab_chunk))
-    if kind == "subset":
-        return LossHead(model, kind, subset_loss(model, cfg))
-    raise UserError(f"--loss: unknown loss '{kind}'; choose full, chunked or subset")
+    return LossHead(model, kind, subset_loss(model, cfg))
 
 
 def subset_loss(model: nn.Module, cfg: Any, table: np.ndarray | None = None) -> CrossEntropy:
@@ -316,8 +314,6 @@ def subset_loss(model: nn.Module, cfg: Any, table: np.ndarray | None = None) -> 
             return subset_tail_ce(x, t, s, model, scores) if tail else subset_ce(x, t, s, model)
 
         return ce
-    if fill != "neighbours":
-        raise UserError(f"--subset-fill: unknown fill '{fill}'; choose predicted or neighbours")
     if table is None and k < V:
         table = neighbour_table(model)
     if table is None:

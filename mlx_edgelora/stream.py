@@ -39,7 +39,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import blocks
 from .blocks import HALVES
 from .errors import UserError
-from .spill import private_folder, register_cleanup, require_free_space, unregister_cleanup
+from .files import require_free_space
+from .spill import private_folder, register_cleanup, unregister_cleanup
 
 LORA_NAMES = ("lora_a", "lora_b")
 HEAD = "head"  # the unit holding the embedding and (untied) LM head
@@ -102,7 +103,12 @@ class WeightStream:
         units = [k for k in units + ([HEAD] if head else []) if k not in self._empty]
         nbytes = sum(v.nbytes for i in units for v in self._frozen(i).values())
         try:
-            require_free_space(self.folder, nbytes, "streamed weights", "--no-stream-weights")
+            require_free_space(
+                self.folder,
+                nbytes,
+                "streamed weights",
+                "use --spill-dir on a bigger disk or --no-stream-weights",
+            )
         except UserError:
             self.close()  # nothing was moved yet: the model still holds every weight
             raise
