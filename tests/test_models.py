@@ -121,7 +121,7 @@ def test_loss_heads_equal_the_full_logits_loss(arch):
         assert got == pytest.approx(want, rel=1e-5), kind
 
 
-@pytest.mark.parametrize("arch", NEW)
+@pytest.mark.parametrize("arch", ALL)
 def test_int4_mlx_folder_and_hugging_face_id_load_every_family(tmp_path, monkeypatch, arch):
     """An mlx-community style 4-bit folder, by path and by repo id (from a local Hugging Face
     cache, offline), gives mlx-lm's logits of the same model."""

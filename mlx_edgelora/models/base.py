@@ -58,9 +58,11 @@ class Family:
         "mlp": ("post_attention_layernorm", "mlp"),
     }
     qk_norm = False  # per-head RMSNorm of queries and keys before RoPE (attn.q_norm/k_norm)
-    # Hook for gguf.py: the GGUF `general.architecture` this family reads, and llama.cpp's
-    # block tensor names -> ours (None: no GGUF support declared here).
+    # Hooks for gguf.py: the GGUF `general.architecture` this family reads (None: none),
+    # llama.cpp's block tensor names -> ours, and a shift added to every norm weight read
+    # from a GGUF (llama.cpp stores Gemma's (1 + w) norms as 1 + w).
     gguf_arch: str | None = None
+    gguf_norm_shift = 0.0
     gguf_block_tensors: dict[str, str] = {
         "attn_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",

@@ -29,6 +29,7 @@ class Gemma3(Family):
     }
     qk_norm = True
     gguf_arch = "gemma3"
+    gguf_norm_shift = -1.0  # convert_hf_to_gguf.py writes Gemma 3 norm weights as w + 1
     gguf_block_tensors = {
         **Family.gguf_block_tensors,
         "attn_q_norm": "self_attn.q_norm",
