@@ -141,8 +141,7 @@ class Family:
 
     def window(self, model: nn.Module, i: int) -> int | None:
         """Block i's sliding attention window in tokens, None for full causal attention."""
-        layer = self.layers(model)[i]
-        return self.args(model).sliding_window if getattr(layer, "use_sliding", False) else None
+        return None
 
     def block_call(self, model: nn.Module, i: int, x: mx.array) -> mx.array:
         """mlx-lm's own call of block i on x [B, L, D] (no cache): the reference."""
