@@ -1,0 +1,226 @@
+"""Hostile input: malformed files, odd folders, hung hosts and hostile templates.
+
+Each case reproduces a probe of issue 15 (no input crashes the process, every failure is one
+clear line). Cases that could kill or hang the interpreter run in a subprocess, so a native
+crash shows up as a negative return code and a hang as a timeout instead of taking the test
+run down.
+"""
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+# isort: off
+import mlx_edgelora  # noqa: F401  (must precede mlx: it preloads OpenBLAS)
+
+# isort: on
+import numpy as np
+import pytest
+
+from mlx_edgelora.errors import UserError
+from mlx_edgelora.gguf_header import GGML_TYPES, read_header
+
+gguf = pytest.importorskip("gguf", reason="the `gguf` package (dev extra) writes the test files")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+# --- GGUF header (item 7, and item 10's type 99 / zero dimension) -------------------------
+
+
+def _write_valid_gguf(path: Path) -> None:
+    """A small GGUF with F32, F16 and Q8_0 tensors and scalar, string and array metadata."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_custom_alignment(64)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<s>", "a", "b", "ab"])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_chat_template("{{ messages }}")
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((8, 32), dtype=np.float32))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, np.float16))
+    q8 = gguf.quants.quantize(
+        rng.standard_normal((4, 64), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0
+    )
+    w.add_tensor("blk.0.attn_q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _layout(path: Path) -> dict:
+    """Byte positions of the fields the mutations aim at, found by the `gguf` package's own
+    reader so that they do not depend on the parser under test."""
+    reader = gguf.GGUFReader(str(path))
+    tensors = []
+    for t in reader.tensors:  # u64 name length, name, u32 n_dims, u64 dims, u32 type, u64 offset
+        n_dims = t.field.offset + 8 + len(t.name.encode())
+        type_pos = n_dims + 4 + 8 * len(t.shape)
+        tensors.append(
+            {"start": t.field.offset, "n_dims": n_dims, "dims": n_dims + 4, "type": type_pos}
+        )
+        tensors[-1]["offset"] = type_pos + 4
+    fields = {  # key -> position of its u32 value type
+        key: f.offset + 8 + len(key.encode())
+        for key, f in reader.fields.items()
+        if not key.startswith("GGUF.")
+    }
+    return {"tensors": tensors, "fields": fields, "data": reader.tensors[0].data_offset}
+
+
+@pytest.fixture(scope="module")
+def valid_gguf(tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("gguf") / "valid.gguf"
+    _write_valid_gguf(path)
+    return path, _layout(path)
+
+
+def _put(data: bytes, pos: int, fmt: str, value) -> bytes:
+    raw = struct.pack(fmt if fmt[0] in "<>" else "<" + fmt, value)
+    return data[:pos] + raw + data[pos + len(raw) :]
+
+
+def _named_mutants(data: bytes, lay: dict) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, a phrase the validator's message must contain)."""
+    t0, t1 = lay["tensors"][0], lay["tensors"][2]
+    tokens = lay["fields"]["tokenizer.ggml.tokens"]
+    rng = random.Random(7)
+    noise = bytes(rng.randrange(256) for _ in range(lay["data"] - t0["start"]))
+    return {
+        "n_dims=200": (_put(data, t0["n_dims"], "I", 200), "has 200 dims"),
+        "n_dims=0": (_put(data, t0["n_dims"], "I", 0), "has 0 dims"),
+        "name length 2^40": (_put(data, t0["start"], "Q", 2**40), "needs 1099511627776 bytes"),
+        "type 99": (_put(data, t1["type"], "I", 99), "unknown type 99"),
+        "zero dimension": (_put(data, t1["dims"] + 8, "Q", 0), "zero dimension"),
+        "huge dimension": (_put(data, t1["dims"] + 8, "Q", 2**62), "runs past the end"),
+        "offset past EOF": (_put(data, t1["offset"], "Q", 64 * 2**20), "runs past the end"),
+        "offset unaligned": (_put(data, t1["offset"], "Q", 65), "not a multiple of 64"),
+        "tensor count 2^60": (_put(data, 8, "Q", 2**60), "tensor count"),
+        "metadata count 2^60": (_put(data, 16, "Q", 2**60), "metadata count"),
+        "metadata type 99": (_put(data, tokens, "I", 99), "unknown value type 99"),
+        "string array of 2^62": (_put(data, tokens + 8, "Q", 2**62), "does not fit"),
+        "nested array": (_put(data, tokens + 4, "I", 9), "element type 9"),
+        "alignment 48": (
+            _put(data, lay["fields"]["general.alignment"] + 4, "I", 48),
+            "power of two",
+        ),
+        "bad magic": (b"GGUX" + data[4:], "does not start with 'GGUF'"),
+        "version 1": (_put(data, 4, "I", 1), "version 1"),
+        "big-endian": (_put(data, 4, ">I", 3), "big-endian"),
+        "cut in tensor info": (data[: t1["start"] + 5], "left in the file"),
+        "cut in tensor data": (data[:-100], "runs past the end"),  # > the 64-byte padding
+        "random tensor info": (data[: t0["start"]] + noise + data[lay["data"] :], ""),
+        "empty": (b"", "shorter than a GGUF header"),
+    }
+
+
+def _seeded_mutants(data: bytes, lay: dict, n: int = 40) -> list[bytes]:
+    """Random damage to the header and tensor-info area (bytes before the tensor data)."""
+    out = []
+    for seed in range(n):
+        rng = random.Random(seed)
+        pos = rng.randrange(lay["data"])
+        kind = seed % 5
+        if kind == 0:  # one random byte
+            out.append(data[:pos] + bytes([rng.randrange(256)]) + data[pos + 1 :])
+        elif kind == 1:  # a huge u64 (a length, count, dim or offset)
+            out.append(_put(data, min(pos, len(data) - 8), "Q", rng.randrange(2**32, 2**64)))
+        elif kind == 2:  # a small u32 (a type, n_dims or a low length word)
+            out.append(_put(data, min(pos, len(data) - 4), "I", rng.randrange(300)))
+        elif kind == 3:  # a run of random bytes
+            run = bytes(rng.randrange(256) for _ in range(16))
+            out.append(data[:pos] + run + data[pos + 16 :])
+        else:  # truncated inside the header
+            out.append(data[:pos])
+    return out
+
+
+_LOAD_EACH = textwrap.dedent(
+    """
+    import sys
+    import mlx_edgelora
+    from mlx_edgelora.errors import UserError
+    from mlx_edgelora.gguf import load_gguf
+
+    for path in sys.argv[1:]:
+        try:
+            load_gguf(path)
+            outcome = "ok"
+        except UserError as e:
+            outcome = "user-error " + str(e)
+        except Exception as e:
+            outcome = f"EXCEPTION {type(e).__name__}: {e}"
+        print(path, "\\t", outcome.replace("\\n", "<NEWLINE>"), flush=True)
+    """
+)
+
+
+def test_ggml_type_table_matches_the_gguf_package():
+    sizes = {int(t): v for t, v in gguf.constants.GGML_QUANT_SIZES.items()}
+    names = {int(t): t.name for t in gguf.GGMLQuantizationType}
+    assert {i: (n, b, s) for i, (n, b, s) in GGML_TYPES.items()} == {
+        i: (names[i], *sizes[i]) for i in sizes
+    }
+
+
+def test_valid_gguf_header_agrees_with_the_gguf_package(valid_gguf):
+    path, _ = valid_gguf
+    header = read_header(str(path))
+    reader = gguf.GGUFReader(str(path))
+    ours = [
+        (t.name, t.type_id, t.dims, header.data_offset + t.offset, t.nbytes) for t in header.tensors
+    ]
+    theirs = [
+        (t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), t.data_offset, t.n_bytes)
+        for t in reader.tensors
+    ]
+    assert ours == theirs
+    assert header.metadata["general.alignment"] == 64
+    assert header.metadata["tokenizer.ggml.tokens"] == 4  # arrays: their length
+
+
+def test_named_gguf_faults_are_one_line_user_errors(valid_gguf, tmp_path):
+    path, lay = valid_gguf
+    for name, (data, phrase) in _named_mutants(path.read_bytes(), lay).items():
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(UserError) as e:
+            read_header(str(bad))
+            pytest.fail(f"{name}: accepted")
+        msg = str(e.value)
+        assert phrase in msg and str(bad) in msg and "\n" not in msg, (name, msg)
+
+
+def test_fuzzed_gguf_never_crashes_the_process(valid_gguf, tmp_path):
+    """Named and seeded mutants all loaded in one subprocess: a SIGSEGV fails the test."""
+    path, lay = valid_gguf
+    data = path.read_bytes()
+    mutants = [d for d, _ in _named_mutants(data, lay).values()] + _seeded_mutants(data, lay)
+    paths = []
+    for i, d in enumerate(mutants):
+        paths.append(tmp_path / f"m{i:03d}.gguf")
+        paths[-1].write_bytes(d)
+    run = subprocess.run(
+        [sys.executable, "-c", _LOAD_EACH, str(path), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert run.returncode == 0, f"killed by signal {-run.returncode}: {run.stderr[-2000:]}"
+    outcomes = [line.split("\t", 1)[1].strip() for line in run.stdout.splitlines()]
+    assert len(outcomes) == len(paths) + 1
+    assert outcomes[0].startswith("user-error") and "lacks" in outcomes[0]  # read, then judged
+    assert all(o.startswith(("ok", "user-error")) for o in outcomes), outcomes
