@@ -224,3 +224,90 @@ def test_fuzzed_gguf_never_crashes_the_process(valid_gguf, tmp_path):
     assert len(outcomes) == len(paths) + 1
     assert outcomes[0].startswith("user-error") and "lacks" in outcomes[0]  # read, then judged
     assert all(o.startswith(("ok", "user-error")) for o in outcomes), outcomes
+
+
+# --- model folders that ship their own code (item 12) -------------------------------------
+
+_EVIL = "open({marker!r}, 'w').write('ran')\nclass EvilTokenizer: pass\nclass EvilConfig: pass\n"
+
+
+def _plant_code(folder: Path) -> Path:
+    marker = folder.parent / "code-ran"
+    (folder / "evil.py").write_text(_EVIL.format(marker=str(marker)))
+    return marker
+
+
+def test_tokenizer_auto_map_is_refused_and_nothing_runs(tmp_path):
+    from conftest import write_tiny_model_dir
+
+    from mlx_edgelora.loading import load_model
+
+    folder = write_tiny_model_dir(tmp_path / "model")
+    marker = _plant_code(folder)
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(UserError, match="auto_map.*never runs") as e:
+        load_model(str(folder))
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_config_auto_map_loads_builtin_classes_and_runs_nothing(tmp_path):
+    """config.json's auto_map is ignored (trust_remote_code=False): the built-in Llama
+    classes load and the folder's Python never runs."""
+    from conftest import write_tiny_model_dir
+
+    from mlx_edgelora.loading import load_model
+
+    folder = write_tiny_model_dir(tmp_path / "model")
+    marker = _plant_code(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config.pop("tokenizer_class", None)  # so that transformers consults config.json
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    loaded = load_model(str(folder))
+    assert loaded.tokenizer.encode("hi") and not marker.exists()
+
+
+# --- hangs (item 11) -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_host():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_model_host_that_never_answers_is_a_one_line_timeout(silent_host, tmp_path):
+    env = _env(
+        HF_ENDPOINT=silent_host,
+        HF_HUB_DOWNLOAD_TIMEOUT="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE=None,  # this test only: the "network" is the local silent host
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_edgelora.generate", "--model", "someone/model", "--prompt", "hi"],
+        capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().count("\n") == 0
+    assert f"{silent_host} did not answer within 1 s" in run.stderr
