@@ -27,6 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
+RENDER_LIMIT_S = 10  # one conversation renders in milliseconds; a template loop never ends
 _SCHEMAS = 'one of {"text"}, {"prompt", "completion"} or {"messages"}'
 
 
@@ -202,7 +206,7 @@ def prompt_completion_example(prompt: str, completion: str, source: str, tokeniz
 def chat_example(messages: object, source: str, tokenizer) -> Example:
     """Chat-template rendering; only assistant contents + their end-of-turn token trainable."""
     _check_messages(messages, tokenizer)
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = render_chat(tokenizer, messages, generation_prompt=False)
     mask = [False] * len(full)
     end_ids = _end_ids(tokenizer)
     for i, message in enumerate(messages):
@@ -233,23 +237,61 @@ def _check_messages(messages: object, tokenizer) -> None:
 
 
 def _prefix(tokenizer, messages: list, full: list[int], generation_prompt: bool) -> list[int]:
-    tokens = _render(tokenizer, messages, generation_prompt)
+    tokens = render_chat(tokenizer, messages, generation_prompt)
     if full[: len(tokens)] != tokens:
         raise BadRecord("chat template is not prefix-consistent for this conversation")
     return tokens
 
 
-def _render(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+class _RenderTimeout(BaseException):
+    """Raised by the alarm inside a template; a BaseException so no template code catches it."""
+
+
+def render_chat(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template, time-bounded.
+
+    Templates are model-supplied code run in transformers' jinja sandbox: an error they
+    raise (a sandbox SecurityError included) is a BadRecord; one that runs past
+    RENDER_LIMIT_S (nested loops stay inside the sandbox's range limit, yet can run for hours)
+    is a UserError, since every later render would hang the same way.
+    """
     try:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt
-        )
-    # Templates are model-supplied code: any error they raise makes this record unusable.
-    except Exception as e:  # noqa: BLE001
-        raise BadRecord(f"chat template failed ({type(e).__name__}: {e})") from None
+        with _time_limit(RENDER_LIMIT_S):
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=generation_prompt
+            )
+    except _RenderTimeout:
+        raise UserError(
+            f"the model's chat template did not finish within {RENDER_LIMIT_S} s (a loop in "
+            "the template?); fix its chat_template, or use text / prompt-completion data "
+            "with a model without one (generate: --raw)"
+        ) from None
+    except Exception as e:  # noqa: BLE001  (any error of model-supplied code)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise BadRecord(f"chat template failed ({type(e).__name__}: {reason})") from None
     if not isinstance(out, list):  # a BatchEncoding from some tokenizer versions
         out = out["input_ids"]
     return [int(t) for t in out]
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise _RenderTimeout in this block after `seconds` (main thread with SIGALRM only;
+    elsewhere the block runs unbounded, as signals cannot reach other threads)."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _encode(tokenizer, text: str, specials: bool) -> list[int]:

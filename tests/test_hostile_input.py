@@ -305,9 +305,71 @@ def test_model_host_that_never_answers_is_a_one_line_timeout(silent_host, tmp_pa
         HF_HUB_OFFLINE=None,  # this test only: the "network" is the local silent host
     )
     run = subprocess.run(
-        [sys.executable, "-m", "mlx_edgelora.generate", "--model", "someone/model", "--prompt", "hi"],
-        capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlx_edgelora.generate",
+            "--model",
+            "someone/model",
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().count("\n") == 0
     assert f"{silent_host} did not answer within 1 s" in run.stderr
+
+
+# --- hostile chat templates (items 10 and 11) ---------------------------------------------
+
+_BLOCKED = "{{ ''.__class__.__mro__ }}"  # the jinja sandbox refuses underscore attributes
+_ENDLESS = (  # each range is inside the sandbox's limit; together 10^10 iterations
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+)
+
+
+def _templated_tokenizer(tmp_path: Path, template: str):
+    from conftest import make_tiny_tokenizer
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    fast = make_tiny_tokenizer(tmp_path / "tok")
+    fast.chat_template = template
+    return TokenizerWrapper(fast)
+
+
+def _loaded(tokenizer):
+    from types import SimpleNamespace
+
+    from conftest import build_tiny_model
+
+    return SimpleNamespace(model=build_tiny_model()[0], tokenizer=tokenizer, source="tiny-model")
+
+
+def test_generate_with_a_sandbox_blocked_template_is_one_line(tmp_path):
+    from mlx_edgelora.generate import generate
+
+    loaded = _loaded(_templated_tokenizer(tmp_path, _BLOCKED))
+    with pytest.raises(UserError, match=r"tiny-model: chat template failed \(SecurityError") as e:
+        generate(loaded, "hi", max_tokens=2)
+    assert "--raw" in str(e.value) and "\n" not in str(e.value)
+    assert generate(loaded, "hi", max_tokens=2, chat=False) is not None  # --raw still works
+
+
+def test_endless_template_is_stopped_in_generate_and_in_data(tmp_path, monkeypatch):
+    from mlx_edgelora import data
+    from mlx_edgelora.generate import generate
+
+    monkeypatch.setattr(data, "RENDER_LIMIT_S", 0.5)
+    tokenizer = _templated_tokenizer(tmp_path, _ENDLESS)
+    with pytest.raises(UserError, match="did not finish within 0.5 s"):
+        generate(_loaded(tokenizer), "hi", max_tokens=2)
+    chats = tmp_path / "chats.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chats.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(UserError, match="did not finish within 0.5 s"):
+        data.load_documents(str(chats), tokenizer)
