@@ -105,12 +105,13 @@ def fuse(
     """
     from mlx_lm.utils import save_config, save_model
 
-    from .loading import load_model
+    from .loading import describe_source, load_model
     from .lora import load_adapters
 
     saved_model, saved_quantize = trained_on(adapter)
     base = model or saved_model
     folder = check_out(out, overwrite, inside=base)
+    print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
     loaded = load_model(base, quantize or saved_quantize)
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)

@@ -76,6 +76,19 @@ def load_model(model: str | None = None, quantize: int | None = None) -> LoadedM
     return LoadedModel(net, tokenizer, config, path, kind)
 
 
+def describe_source(model: str | None) -> str:
+    """Where `model` will be loaded from, in words: said before a load that may download."""
+    source, kind = _resolve(model)
+    if kind == "hf":
+        from huggingface_hub import constants
+
+        return (
+            f"Hugging Face repo {source}, downloaded from {constants.ENDPOINT} unless already "
+            "in the local cache (HF_HUB_OFFLINE=1 forbids the download)"
+        )
+    return f"local {'GGUF file' if kind == 'gguf' else 'model folder'} {source}"
+
+
 def _resolve(model: str | None) -> tuple[str, str]:
     """(source, kind) for a --model value; a missing local path is an error, not an HF id."""
     if model is None:

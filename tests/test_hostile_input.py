@@ -373,3 +373,131 @@ def test_endless_template_is_stopped_in_generate_and_in_data(tmp_path, monkeypat
     chats.write_text(json.dumps({"messages": turns}) + "\n")
     with pytest.raises(UserError, match="did not finish within 0.5 s"):
         data.load_documents(str(chats), tokenizer)
+
+
+# --- data paths: symlinks, FIFOs (items 11 and 13) ----------------------------------------
+
+
+def _data_tree(tmp_path: Path) -> Path:
+    """A --data folder with links inside and outside it, a link loop and a FIFO."""
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "notes").mkdir(parents=True)
+    (root / ".archive").mkdir()
+    elsewhere.mkdir()
+    (root / "notes" / "a.md").write_text("alpha notes")
+    (root / ".archive" / "old.md").write_text("archived notes")
+    (elsewhere / "secret.txt").write_text("not yours to train on")
+    (root / "notes" / "again.md").symlink_to(root / "notes" / "a.md")  # same file: read once
+    (root / "archived.md").symlink_to(root / ".archive" / "old.md")  # inside: followed
+    (root / "archive").symlink_to(root / ".archive")  # folder inside: entered
+    (root / "loop").symlink_to(root)  # a link back to the top: never loops
+    (root / "stolen.txt").symlink_to(elsewhere / "secret.txt")  # file outside: skipped
+    (root / "outside").symlink_to(elsewhere)  # folder outside: skipped
+    os.mkfifo(root / "pipe.jsonl")  # opening it would wait for a writer forever
+    return root
+
+
+def test_data_links_follow_inside_skip_outside_and_fifos(tmp_path, tiny_tokenizer, caplog):
+    import logging
+
+    from mlx_edgelora.data import OUTSIDE, SPECIAL, find_files, load_documents
+
+    root = _data_tree(tmp_path)
+    files, passed_over = find_files(root)  # never opens a file: a FIFO here cannot hang
+    assert [f.relative_to(root).as_posix() for f in files] == [
+        "archive/old.md",
+        "notes/a.md",
+    ]
+    assert passed_over[OUTSIDE] == ["outside/", "stolen.txt"]
+    assert passed_over[SPECIAL] == ["pipe.jsonl"]
+    with caplog.at_level(logging.INFO, logger="mlx_edgelora.data"):
+        docs = load_documents(str(root), tiny_tokenizer)
+    assert sorted(d.source for d in docs) == ["archive/old.md", "notes/a.md"]
+    summary = caplog.records[-1].getMessage()
+    assert "2 links leading outside the folder" in summary and "1 FIFOs" in summary
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "stolen.txt" in warned and "pipe.jsonl" in warned
+
+
+def test_data_fifo_given_directly_is_not_opened(tmp_path, tiny_tokenizer):
+    os.mkfifo(tmp_path / "pipe.txt")
+    from mlx_edgelora.data import load_documents
+
+    with pytest.raises(UserError, match="no usable"):
+        load_documents(str(tmp_path / "pipe.txt"), tiny_tokenizer)
+
+
+# --- data outside the memory plan (item 9) ------------------------------------------------
+
+
+def test_oversized_records_are_skipped_with_their_size(
+    tmp_path, tiny_tokenizer, caplog, monkeypatch
+):
+    import logging
+
+    from mlx_edgelora import data
+
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 4096)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "book.txt").write_text("word " * 2000)  # 10 000 bytes
+    (root / "ok.txt").write_text("short note")
+    huge = json.dumps({"text": "x" * 3 * 2**20})  # 3 MB: stepped over, never read whole
+    lines = [json.dumps({"text": "fine"}), huge, json.dumps({"text": "fine too"})]
+    (root / "r.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger="mlx_edgelora.data"):
+        docs = data.load_documents(str(root), tiny_tokenizer)
+    assert [d.source for d in docs] == ["ok.txt", "r.jsonl:1", "r.jsonl:3"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    (book,) = [w for w in warnings if "book.txt" in w]
+    assert "10,000 bytes, above the 4 KB limit" in book and "split it into files" in book
+    (record,) = [w for w in warnings if "limit per record" in w]
+    assert (
+        "r.jsonl" in record
+        and f"line 2: {len(huge) + 1:,} bytes" in record
+        and "split each" in record
+    )
+
+
+def test_jsonl_lines_bounded_reader_steps_over_a_long_line(tmp_path, monkeypatch):
+    from mlx_edgelora import data
+
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 10)
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b"0123456789\n" + b"y" * 25 + b"\nshort\n" + b"z" * 11)
+    got = [(n, raw, size) for n, raw, size in data._jsonl_lines(f)]
+    assert got == [(1, b"0123456789\n", 11), (2, None, 26), (3, b"short\n", 6), (4, None, 11)]
+
+
+def test_memory_plan_counts_the_token_store(tmp_path, tiny_tokenizer):
+    from conftest import build_tiny_model
+
+    from mlx_edgelora import TrainConfig, plan
+    from mlx_edgelora.dataset import load_dataset
+
+    (tmp_path / "a.txt").write_text("some notes " * 200)
+    cfg = TrainConfig(max_seq_len=32, val_fraction=0.0)
+    data = load_dataset(str(tmp_path), tiny_tokenizer, cfg)
+    n_rows = len(data.train_rows)
+    assert data.token_bytes() == n_rows * 33 * (4 + 1)  # int32 tokens + bool mask per row
+    model, _ = build_tiny_model()
+    without = plan.estimate(model, cfg)
+    with_store = plan.estimate(model, cfg, token_bytes=data.token_bytes())
+    assert with_store.parts["token store"] == pytest.approx(data.token_bytes() / plan.GB)
+    assert with_store.total_gb == pytest.approx(without.total_gb + data.token_bytes() / plan.GB)
+
+
+# --- fuse says where its base comes from (item 13) ----------------------------------------
+
+
+def test_fuse_says_where_the_base_comes_from_before_loading(tmp_path, capsys):
+    from mlx_edgelora.fuse import main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"fine_tune_type": "lora", "edgelora": {"model": "someone/hub-model"}}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2  # offline
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("fuse: base model: Hugging Face repo someone/hub-model, downloaded")
+    assert err[1].startswith("error: --model someone/hub-model")
