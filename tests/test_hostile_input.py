@@ -203,6 +203,20 @@ def test_named_gguf_faults_are_one_line_user_errors(valid_gguf, tmp_path):
         assert phrase in msg and str(bad) in msg and "\n" not in msg, (name, msg)
 
 
+@pytest.mark.parametrize("case", ["type 99", "zero dimension", "n_dims=200"])
+def test_load_model_on_a_bad_tensor_record_is_one_line(valid_gguf, tmp_path, case):
+    """Through the public loader too (safe in-process: the header check runs before MLX)."""
+    from mlx_edgelora.loading import load_model
+
+    path, lay = valid_gguf
+    data, phrase = _named_mutants(path.read_bytes(), lay)[case]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(UserError, match=phrase) as e:
+        load_model(str(bad))
+    assert "\n" not in str(e.value)
+
+
 def test_fuzzed_gguf_never_crashes_the_process(valid_gguf, tmp_path):
     """Named and seeded mutants all loaded in one subprocess: a SIGSEGV fails the test."""
     path, lay = valid_gguf
