@@ -93,7 +93,7 @@ def fuse(
     """
     from mlx_lm.utils import save_config, save_model
 
-    from .loading import load_model
+    from .loading import describe_source, load_model
     from .lora import check_adapter, load_adapters
     from .spill import sweep_stale
 
@@ -101,6 +101,7 @@ def fuse(
     saved = saved if isinstance(saved, dict) else {}
     base = model or saved.get("model")
     folder = check_out(out, overwrite, inside=base)
+    print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
     loaded = load_model(base, quantize or saved.get("quantize"))
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)

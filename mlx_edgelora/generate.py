@@ -26,13 +26,15 @@ def generate(
     from mlx_lm.sample_utils import make_sampler
 
     from . import quant
+    from .data import BadRecord, render_chat
 
     quant.prepare_for_training(loaded.model)  # backend's fast kernel; idempotent
     tok = loaded.tokenizer
     if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True
-        )
+        try:
+            ids = render_chat(tok, [{"role": "user", "content": prompt}], True)
+        except BadRecord as e:
+            raise UserError(f"{loaded.source}: {e}; pass --raw for plain continuation") from None
     else:
         ids = tok.encode(prompt)
     mx.random.seed(seed)

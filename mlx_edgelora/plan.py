@@ -109,8 +109,14 @@ def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 / GB
 
 
-def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0) -> MemoryPlan:
-    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`."""
+def estimate(
+    model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0, token_bytes: int = 0
+) -> MemoryPlan:
+    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`.
+
+    `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
+    the whole run; on a Mac it shares the same unified memory as the step.
+    """
     s = blocks.shape(model)
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
@@ -126,6 +132,8 @@ def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
         parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
+    if token_bytes:
+        parts["token store"] = token_bytes / GB
     return MemoryPlan(parts)
 
 
@@ -141,6 +149,7 @@ def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
         "segment recompute": "smaller --attn-chunk/--mlp-chunk or --checkpoint-every 1",
         "loss head": "--loss subset or a smaller --vocab-chunk",
         "LoRA + optimizer": "a smaller --rank or fewer --lora-keys",
+        "token store": "less --data",
     }.get(biggest, "a smaller --max-seq-len")
     raise UserError(
         f"--memory-budget-gb {cfg.memory_budget_gb}: planned peak is {plan.total_gb:.2f} GB "

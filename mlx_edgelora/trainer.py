@@ -205,7 +205,7 @@ def _setup(
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
     quant.prepare_for_training(model)
-    memory_plan = plan.estimate(model, cfg, data.trainable_fraction())
+    memory_plan = plan.estimate(model, cfg, data.trainable_fraction(), data.token_bytes())
     reporter.info(memory_plan.describe())
     plan.check_budget(memory_plan, cfg)
     _check_disk(out, model)
