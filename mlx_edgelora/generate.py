@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .errors import UserError
 
 

@@ -1,8 +1,8 @@
 """Progress line, peak memory and the metrics log of a training run.
 
 Peak memory is MLX's own allocator peak (`mx.get_peak_memory`), the figure the paper reports.
-Every step's record also goes to <out>/metrics.jsonl so curves can be plotted afterwards,
-and with --report-to to wandb or TensorBoard.
+Every step's record also goes to <out>/metrics.jsonl (strict JSON, one object a line) so
+curves can be plotted afterwards, and with --report-to to wandb or TensorBoard.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Reporter:
     total_steps: int
     log_path: Path | None = None
     stream: TextIO = sys.stdout
-    on_record: Callable[[dict], None] | None = None
+    sinks: list[Callable[[dict], None]] = field(default_factory=list)  # --report-to trackers
     history: list[dict] = field(default_factory=list)
     _t0: float = field(default_factory=time.perf_counter)
     _first_step: int | None = None
@@ -97,11 +97,15 @@ class Reporter:
 
     def _log(self, rec: dict) -> None:
         self.history.append(rec)
-        if self.on_record:
-            self.on_record(rec)
-        if self.log_path:
+        for send in self.sinks:
+            send(rec)
+        if self.log_path:  # strict JSON: a non-finite value is written as null, never NaN
+            clean = {
+                k: v if not isinstance(v, float) or math.isfinite(v) else None
+                for k, v in rec.items()
+            }
             with open(self.log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 # --- optional trackers (--report-to) -------------------------------------------------------
@@ -123,14 +127,7 @@ def attach_tracker(reporter: Reporter, report_to: str, out: Path, config: dict) 
         raise UserError(
             f"--report-to {report_to}: the package is not installed; run `{_PIP[report_to]}`"
         ) from None
-    previous = reporter.on_record
-
-    def on_record(rec: dict) -> None:
-        if previous:
-            previous(rec)
-        send(rec)
-
-    reporter.on_record = on_record
+    reporter.sinks.append(send)
 
 
 def _wandb(out: Path, config: dict) -> Callable[[dict], None]:
