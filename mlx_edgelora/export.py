@@ -132,7 +132,8 @@ def export(
     quantize: int | None = None,
 ) -> Path:
     """Write model.gguf (or adapter.gguf with `lora_only`) and a Modelfile into `out`."""
-    from .fuse import fuse_lora, prepare_out, trained_on
+    from .files import check_out, make_folder, write_text_atomic
+    from .fuse import fuse_lora, trained_on
     from .gguf_write import TYPES, arch_of
     from .loading import load_model
     from .lora import load_adapters
@@ -141,11 +142,12 @@ def export(
     if qtype not in TYPES:
         raise UserError(f"--type must be one of {', '.join(TYPES)} (got {qtype})")
     acfg = _check_adapter_kind(adapter)
-    folder = prepare_out(out, overwrite)
     saved_model, saved_quantize = trained_on(adapter)
+    folder = check_out(out, overwrite, inside=model or saved_model)
     loaded = load_model(model or saved_model, quantize or saved_quantize)
     arch_of(loaded.config)  # refuse an unsupported family before any work
     load_adapters(loaded.model, adapter)
+    make_folder(folder)
     if lora_only:
         path = write_lora(loaded, acfg, folder / ADAPTER_GGUF)
         base = loaded.source if loaded.kind == "gguf" else "./base.gguf"
@@ -156,7 +158,7 @@ def export(
         fuse_lora(loaded.model, dequantize=True, rest=False)
         path = write_model(loaded, folder / MODEL_FILE, qtype)
         text = modelfile(f"./{path.name}", loaded.tokenizer.chat_template, _stops(loaded.tokenizer))
-    (folder / MODELFILE).write_text(text)
+    write_text_atomic(folder / MODELFILE, text)
     return path
 
 

@@ -13,9 +13,8 @@ memory is one tensor, not the model.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -24,34 +23,40 @@ import numpy as np
 from mlx import nn
 
 from .errors import UserError
-from .gguf import _BLOCK, _TOP  # the load-side names this file inverts
+from .files import atomic_path
+from .gguf import _TOP  # the load-side names this file inverts
+from .models import lookup
 
 Q = gguf.GGMLQuantizationType
+_GGUF_NAME = {v: k for k, v in _TOP.items()}
 TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 # general.file_type for each --type (llama.cpp's LLAMA_FTYPE values)
 FILE_TYPES = {Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7, Q.BF16: 32}
 
 
+# llama.cpp's converter interleaves Q/K rows for rotary only for these GGUF architectures.
+PERMUTED_QK = {"llama"}
+# Families whose GGUF layout needs more than a name table (e.g. Gemma 3 stores norms as 1 + w).
+NOT_YET = {"gemma3"}
+
+
 @dataclass(frozen=True)
 class Arch:
-    """What differs per family on the way out. Add a family = add one row to ARCHS."""
+    """What the writer needs of a family: read off its registry entry (models/)."""
 
-    permute_qk: bool  # llama.cpp's converter interleaves Q/K rows for rotary (llama only)
-    extra_block: dict = field(default_factory=dict)  # mlx-lm block path -> GGUF name
-
-
-ARCHS = {
-    "llama": Arch(permute_qk=True),
-    "qwen2": Arch(permute_qk=False),
-}
-_GGUF_NAME = {v: k for k, v in _TOP.items()}
+    name: str  # GGUF general.architecture
+    permute_qk: bool
+    block_names: dict  # mlx-lm block path -> llama.cpp tensor name
 
 
 def arch_of(config: dict) -> tuple[str, Arch]:
-    name = config.get("model_type")
-    if name not in ARCHS:
-        raise UserError(f"model type '{name}' cannot be exported to GGUF yet ({', '.join(ARCHS)})")
-    return name, ARCHS[name]
+    """The GGUF architecture of an mlx-lm config, from the family registry."""
+    family = lookup(config.get("model_type"), "model")
+    name = family.gguf_arch
+    if name is None or name in NOT_YET:
+        raise UserError(f"model type '{config.get('model_type')}' cannot be exported to GGUF yet")
+    names = {ours: theirs for theirs, ours in family.gguf_block_tensors.items()}
+    return name, Arch(name, name in PERMUTED_QK, names)
 
 
 def gguf_name(module: str, arch: Arch) -> str:
@@ -59,11 +64,8 @@ def gguf_name(module: str, arch: Arch) -> str:
     if module in _GGUF_NAME:
         return _GGUF_NAME[module]
     parts = module.split(".")
-    if parts[:2] == ["model", "layers"]:
-        inner = ".".join(parts[3:])
-        names = {v: k for k, v in _BLOCK.items()} | arch.extra_block
-        if inner in names:
-            return f"blk.{parts[2]}.{names[inner]}"
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in arch.block_names:
+        return f"blk.{parts[2]}.{arch.block_names['.'.join(parts[3:])]}"
     raise UserError(f"no GGUF name for module '{module}'; this model cannot be exported")
 
 
@@ -79,7 +81,7 @@ def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def add_hparams(w: gguf.GGUFWriter, config: dict, name: str) -> None:
-    """{arch}.* keys as llama.cpp's converter writes them for llama / qwen2."""
+    """{arch}.* keys as llama.cpp's converter writes them (llama, qwen2, qwen3)."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     w.add_context_length(config.get("max_position_embeddings", 4096))
@@ -352,8 +354,12 @@ def write_gguf(path: Path, arch: str, keys: Callable[[gguf.GGUFWriter], None], e
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise UserError("two tensors map to one GGUF name; this model cannot be exported")
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(tmp, arch)
+    with atomic_path(path) as tmp:
+        _write(gguf.GGUFWriter(tmp, arch), keys, entries)
+    return path
+
+
+def _write(w: gguf.GGUFWriter, keys: Callable[[gguf.GGUFWriter], None], entries: list) -> None:
     try:
         keys(w)
         for e in entries:
@@ -373,5 +379,3 @@ def write_gguf(path: Path, arch: str, keys: Callable[[gguf.GGUFWriter], None], e
             mx.clear_cache()
     finally:
         w.close()
-    os.replace(tmp, path)
-    return path
