@@ -281,3 +281,16 @@ def test_qwen3_exports_with_its_q_k_norms(tmp_path):
     model.update(tree_unflatten(list(weights.items())))
     got = np.array(model(mx.array([PROMPT])))
     np.testing.assert_allclose(got, base_plus_adapter_logits(model_dir, adapter), atol=1e-5)
+
+
+def test_cli_writes_and_names_the_next_commands(tmp_path, capsys):
+    model_dir = write_tiny_model_dir(tmp_path / "base", "qwen2")
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--adapter", str(adapter), "--out", str(out)]
+    assert main(args + ["--type", "f16"]) == 0
+    assert "ollama create" in capsys.readouterr().out
+    assert main(args) == 2  # not empty now
+    assert main(args + ["--overwrite", "--lora"]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.gguf", "adapter.gguf", "Modelfile"}
+    assert "ADAPTER adapter.gguf" in (out / "Modelfile").read_text()

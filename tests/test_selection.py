@@ -73,6 +73,19 @@ def test_epochs_set_the_steps_and_are_shown(
     assert line.endswith(f"-> {len(steps)} steps")
 
 
+def test_epochs_survive_resume(tmp_path, model_dir, notes):
+    cfg = dict(epochs=1.5, eval_every=0, batch_size=4, save_every=0)
+    full = train(_cfg(model_dir, notes, tmp_path / "full", **cfg))
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(model_dir, notes, cut, **cfg), reporter=_StopAt(2, 0))
+    resumed = train(_cfg(model_dir, notes, cut, resume=True, **cfg))
+    last = max(r["step"] for r in full.history)
+    assert [r["step"] for r in resumed.history if "loss" in r] == list(range(3, last + 1))
+    a, b = _adapter(tmp_path / "full"), _adapter(cut)
+    assert all(mx.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_keep_best_saves_the_lowest_validation_loss_adapter(tmp_path, model_dir, notes):
     out = tmp_path / "best"
     result = train(_cfg(model_dir, notes, out, keep_best=True, **NOISY))
