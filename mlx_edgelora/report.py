@@ -86,6 +86,11 @@ class Reporter:
     def info(self, message: str) -> None:
         self._print(message, True)
 
+    def close(self) -> None:
+        """Flush and close the --report-to trackers (their writers buffer in the background)."""
+        for send in self.sinks:
+            getattr(send, "close", lambda: None)()
+
     def _print(self, line: str, final: bool) -> None:
         tty = getattr(self.stream, "isatty", lambda: False)()
         if tty:
@@ -144,6 +149,7 @@ def _wandb(out: Path, config: dict) -> Callable[[dict], None]:
         else:
             cb.on_train_loss_report(info)
 
+    send.close = callbacks.wandb.finish
     return send
 
 
@@ -157,6 +163,6 @@ def _tensorboard(out: Path) -> Callable[[dict], None]:
         for key, value in rec.items():
             if key != "step" and isinstance(value, (int, float)):
                 writer.add_scalar(f"{group}/{key}", value, rec["step"])
-        writer.flush()
 
+    send.close = writer.close  # events are queued to a writer thread: close() drains it
     return send

@@ -310,6 +310,7 @@ def train(
                 peak = mx.get_peak_memory() / 1024**3
             finally:
                 run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+                run.reporter.close()
     finally:
         lock.release()
     best = run.selection.best_step if cfg.keep_best else None

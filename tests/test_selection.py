@@ -170,8 +170,8 @@ def test_report_to_tensorboard_sends_every_record(tmp_path, model_dir, notes, mo
         def add_scalar(self, tag, value, step):
             calls.append((tag, step))
 
-        def flush(self):
-            pass
+        def close(self):
+            calls.append(("close", None))
 
     monkeypatch.setitem(
         sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=SummaryWriter)
@@ -182,6 +182,7 @@ def test_report_to_tensorboard_sends_every_record(tmp_path, model_dir, notes, mo
     assert {("train/loss", 1), ("train/loss", 2), ("val/val_loss", 0), ("val/val_loss", 2)} <= set(
         calls
     )
+    assert calls[-1] == ("close", None)  # the writer thread is drained at the end
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5  # still the full record
 
 
@@ -190,7 +191,9 @@ def test_report_to_wandb_goes_through_mlx_lms_callback(tmp_path, model_dir, note
 
     logged, inits = [], []
     stub = types.SimpleNamespace(
-        init=lambda **kw: inits.append(kw), log=lambda rec, step: logged.append((step, rec))
+        init=lambda **kw: inits.append(kw),
+        log=lambda rec, step: logged.append((step, rec)),
+        finish=lambda: logged.append(("finish", {})),
     )
     monkeypatch.setattr(callbacks, "wandb", stub)
     out = tmp_path / "wb"
@@ -198,6 +201,7 @@ def test_report_to_wandb_goes_through_mlx_lms_callback(tmp_path, model_dir, note
     assert inits[0]["dir"] == str(out) and inits[0]["config"]["report_to"] == "wandb"
     assert [s for s, r in logged if "loss" in r] == [1, 2]
     assert [s for s, r in logged if "val_loss" in r] == [0, 1, 2]
+    assert logged[-1][0] == "finish"
 
 
 @pytest.mark.parametrize("kind, pip", [("tensorboard", "tensorboardX"), ("wandb", "wandb")])
