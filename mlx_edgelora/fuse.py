@@ -47,8 +47,12 @@ def install(tmp: Path, out: Path) -> None:
                 f.unlink()
 
 
-def fuse_lora(model, dequantize: bool = False) -> int:
-    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`)."""
+def fuse_lora(model, dequantize: bool = False, rest: bool = True) -> int:
+    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`).
+
+    `rest=False` with `dequantize`: layers without LoRA keep their quantization (GGUF export
+    copies them block for block).
+    """
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
@@ -57,7 +61,7 @@ def fuse_lora(model, dequantize: bool = False) -> int:
     ]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    if dequantize:
+    if dequantize and rest:
         dequantize_model(model)  # the (tied) embedding and any linear without LoRA too
     return len(fused)
 
