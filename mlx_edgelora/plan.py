@@ -112,10 +112,18 @@ def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
 
 
 def estimate(
-    model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0, ranks: int = 1
+    model: nn.Module,
+    cfg: TrainConfig,
+    trainable_fraction: float = 1.0,
+    token_bytes: int = 0,
+    ranks: int = 1,
 ) -> MemoryPlan:
     """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`, on each of
-    `ranks` data-parallel processes (each holds the whole model and its own micro-batch)."""
+    `ranks` data-parallel processes (each holds the whole model and its own micro-batch).
+
+    `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
+    the whole run; on a Mac it shares the same unified memory as the step.
+    """
     s = blocks.shape(model)
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
@@ -131,6 +139,8 @@ def estimate(
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
         parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
+    if token_bytes:
+        parts["token store"] = token_bytes / GB
     seqs = ranks * cfg.batch_size * cfg.grad_accum
     batch = f"{seqs} sequences of {cfg.max_seq_len} tokens"
     if ranks > 1 or cfg.grad_accum > 1:
@@ -152,6 +162,7 @@ def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
         "segment recompute": "smaller --attn-chunk/--mlp-chunk or --checkpoint-every 1",
         "loss head": "--loss subset or a smaller --vocab-chunk",
         "LoRA + optimizer": "a smaller --rank or fewer --lora-keys",
+        "token store": "less --data",
     }.get(biggest, "a smaller --max-seq-len")
     raise UserError(
         f"--memory-budget-gb {cfg.memory_budget_gb}: planned peak is {plan.total_gb:.2f} GB "

@@ -117,9 +117,7 @@ def _on_signal(signum: int, frame: object) -> None:
     _restore_handlers()
     if callable(previous):  # e.g. signal.default_int_handler -> KeyboardInterrupt
         previous(signum, frame)
-    elif previous == signal.SIG_IGN:
-        return
-    elif signum == signal.SIGINT:
+    elif signum == signal.SIGINT:  # (an ignored signal never reaches here: not installed)
         raise KeyboardInterrupt
     else:  # default action (terminate): re-deliver with the default handler back in place
         os.kill(os.getpid(), signum)
@@ -297,29 +295,6 @@ class BoundaryStore:
             x = x.view(mx.bfloat16)
             mx.eval(x)
         return x
-
-    def flush(self) -> None:
-        """Wait until every queued write has finished (errors surface at put/get/clear)."""
-        for io in list(self._writes.values()):
-            io.done.wait()
-
-    def clear(self) -> None:
-        """End of step: drop every boundary, delete this step's files, surface write errors."""
-        self._ram.clear()
-        if self.kind == "ram" or self._closed:
-            return
-        pending = list(self._writes.values()) + list(self._reads.values())
-        for io in pending:
-            io.cancelled = True  # queued jobs are skipped; the running one finishes
-        for io in pending:
-            io.done.wait()
-        failed = [w for w in self._writes.values() if w.error and not w.reported]
-        self._writes.clear()
-        self._reads.clear()
-        for p in self.folder.iterdir():
-            p.unlink(missing_ok=True)
-        if failed:
-            raise UserError(self._message(failed[0].error))
 
     def close(self) -> None:
         """Stop the threads and remove the folder; safe to call more than once."""

@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,13 +23,14 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, engine, files, lora, loss, plan, quant
+from . import checkpoint, distributed, engine, files, lora, loss, plan, quant, report
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
 from .errors import Terminated, UserError
 from .loading import LoadedModel, load_model
 from .report import Reporter
+from .selection import Selection, epoch_steps
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
 # (--batch-size may change with the number of ranks: distributed.check_resume.)
@@ -42,6 +43,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     val_loss: float | None = None
     peak_gb: float = 0.0
+    best_step: int | None = None  # --keep-best: the step whose adapter was kept
     rank: int = 0  # this process's rank in a data-parallel run (only rank 0 wrote `out`)
 
 
@@ -199,6 +201,7 @@ class _Run:
     reporter: Reporter
     world: distributed.World
     start: int = 0
+    selection: Selection = field(default_factory=Selection)
     base: dict = field(default_factory=dict)  # base_identity, saved with each checkpoint
 
 
@@ -223,11 +226,30 @@ def _setup(
     if resume:
         _check_base(resume[1], base)
     data = data or load_dataset(cfg.data, loaded.tokenizer, cfg)
+    if (cfg.keep_best or cfg.early_stop) and not data.val_rows:
+        raise UserError("--keep-best / --early-stop: no validation rows; add documents to --data")
+    if cfg.epochs:
+        cfg = replace(
+            cfg,
+            steps=epoch_steps(
+                cfg.epochs, len(data.train_rows), cfg.batch_size * world.size, cfg.grad_accum
+            ),
+        )
     mx.random.seed(cfg.seed)
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
     quant.prepare_for_training(model)
-    memory_plan = plan.estimate(model, cfg, data.trainable_fraction(), ranks=world.size)
+    if world.is_main:
+        report.attach_tracker(reporter, cfg.report_to, out, cfg.to_dict())
+    if cfg.epochs:
+        reporter.total_steps = cfg.steps  # a caller's reporter was built before steps were known
+        reporter.info(
+            f"--epochs {cfg.epochs:g}: {len(data.train_rows)} rows / ({world.size} x "
+            f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
+        )
+    memory_plan = plan.estimate(
+        model, cfg, data.trainable_fraction(), data.token_bytes(), ranks=world.size
+    )
     reporter.info(memory_plan.describe())
     plan.check_budget(memory_plan, cfg)
     if world.is_main:
@@ -257,11 +279,15 @@ def _start_position(run: _Run, batches: BatchIterator, folder: Path | None) -> N
         distributed.check_resume(saved, cfg, world)
         batches.load_state_dict(saved["data"])
         position = [saved["step"], batches.epoch, batches.position]
+        run.selection = Selection.from_state(saved.get("selection"))
     mine = distributed.fingerprint(batches)
     with world.collective("setup", max(cfg.dist_timeout, distributed.SETUP_PATIENCE)):
         opt = run.opt if cfg.resume else None
-        *position, main = world.broadcast(run.model, opt, position + [mine])
+        ints = position + run.selection.to_ints() + [mine]
+        *position, main = world.broadcast(run.model, opt, ints)
     world.check_same_data(main, mine)
+    position, selection = position[:3], position[3:]
+    run.selection = Selection.from_ints(selection)  # every rank decides --early-stop alike
     run.start, batches.epoch, batches.position = position
     if cfg.resume:
         run.reporter.info(f"resumed from step {run.start} ({run.out})")
@@ -284,10 +310,12 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
     if not all(mx.all(mx.isfinite(v)).item() for v in params):
         raise UserError(_diverged(run, step, "the adapter weights"))
     state = {"config": run.cfg.to_dict(), "data": data_state, "base": run.base}
+    state["selection"] = run.selection.state_dict()
     state["world_size"] = run.world.size  # resume: distributed.check_resume
     checkpoint.save(run.out, step, run.model, run.opt, state)
     try:
-        lora.save_adapters(run.model, run.out, run.adapter_cfg)
+        if not run.cfg.keep_best:  # else adapters.safetensors is the best one, from _eval
+            lora.save_adapters(run.model, run.out, run.adapter_cfg)
     except (OSError, RuntimeError) as e:
         raise UserError(
             f"{run.out}: cannot save the adapter ({getattr(e, 'strerror', None) or e}); the "
@@ -309,6 +337,10 @@ def _eval(run: _Run, step: int) -> float:
         val, n = evaluate(run.step_fn, run.cfg, run.data.val_rows, run.eval_head, run.world)
     if n:
         run.reporter.eval(step, val, n)
+        if run.selection.update(step, val) and run.cfg.keep_best and run.world.is_main:
+            best = {"best_step": step, "best_val_loss": val}
+            lora.save_adapters(run.model, run.out, {**run.adapter_cfg, **best})
+            run.reporter.info(f"step {step}: best validation loss so far; adapter kept")
     return val
 
 
@@ -336,11 +368,18 @@ def train(
                 peak = mx.get_peak_memory() / 1024**3
             finally:
                 run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+                run.reporter.close()
     finally:
         world.close()
         if lock is not None:
             lock.release()
-    return TrainResult(run.out, run.reporter.history, val, peak, world.rank)
+    best = run.selection.best_step if cfg.keep_best else None
+    return TrainResult(run.out, run.reporter.history, val, peak, best, world.rank)
+
+
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    """An evaluation inside the run (the last step's comes after the loop)."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and 0 < step < cfg.steps
 
 
 @contextmanager
@@ -370,10 +409,13 @@ def _loop(run: _Run) -> float | None:
     val = None
     if cfg.eval_every and run.start == 0:
         _eval(run, 0)  # the untrained baseline, so the curve has a reference point
+    elif _eval_due(cfg, run.start) and run.selection.last_step != run.start:
+        _eval(run, run.start)  # Ctrl-C came between that step and its evaluation
     run.reporter.start(run.start + 1)
     done, done_data = run.start, run.batches.state_dict()  # last step the optimizer applied
+    stopped = run.selection.should_stop(cfg.early_stop) and run.start  # stopped before resume
     try:
-        for step in range(run.start + 1, cfg.steps + 1):
+        for step in range(run.start + 1, 0 if stopped else cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # resumable dropout RNG
             with run.world.collective(f"step {step}"):  # gradients are summed in the step
                 loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
@@ -386,8 +428,12 @@ def _loop(run: _Run) -> float | None:
                 raise UserError(_diverged(run, step, what))  # nothing of this step applied
             done, done_data = step, run.batches.state_dict()
             run.reporter.step(step, step_loss, n_tok, float(run.opt.learning_rate))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if _eval_due(cfg, step):
                 val = _eval(run, step)
+                if run.selection.should_stop(cfg.early_stop):
+                    stopped = step
+                    _save(run, step, done_data)
+                    break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 _save(run, step, done_data)
     except KeyboardInterrupt:
@@ -395,7 +441,13 @@ def _loop(run: _Run) -> float | None:
             _save(run, done, done_data)
             run.reporter.info(f"interrupted: checkpoint at step {done}; rerun with --resume")
         raise
-    if run.start < cfg.steps:
+    if stopped:
+        sel = run.selection
+        run.reporter.info(
+            f"early stop at step {stopped}: {sel.since_best} evaluations without a lower "
+            f"validation loss (best {sel.best_loss:.3f} at step {sel.best_step})"
+        )
+    elif run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
     return val if val is not None and math.isfinite(val) else None
