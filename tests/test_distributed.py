@@ -280,3 +280,11 @@ def test_grad_hook_sees_every_segment_once_and_its_result_is_kept(opts):
     assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen)) == n_seg
     for (k, a), (_, b) in zip(tree_flatten(hooked), tree_flatten(plain), strict=True):
         assert mx.allclose(a, 3 * b, rtol=1e-5, atol=1e-7), k
+
+
+def test_ints_from_main_are_exact_beyond_float32():
+    """Rank 0's ints reach the others exactly, e.g. a float64's bits as two int32s (the best
+    validation loss of --keep-best); through a float32 buffer they were rounded."""
+    world = distributed.World(mx.distributed.init(strict=False), timeout=5.0)
+    ints = [2**31 - 1, -(2**31), 123_456_789, -1, 0]
+    assert world.ints_from_main(ints) == ints
