@@ -181,6 +181,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (v < 0 or (v == 0 and name in ("lr", "memory_budget_gb"))):
                 raise UserError(f"--{_flag(name)} must be positive (got {v})")
+        if not self.lora_keys:
+            raise UserError("--lora-keys must name at least one projection, e.g. self_attn.q_proj")
+        if not self.out.strip():
+            raise UserError("--out must name a folder (got an empty string)")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be in [0, 2^32) (got {self.seed})")
         if self.num_layers == 0 or self.num_layers < -1:

@@ -62,6 +62,8 @@ def claim_output(cfg: TrainConfig) -> tuple[Path, files.OutLock]:
         may_replace=cfg.resume or cfg.overwrite,
         options="--resume to continue it, --overwrite to replace its run",
     )
+    if cfg.resume and not checkpoint.checkpoints_dir(out).is_dir():
+        raise UserError(f"{out}: no checkpoint to resume from; run without --resume")
     files.make_folder(out)
     return out, files.OutLock(out)
 
@@ -86,7 +88,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line + "\n")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):  # not a record of ours
             continue
     files.write_text_atomic(path, "".join(kept))
 
@@ -211,17 +213,18 @@ def _setup(
     _check_disk(out, model)
     opt = make_optimizer(cfg)
     batches = BatchIterator(data.train_rows, cfg.batch_size, seed=cfg.seed)
-    train_head = loss.make_loss_head(model, cfg.loss, cfg)
-    eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
-    step_fn = engine.make_step(model, cfg, train_head)
-    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter)
-    run.base = base
+    start = 0
     if resume:
         saved = checkpoint.load(resume[0], model, opt)
         batches.load_state_dict(saved["data"])
-        run.start = saved["step"]
-        reporter.info(f"resumed from step {run.start} ({out})")
-    _clear_old_run(cfg, out, run.start)
+        start = saved["step"]
+        reporter.info(f"resumed from step {start} ({out})")
+    train_head = loss.make_loss_head(model, cfg.loss, cfg)
+    eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
+    step_fn = engine.make_step(model, cfg, train_head)  # last: nothing to close before it
+    _clear_old_run(cfg, out, start)
+    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter)
+    run.start, run.base = start, base
     return run
 
 

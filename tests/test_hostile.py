@@ -178,6 +178,8 @@ def test_overwrite_with_a_bad_input_keeps_the_old_run(tmp_path, model_dir, notes
         ("activations: cloud", "--activations"),
         ("quantize: 3", "--quantize"),
         ("model: 123", "--model"),
+        ("lora_keys: []", "--lora-keys"),
+        ('out: ""', "--out"),
     ],
 )
 def test_yaml_values_are_type_checked(tmp_path, yaml_text, flag):
@@ -325,6 +327,22 @@ def test_full_disk_during_save_leaves_no_partial_folder(tmp_path, model_dir, not
     root = checkpoint.checkpoints_dir(out)
     assert [p.name for p in root.iterdir() if p.is_dir()] == ["step-000002"]
     checkpoint.verify(root / "step-000002")
+
+
+def test_full_disk_while_offloading_weights_is_one_line(tmp_path, model_dir, notes, monkeypatch):
+    save, calls = mx.save_safetensors, []
+
+    def fills_up(path, arrays, *a):
+        calls.append(path)
+        if len(calls) > 3:
+            raise RuntimeError("[save_safetensors] No space left on device")
+        save(path, arrays, *a)
+
+    monkeypatch.setattr(mx, "save_safetensors", fills_up)
+    with pytest.raises(UserError, match="cannot write streamed weights") as e:
+        train(_cfg(model_dir, notes, tmp_path / "out"))
+    assert "--no-stream-weights" in _one_line(e)
+    assert not list(tmp_path.glob("edgelora-*"))
 
 
 def test_free_space_is_checked_before_a_save(tmp_path, monkeypatch):
