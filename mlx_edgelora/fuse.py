@@ -47,8 +47,12 @@ def install(tmp: Path, out: Path) -> None:
                 f.unlink()
 
 
-def fuse_lora(model, dequantize: bool = False) -> int:
-    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`)."""
+def fuse_lora(model, dequantize: bool = False, rest: bool = True) -> int:
+    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`).
+
+    `rest=False` with `dequantize`: layers without LoRA keep their quantization (GGUF export
+    copies them block for block).
+    """
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
@@ -57,7 +61,7 @@ def fuse_lora(model, dequantize: bool = False) -> int:
     ]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    if dequantize:
+    if dequantize and rest:
         dequantize_model(model)  # the (tied) embedding and any linear without LoRA too
     return len(fused)
 
@@ -93,7 +97,7 @@ def fuse(
     """
     from mlx_lm.utils import save_config, save_model
 
-    from .loading import load_model
+    from .loading import describe_source, load_model
     from .lora import check_adapter, load_adapters
     from .spill import sweep_stale
 
@@ -101,6 +105,7 @@ def fuse(
     saved = saved if isinstance(saved, dict) else {}
     base = model or saved.get("model")
     folder = check_out(out, overwrite, inside=base)
+    print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
     loaded = load_model(base, quantize or saved.get("quantize"))
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
