@@ -155,6 +155,11 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
                 f"--resume: --{key.replace('_', '-')} was {old[key]} in the saved run, now "
                 f"{getattr(cfg, key)}; use the same value or start again with --overwrite"
             )
+    if not cfg.epochs:  # (with --epochs, --steps is known once the data is loaded)
+        _check_remaining(cfg, saved)
+
+
+def _check_remaining(cfg: TrainConfig, saved: dict) -> None:
     if saved["step"] >= cfg.steps:
         raise UserError(
             f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
@@ -237,6 +242,8 @@ def _setup(
                 cfg.epochs, len(data.train_rows), cfg.batch_size * world.size, cfg.grad_accum
             ),
         )
+        if resume:
+            _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
