@@ -335,9 +335,10 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
 def _diverged(run: _Run, step: int, what: str) -> str:
     last = checkpoint.latest(run.out)
     kept = f"the last good checkpoint, {last.name}, is kept" if last else "nothing was saved"
+    then = "--resume from it" if last else "start again"
     return (
         f"step {step}: {what} became non-finite (NaN/inf); training stopped and {kept}; "
-        f"lower --lr (now {run.cfg.lr}) or raise --grad-clip, then start again"
+        f"lower --lr (now {run.cfg.lr}) or --grad-clip, then {then}"
     )
 
 
