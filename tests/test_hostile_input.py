@@ -101,6 +101,10 @@ def _named_mutants(data: bytes, lay: dict) -> dict[str, tuple[bytes, str]]:
     return {
         "n_dims=200": (_put(data, t0["n_dims"], "I", 200), "has 200 dims"),
         "n_dims=0": (_put(data, t0["n_dims"], "I", 0), "has 0 dims"),
+        "newline in a name": (  # the message still has one line
+            _put(_put(data, t0["start"] + 8, "B", 10), t0["n_dims"], "I", 200),
+            "tensor '\\noken_embd.weight' has 200 dims",
+        ),
         "name length 2^40": (_put(data, t0["start"], "Q", 2**40), "needs 1099511627776 bytes"),
         "type 99": (_put(data, t1["type"], "I", 99), "unknown type 99"),
         "zero dimension": (_put(data, t1["dims"] + 8, "Q", 0), "zero dimension"),
@@ -238,6 +242,7 @@ def test_fuzzed_gguf_never_crashes_the_process(valid_gguf, tmp_path):
     assert len(outcomes) == len(paths) + 1
     assert outcomes[0].startswith("user-error") and "lacks" in outcomes[0]  # read, then judged
     assert all(o.startswith(("ok", "user-error")) for o in outcomes), outcomes
+    assert not any("<NEWLINE>" in o for o in outcomes), outcomes
 
 
 # --- model folders that ship their own code (item 12) -------------------------------------
