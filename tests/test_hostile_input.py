@@ -510,11 +510,18 @@ def test_memory_plan_counts_the_token_store(tmp_path, tiny_tokenizer):
 
 
 def test_fuse_says_where_the_base_comes_from_before_loading(tmp_path, capsys):
-    from mlx_edgelora.fuse import main
+    from conftest import write_tiny_model_dir
 
+    from mlx_edgelora import TrainConfig
+    from mlx_edgelora.fuse import main
+    from mlx_edgelora.loading import load_model
+    from mlx_edgelora.lora import apply_lora, save_adapters
+
+    loaded = load_model(str(write_tiny_model_dir(tmp_path / "base")))
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    config = {"fine_tune_type": "lora", "edgelora": {"model": "someone/hub-model"}}
+    save_adapters(loaded.model, adapter, apply_lora(loaded.model, TrainConfig(rank=4)))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["edgelora"] = {**config.get("edgelora", {}), "model": "someone/hub-model"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert main(["--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2  # offline
     err = capsys.readouterr().err.strip().splitlines()
