@@ -25,8 +25,9 @@ from .errors import UserError
 MAX_DIMS = 4  # GGML_MAX_DIMS: gguflib keeps dims in a fixed array of this size
 DEFAULT_ALIGNMENT = 32
 
-# ggml type id -> (name, weights per block, bytes per block); the ids and sizes of the `gguf`
-# package's GGMLQuantizationType / GGML_QUANT_SIZES (tests/test_hostile_input.py compares).
+# ggml type id -> (name, weights per block, bytes per block): the `gguf` package's
+# GGMLQuantizationType / GGML_QUANT_SIZES, restated because importing that package takes over
+# a second; tests/test_hostile_input.py keeps the two equal.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4),
     1: ("F16", 1, 2),
