@@ -19,13 +19,12 @@ from pathlib import Path
 import mlx_edgelora  # noqa: F401  (must precede mlx: it preloads OpenBLAS)
 
 # isort: on
+import gguf
 import numpy as np
 import pytest
 
 from mlx_edgelora.errors import UserError
 from mlx_edgelora.gguf_header import GGML_TYPES, read_header
-
-gguf = pytest.importorskip("gguf", reason="the `gguf` package (dev extra) writes the test files")
 
 ROOT = Path(__file__).resolve().parent.parent
 
