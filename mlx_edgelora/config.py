@@ -307,7 +307,8 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser(prog: str = "python -m mlx_edgelora.train") -> argparse.ArgumentParser:
     """An argparse parser generated from TrainConfig; every default is None (= not given)."""
     p = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a quantized Llama/Qwen model with LoRA on your text."
+        prog=prog,
+        description="Fine-tune a quantized Llama, Qwen, Mistral or Gemma 3 with LoRA on your text.",
     )
     for f in dataclasses.fields(TrainConfig):
         typ, meta = _field_type(f), f.metadata
