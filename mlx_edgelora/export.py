@@ -27,19 +27,18 @@ MODEL_FILE, ADAPTER_GGUF, MODELFILE = "model.gguf", "adapter.gguf", "Modelfile"
 
 def _check_adapter_kind(adapter: str | Path) -> dict:
     """The adapter's config; only plain LoRA maps onto llama.cpp's adapter and merge."""
-    from .lora import CONFIG_FILE
+    from .lora import CONFIG_FILE, check_adapter
 
     try:
-        acfg = json.loads((Path(adapter) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return {}  # load_adapters names the problem
-    kind = acfg.get("fine_tune_type", "lora")
-    if kind != "lora" or acfg.get("use_dora"):
+        kind = json.loads((Path(adapter) / CONFIG_FILE).read_text()).get("fine_tune_type", "lora")
+    except (OSError, ValueError, AttributeError):
+        kind = "lora"  # check_adapter names the problem
+    if kind != "lora":
         raise UserError(
             f"{adapter}: a '{kind}' adapter cannot be exported to GGUF (llama.cpp applies plain "
             "LoRA only); train with --adapter lora"
         )
-    return acfg
+    return check_adapter(adapter)
 
 
 def _stops(tokenizer) -> list[str]:
@@ -133,7 +132,7 @@ def export(
 ) -> Path:
     """Write model.gguf (or adapter.gguf with `lora_only`) and a Modelfile into `out`."""
     from .files import check_out, make_folder, write_text_atomic
-    from .fuse import fuse_lora, trained_on
+    from .fuse import fuse_lora
     from .gguf_write import TYPES, arch_of
     from .loading import load_model
     from .lora import load_adapters
@@ -142,9 +141,11 @@ def export(
     if qtype not in TYPES:
         raise UserError(f"--type must be one of {', '.join(TYPES)} (got {qtype})")
     acfg = _check_adapter_kind(adapter)
-    saved_model, saved_quantize = trained_on(adapter)
-    folder = check_out(out, overwrite, inside=model or saved_model)
-    loaded = load_model(model or saved_model, quantize or saved_quantize)
+    saved = acfg.get("edgelora")  # the run that wrote it, if ours
+    saved = saved if isinstance(saved, dict) else {}
+    base = model or saved.get("model")
+    folder = check_out(out, overwrite, inside=base)
+    loaded = load_model(base, quantize or saved.get("quantize"))
     arch_of(loaded.config)  # refuse an unsupported family before any work
     load_adapters(loaded.model, adapter)
     make_folder(folder)
