@@ -81,18 +81,16 @@ def _lora_keys(loaded, acfg: dict, arch: str):
 
 
 def check_file(path: Path, entries: list, required_keys: list[str]) -> None:
-    """Read the written file back with the gguf package: every tensor and key is there."""
-    import gguf
+    """Read the written file's header back: every tensor (name, type, shape) and key is there."""
+    from .gguf_header import read_header
 
-    reader = gguf.GGUFReader(path)
-    got = {
-        t.name: (t.tensor_type, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors
-    }
-    want = {e.name: (e.qtype, tuple(e.shape)) for e in entries}
+    header = read_header(str(path))
+    got = {t.name: (t.type_id, tuple(reversed(t.dims))) for t in header.tensors}
+    want = {e.name: (int(e.qtype), tuple(e.shape)) for e in entries}
     if got != want:
         bad = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise UserError(f"{path}: written tensors differ from the model ({bad}); please report")
-    if missing := [k for k in required_keys if k not in reader.fields]:
+    if missing := [k for k in required_keys if k not in header.metadata]:
         raise UserError(f"{path}: metadata keys {missing} missing after writing; please report")
 
 

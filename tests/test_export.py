@@ -191,6 +191,7 @@ def test_lora_gguf_applies_like_llama_cpp(tmp_path, arch):
     old, new = gguf.GGUFReader(base).fields, gguf.GGUFReader(merged).fields
     keys = [k for k in old if k.startswith("tokenizer.")]
     assert len(keys) > 5 and all(new[k].contents() == old[k].contents() for k in keys)
+    assert all(new[k].types == old[k].types for k in keys)  # value types too
 
 
 def test_non_lora_adapter_is_refused(tmp_path, capsys):
@@ -221,7 +222,17 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
     from mlx_edgelora.lora import load_adapters
 
     adapter = tmp_path / "adapter"
-    cfg = TrainConfig(out=str(adapter), steps=3, rank=4, eval_every=0, save_every=0)
+    cfg = TrainConfig(
+        out=str(adapter),
+        steps=3,
+        rank=4,
+        max_seq_len=64,
+        eval_every=0,
+        eval_batches=1,
+        save_every=0,
+        activations="ram",
+        stream_weights=False,
+    )  # the quick start's base and data; short rows keep this test quick
     train(cfg, keep_model=False)
     fused = load_model(None)  # what `fuse --dequantize` saves (test_fuse checks the folder)
     load_adapters(fused.model, adapter)
