@@ -48,7 +48,8 @@ def _stops(tokenizer) -> list[str]:
 def _model_keys(loaded, qtype, arch: str):
     import gguf
 
-    from .gguf_write import FILE_TYPES, add_hparams, copy_tokenizer, hf_tokenizer
+    from .gguf_vocab import copy_tokenizer, hf_tokenizer
+    from .gguf_write import FILE_TYPES, add_hparams
 
     def keys(w: gguf.GGUFWriter) -> None:
         w.add_name(f"{Path(loaded.source).stem}-edgelora")
