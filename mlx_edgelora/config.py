@@ -99,6 +99,19 @@ class TrainConfig:
     )
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = _opt(False, "allow writing into a non-empty --out that is not a resume")
+    # --- several Macs (data parallel, launched with mlx.launch; see README)
+    backend: str = _opt(
+        "any",
+        "distributed backend joining the ranks: ring (TCP over Ethernet or Thunderbolt, what "
+        "mlx.launch starts by default), mpi (mpirun), jaccl (RDMA over Thunderbolt 5), or any "
+        "(the first that works); a plain run is one rank whatever this says",
+        choices=["any", "ring", "mpi", "jaccl"],
+    )
+    dist_timeout: float = _opt(
+        600.0,
+        "seconds a rank waits without progress on the others (one forward pass, or one "
+        "segment's backward) before it removes its spill folders and exits with an error",
+    )
     # --- memory engine (technique 2)
     engine: str = _opt(
         "segments",
@@ -196,9 +209,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not (0 <= v < 1 or (upper == "1]" and v == 1)):
                 raise UserError(f"--{_flag(name)} must be in [0, {upper} (got {v})")
-        for name in ["lr", "weight_decay", "grad_clip", "memory_budget_gb"]:
+        for name in ["lr", "weight_decay", "grad_clip", "memory_budget_gb", "dist_timeout"]:
             v = getattr(self, name)
-            if v is not None and (v < 0 or (v == 0 and name in ("lr", "memory_budget_gb"))):
+            nonzero = ("lr", "memory_budget_gb", "dist_timeout")
+            if v is not None and (v < 0 or (v == 0 and name in nonzero)):
                 raise UserError(f"--{_flag(name)} must be positive (got {v})")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be in [0, 2^32) (got {self.seed})")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 
 @dataclass
 class Selection:
@@ -40,6 +42,23 @@ class Selection:
     @classmethod
     def from_state(cls, state: dict | None) -> Selection:
         return cls(**(state or {}))
+
+    def to_ints(self) -> list[int]:
+        """As int32s, to send to the other ranks (the best loss's float64 bits as two)."""
+        loss = np.array([math.nan if self.best_loss is None else self.best_loss], np.float64)
+        steps = [-1 if s is None else s for s in (self.best_step, self.last_step)]
+        return steps + [self.since_best] + loss.view(np.int32).tolist()
+
+    @classmethod
+    def from_ints(cls, ints: list[int]) -> Selection:
+        best_step, last_step, since_best, *bits = ints
+        loss = float(np.array(bits, np.int32).view(np.float64)[0])
+        return cls(
+            None if math.isnan(loss) else loss,
+            None if best_step < 0 else best_step,
+            since_best,
+            None if last_step < 0 else last_step,
+        )
 
 
 def epoch_steps(epochs: float, n_rows: int, batch_size: int, grad_accum: int) -> int:

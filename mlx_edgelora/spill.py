@@ -52,6 +52,13 @@ _cleanups: dict[int, Callable[[], None]] = {}
 _saved_handlers: dict[int, object] = {}
 _tokens = itertools.count()
 _atexit_registered = False
+_owner_tag = ""  # e.g. "r1-" on rank 1 of a distributed run: folder names say which rank
+
+
+def set_owner_tag(tag: str) -> None:
+    """Name this process's new private folders `<prefix><pid>-<tag>...` (tag: its rank)."""
+    global _owner_tag
+    _owner_tag = tag
 
 
 def register_cleanup(fn: Callable[[], None]) -> int:
@@ -71,6 +78,11 @@ def unregister_cleanup(token: int) -> None:
     _cleanups.pop(token, None)
     if not _cleanups:
         _restore_handlers()
+
+
+def cleanup_now() -> None:
+    """Run every registered cleanup now: for a watchdog about to `os._exit` (no atexit)."""
+    _run_cleanups()
 
 
 def _run_cleanups() -> None:
@@ -154,7 +166,7 @@ def private_folder(prefix: str, parent: str | None, near: str) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         sweep_stale(base, prefix)
         # mkdtemp: mode 0700, and the name carries the owner from the first moment
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{_owner_tag}", dir=base))
     except OSError as e:
         raise UserError(
             f"{base}: cannot create a private spill folder ({e.strerror or e}); "
