@@ -312,3 +312,28 @@ def test_cli_writes_and_names_the_next_commands(tmp_path, capsys):
     assert main(args + ["--overwrite", "--lora"]) == 0
     assert {p.name for p in out.iterdir()} == {"model.gguf", "adapter.gguf", "Modelfile"}
     assert "ADAPTER adapter.gguf" in (out / "Modelfile").read_text()
+
+
+def test_llama3_rope_factors_read_back_as_the_same_scaling():
+    """The rope_freqs tensor we write is what gguf.py recognises as Llama 3 scaling."""
+    from mlx_edgelora.gguf import _llama3_scaling
+    from mlx_edgelora.gguf_write import llama3_rope_factors
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = {"hidden_size": 2048, "num_attention_heads": 32, "rope_theta": 500000.0}
+    factors = llama3_rope_factors({**config, "rope_scaling": scaling})
+    meta = {"llama.rope.freq_base": mx.array(500000.0)}
+    assert _llama3_scaling(mx.array(factors), meta, "llama", "x.gguf") == scaling
+
+
+def test_gemma3_is_refused_until_its_layout_is_written(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3")
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    with pytest.raises(UserError, match="cannot be exported to GGUF yet"):
+        export(str(model_dir), str(adapter), str(tmp_path / "out"))
