@@ -214,6 +214,10 @@ class TrainConfig:
             nonzero = ("lr", "memory_budget_gb", "dist_timeout")
             if v is not None and (v < 0 or (v == 0 and name in nonzero)):
                 raise UserError(f"--{_flag(name)} must be positive (got {v})")
+        if not self.lora_keys:
+            raise UserError("--lora-keys must name at least one projection, e.g. self_attn.q_proj")
+        if not self.out.strip():
+            raise UserError("--out must name a folder (got an empty string)")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be in [0, 2^32) (got {self.seed})")
         if self.num_layers == 0 or self.num_layers < -1:
@@ -303,7 +307,8 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser(prog: str = "python -m mlx_edgelora.train") -> argparse.ArgumentParser:
     """An argparse parser generated from TrainConfig; every default is None (= not given)."""
     p = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a quantized Llama/Qwen model with LoRA on your text."
+        prog=prog,
+        description="Fine-tune a quantized Llama, Qwen, Mistral or Gemma 3 with LoRA on your text.",
     )
     for f in dataclasses.fields(TrainConfig):
         typ, meta = _field_type(f), f.metadata

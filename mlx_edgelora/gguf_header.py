@@ -25,8 +25,9 @@ from .errors import UserError
 MAX_DIMS = 4  # GGML_MAX_DIMS: gguflib keeps dims in a fixed array of this size
 DEFAULT_ALIGNMENT = 32
 
-# ggml type id -> (name, weights per block, bytes per block); the ids and sizes of the `gguf`
-# package's GGMLQuantizationType / GGML_QUANT_SIZES (tests/test_hostile_input.py compares).
+# ggml type id -> (name, weights per block, bytes per block): the `gguf` package's
+# GGMLQuantizationType / GGML_QUANT_SIZES, restated because importing that package takes over
+# a second; tests/test_hostile_input.py keeps the two equal.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4),
     1: ("F16", 1, 2),
@@ -149,6 +150,11 @@ class _Reader:
             raise self.fail(f"{what} is not UTF-8") from None
 
 
+def _q(name: str) -> str:
+    """A name from the file, quoted for a one-line message: escaped, at most ~60 chars."""
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
 def read_header(path: str) -> Header:
     """Parse and check the header and tensor table; UserError (one line) on any fault."""
     size = os.path.getsize(path)
@@ -188,34 +194,34 @@ def _preamble(r: _Reader) -> int:
 
 def _metadata_entry(r: _Reader, i: int) -> tuple[str, object]:
     key = r.string(f"metadata key #{i}")
-    kind = r.unpack("I", f"type of '{key}'")
+    kind = r.unpack("I", f"type of {_q(key)}")
     if kind in _SCALARS:
-        return key, r.unpack(_SCALARS[kind], f"value of '{key}'")
+        return key, r.unpack(_SCALARS[kind], f"value of {_q(key)}")
     if kind == _STRING:
-        return key, r.string(f"value of '{key}'")
+        return key, r.string(f"value of {_q(key)}")
     if kind != _ARRAY:
-        raise r.fail(f"metadata '{key}' has unknown value type {kind}")
-    item = r.unpack("I", f"element type of '{key}'")
-    count = r.unpack("Q", f"length of '{key}'")
+        raise r.fail(f"metadata {_q(key)} has unknown value type {kind}")
+    item = r.unpack("I", f"element type of {_q(key)}")
+    count = r.unpack("Q", f"length of {_q(key)}")
     if item in _SCALARS:
-        r.skip(count * struct.calcsize(_SCALARS[item]), f"array '{key}' of {count} values")
+        r.skip(count * struct.calcsize(_SCALARS[item]), f"array {_q(key)} of {count} values")
     elif item == _STRING:
         if count * 8 > r.left():
-            raise r.fail(f"array '{key}' of {count} strings does not fit in the file")
-        r.skip_strings(count, f"array '{key}'")
+            raise r.fail(f"array {_q(key)} of {count} strings does not fit in the file")
+        r.skip_strings(count, f"array {_q(key)}")
     else:  # nested arrays: the format allows them, no model uses them, gguflib mis-reads them
-        raise r.fail(f"metadata array '{key}' has element type {item}")
+        raise r.fail(f"metadata array {_q(key)} has element type {item}")
     return key, count
 
 
 def _tensor_info(r: _Reader) -> tuple[str, list[int], int, int]:
     name = r.string("tensor name")
-    n_dims = r.unpack("I", f"dims of tensor '{name}'")
+    n_dims = r.unpack("I", f"dims of tensor {_q(name)}")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise r.fail(f"tensor '{name}' has {n_dims} dims (GGML allows 1 to {MAX_DIMS})")
-    dims = [r.unpack("Q", f"dims of tensor '{name}'") for _ in range(n_dims)]
-    type_id = r.unpack("I", f"type of tensor '{name}'")
-    offset = r.unpack("Q", f"offset of tensor '{name}'")
+        raise r.fail(f"tensor {_q(name)} has {n_dims} dims (GGML allows 1 to {MAX_DIMS})")
+    dims = [r.unpack("Q", f"dims of tensor {_q(name)}") for _ in range(n_dims)]
+    type_id = r.unpack("I", f"type of tensor {_q(name)}")
+    offset = r.unpack("Q", f"offset of tensor {_q(name)}")
     return name, dims, type_id, offset
 
 
@@ -228,29 +234,29 @@ def _alignment(metadata: dict, r: _Reader) -> int:
 
 def _check_tensors(infos: list, data_offset: int, alignment: int, r: _Reader) -> list[TensorInfo]:
     data_size = r.size - data_offset
-    if data_size < 0:
+    if data_size < 0 and infos:
         raise r.fail("the file ends before its tensor data")
     seen: set[str] = set()
     tensors = []
     for name, dims, type_id, offset in infos:
         if name in seen:
-            raise r.fail(f"tensor '{name}' appears twice")
+            raise r.fail(f"tensor {_q(name)} appears twice")
         seen.add(name)
         if type_id not in GGML_TYPES:
-            raise r.fail(f"tensor '{name}' has unknown type {type_id}")
+            raise r.fail(f"tensor {_q(name)} has unknown type {type_id}")
         type_name, block, block_bytes = GGML_TYPES[type_id]
         if 0 in dims:
-            raise r.fail(f"tensor '{name}' has a zero dimension {tuple(dims)}")
+            raise r.fail(f"tensor {_q(name)} has a zero dimension {tuple(dims)}")
         if dims[0] % block:
             raise r.fail(
-                f"tensor '{name}' ({type_name}) has {dims[0]} columns, not a multiple of {block}"
+                f"tensor {_q(name)} ({type_name}) has {dims[0]} columns, not a multiple of {block}"
             )
         nbytes = math.prod(dims) // block * block_bytes
         if offset % alignment:
-            raise r.fail(f"tensor '{name}' offset {offset} is not a multiple of {alignment}")
+            raise r.fail(f"tensor {_q(name)} offset {offset} is not a multiple of {alignment}")
         if offset + nbytes > data_size:
             raise r.fail(
-                f"tensor '{name}' ({nbytes} bytes at offset {offset}) runs past the end of the "
+                f"tensor {_q(name)} ({nbytes} bytes at offset {offset}) runs past the end of the "
                 f"file (data section holds {data_size} bytes; truncated download?)"
             )
         tensors.append(TensorInfo(name, type_id, tuple(dims), offset, nbytes))

@@ -67,6 +67,8 @@ def claim_output(cfg: TrainConfig) -> tuple[Path, files.OutLock]:
         may_replace=cfg.resume or cfg.overwrite,
         options="--resume to continue it, --overwrite to replace its run",
     )
+    if cfg.resume and not checkpoint.checkpoints_dir(out).is_dir():
+        raise UserError(f"{out}: no checkpoint to resume from; run without --resume")
     files.make_folder(out)
     return out, files.OutLock(out)
 
@@ -91,7 +93,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line + "\n")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):  # not a record of ours
             continue
     files.write_text_atomic(path, "".join(kept))
 
@@ -153,6 +155,11 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
                 f"--resume: --{key.replace('_', '-')} was {old[key]} in the saved run, now "
                 f"{getattr(cfg, key)}; use the same value or start again with --overwrite"
             )
+    if not cfg.epochs:  # (with --epochs, --steps is known once the data is loaded)
+        _check_remaining(cfg, saved)
+
+
+def _check_remaining(cfg: TrainConfig, saved: dict) -> None:
     if saved["step"] >= cfg.steps:
         raise UserError(
             f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
@@ -235,6 +242,8 @@ def _setup(
                 cfg.epochs, len(data.train_rows), cfg.batch_size * world.size, cfg.grad_accum
             ),
         )
+        if resume:
+            _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
@@ -326,9 +335,10 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
 def _diverged(run: _Run, step: int, what: str) -> str:
     last = checkpoint.latest(run.out)
     kept = f"the last good checkpoint, {last.name}, is kept" if last else "nothing was saved"
+    then = "--resume from it" if last else "start again"
     return (
         f"step {step}: {what} became non-finite (NaN/inf); training stopped and {kept}; "
-        f"lower --lr (now {run.cfg.lr}) or raise --grad-clip, then start again"
+        f"lower --lr (now {run.cfg.lr}) or --grad-clip, then {then}"
     )
 
 
