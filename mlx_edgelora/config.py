@@ -40,7 +40,7 @@ class TrainConfig:
     # --- what to train on
     model: str | None = _opt(
         None,
-        "mlx-lm model folder, Hugging Face repo id, or .gguf file "
+        "mlx-lm model folder, Hugging Face repo id, .gguf file, or gemma3-270m "
         "(default: the embedded SmolLM2-135M-Instruct Q4_1)",
     )
     quantize: int | None = _opt(
