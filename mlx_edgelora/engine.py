@@ -40,23 +40,19 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import attention, blocks
+from . import blocks
 from .config import TrainConfig
 from .errors import UserError
 from .lora import has_active_dropout
 from .spill import BoundaryStore
 from .stream import HEAD, WeightStream
 
-CACHE_POLICIES = ("none", "last")
-
 
 def make_step(model: nn.Module, cfg: TrainConfig, loss_head):
     """The training step the config asks for (see the module docstring)."""
     if cfg.engine == "graph":
         return GraphStep(model, cfg, loss_head)
-    if cfg.engine == "segments":
-        return SegmentStep(model, cfg, loss_head)
-    raise UserError(f"--engine: unknown engine '{cfg.engine}'; use segments or graph")
+    return SegmentStep(model, cfg, loss_head)
 
 
 def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | None = None):
@@ -64,9 +60,9 @@ def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | No
     with _resident(stream, [], head=True):
         h = blocks.embed(model, mx.array(batch.inputs))
         mx.eval(h)
-    for i, layer in enumerate(blocks.layers(model)):
+    for i in range(len(blocks.layers(model))):
         with _resident(stream, [(i, blocks.HALVES)]):
-            h = attention.block_forward(layer, h, cfg.attn_chunk, cfg.mlp_chunk)
+            h = blocks.block_forward(model, i, h, cfg.attn_chunk, cfg.mlp_chunk)
             mx.eval(h)
     with _resident(stream, [], head=True):
         loss = head(h, batch)
@@ -106,8 +102,8 @@ class GraphStep:
 
         def loss_fn(inputs: mx.array, batch) -> mx.array:
             h = blocks.embed(model, inputs)
-            for layer in blocks.layers(model):
-                h = layer(h, mask="causal")
+            for i in range(len(blocks.layers(model))):
+                h = blocks.block_call(model, i, h)
             return loss_head(h, batch)
 
         self._value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -128,11 +124,6 @@ class SegmentStep:
     """Segment-wise forward, per-segment VJP backward; boundaries in RAM or on disk."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
-        if cfg.cache_policy not in CACHE_POLICIES:
-            raise UserError(
-                f"--cache-policy: unknown policy '{cfg.cache_policy}'; "
-                f"use {' or '.join(CACHE_POLICIES)}"
-            )
         blocks.check_trainable_in_blocks(model)
         self.model, self.cfg, self.loss_head = model, cfg, loss_head
         us, k = units(len(blocks.layers(model)), cfg.split_blocks), cfg.checkpoint_every
@@ -205,15 +196,15 @@ class SegmentStep:
 
     def _run(self, us: list[Unit], h: mx.array) -> mx.array:
         """Units `us` in order, with chunked attention and MLP."""
-        layers, c = blocks.layers(self.model), self.cfg
+        c = self.cfg
         for i, halves in us:
-            h = attention.block_forward(layers[i], h, c.attn_chunk, c.mlp_chunk, halves)
+            h = blocks.block_forward(self.model, i, h, c.attn_chunk, c.mlp_chunk, halves)
         return h
 
     def _vjp(self, us: list[Unit], x: mx.array, cotangent: mx.array, fn, grads: list[dict]):
         """(fn(x), d/dx) under mx.vjp w.r.t. x and the units' LoRA params -> grads[block]."""
         layers = [blocks.layers(self.model)[i] for i, _ in us]
-        saved = [_unit_parameters(layer, halves) for layer, (_, halves) in zip(layers, us)]
+        saved = [_unit_parameters(self.model, i, halves) for i, halves in us]
         flat = [tree_flatten(p) for p in saved]
 
         def pure(x: mx.array, *params: mx.array) -> mx.array:
@@ -234,12 +225,12 @@ class SegmentStep:
         return out, dx
 
 
-def _unit_parameters(layer: nn.Module, halves: tuple[str, ...]) -> dict:
-    """The trainable tree of those halves of a block (all of it for a whole block)."""
-    tree = layer.trainable_parameters()
+def _unit_parameters(model: nn.Module, i: int, halves: tuple[str, ...]) -> dict:
+    """The trainable tree of those halves of block i (all of it for a whole block)."""
+    tree = blocks.layers(model)[i].trainable_parameters()
     if halves == blocks.HALVES:
         return tree
-    return {k: v for k, v in tree.items() if blocks.half_of(k) in halves}
+    return {k: v for k, v in tree.items() if blocks.half_of(model, k) in halves}
 
 
 def _check_no_dropout(model: nn.Module) -> None:

@@ -19,33 +19,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .errors import UserError
+from .files import check_out, make_folder
 
-# Files a previous fuse wrote: removed first with --overwrite, so no stale shard is loaded.
+# Files a previous fuse wrote: a stale shard of ours left beside new ones would be loaded too.
 _OUR_FILES = ["model*.safetensors", "model.safetensors.index.json", "config.json"]
 
 
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """The output folder, refusing to write into a non-empty one without --overwrite."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{out}: folder is not empty; pass --overwrite to replace it "
-                "or choose another --out"
-            )
-        for pattern in _OUR_FILES:
-            for f in out.glob(pattern):
+def install(tmp: Path, out: Path) -> None:
+    """Move the finished model from `tmp` into `out`: one rename when `out` is new; else
+    each file replaces its old version, then our stale files (e.g. extra shards) go. The
+    user's other files in `out` stay."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for name in new:
+        os.replace(tmp / name, out / name)
+    for pattern in _OUR_FILES:
+        for f in out.glob(pattern):
+            if f.name not in new:
                 f.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def fuse_lora(model, dequantize: bool = False) -> int:
@@ -108,9 +108,10 @@ def fuse(
     from .loading import load_model
     from .lora import load_adapters
 
-    folder = prepare_out(out, overwrite)
     saved_model, saved_quantize = trained_on(adapter)
-    loaded = load_model(model or saved_model, quantize or saved_quantize)
+    base = model or saved_model
+    folder = check_out(out, overwrite, inside=base)
+    loaded = load_model(base, quantize or saved_quantize)
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization_config",)}
@@ -119,9 +120,18 @@ def fuse(
         config["quantization"] = quant
     # GGUF stop tokens (eos, end-of-turn) live in the tokenizer wrapper, not in a config file.
     config.setdefault("eos_token_id", sorted(loaded.tokenizer.eos_token_ids))
-    save_model(folder, loaded.model)
-    save_config(config, folder / "config.json")
-    loaded.tokenizer.save_pretrained(str(folder))
+    make_folder(folder.parent)
+    tmp = folder.with_name(f".{folder.name}.fuse-{os.getpid()}.tmp")  # same disk: renames
+    try:
+        make_folder(tmp)
+        save_model(tmp, loaded.model)
+        save_config(config, tmp / "config.json")
+        loaded.tokenizer.save_pretrained(str(tmp))
+        install(tmp, folder)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot save the fused model ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .errors import UserError
 
 

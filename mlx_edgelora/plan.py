@@ -19,6 +19,7 @@ from . import blocks
 from .config import TrainConfig
 from .errors import UserError
 from .loss import vocab_tile
+from .models import Shape
 
 GB = 1024**3
 F32 = 4
@@ -47,40 +48,14 @@ class MemoryPlan:
         )
 
 
-@dataclass
-class _Shape:
-    D: int
-    kv: int
-    I: int
-    H: int
-    V: int
-    n_layers: int
-
-
-def _shape(model: nn.Module) -> _Shape:
-    a = model.args
-    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
-    kv = (a.num_key_value_heads or a.num_attention_heads) * head_dim
-    n = len(blocks.layers(model))
-    return _Shape(a.hidden_size, kv, a.intermediate_size, a.num_attention_heads, a.vocab_size, n)
-
-
 def _frozen_bytes(module: nn.Module) -> int:
     trainable = {k for k, _ in tree_flatten(module.trainable_parameters())}
     return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k not in trainable)
 
 
-def _lora_bytes(cfg: TrainConfig, s: _Shape) -> int:
+def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:
     """fp32 bytes of the LoRA weights the config will create (whether applied yet or not)."""
-    io = {
-        "self_attn.q_proj": s.D + s.D,
-        "self_attn.k_proj": s.D + s.kv,
-        "self_attn.v_proj": s.D + s.kv,
-        "self_attn.o_proj": s.D + s.D,
-        "mlp.gate_proj": s.D + s.I,
-        "mlp.up_proj": s.D + s.I,
-        "mlp.down_proj": s.I + s.D,
-    }
+    io = s.lora_io()
     n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
     return n * cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys) * F32
 
@@ -99,7 +74,7 @@ def _weights_gb(model: nn.Module, cfg: TrainConfig) -> float:
     return total / GB
 
 
-def _half_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
+def _half_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
     """Bytes each half of one block's autodiff graph holds for `tokens` tokens."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
@@ -110,12 +85,12 @@ def _half_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -
     }
 
 
-def _block_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
+def _block_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
     """Bytes one block's autodiff graph holds for `tokens` tokens."""
     return sum(_half_activations(s, tokens, cfg, chunked).values())
 
 
-def _segment_activations(s: _Shape, tokens: int, cfg: TrainConfig) -> float:
+def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig) -> float:
     """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
@@ -124,7 +99,7 @@ def _segment_activations(s: _Shape, tokens: int, cfg: TrainConfig) -> float:
     return -(-k // 2) * big + k // 2 * small
 
 
-def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
+def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
@@ -136,7 +111,7 @@ def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
 
 def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0) -> MemoryPlan:
     """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`."""
-    s = _shape(model)
+    s = blocks.shape(model)
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
     boundary = tokens * s.D * F32

@@ -1,7 +1,8 @@
 """Progress line, peak memory and the metrics log of a training run.
 
 Peak memory is MLX's own allocator peak (`mx.get_peak_memory`), the figure the paper reports.
-Every step's record also goes to <out>/metrics.jsonl so curves can be plotted afterwards.
+Every step's record also goes to <out>/metrics.jsonl (strict JSON, one object a line) so
+curves can be plotted afterwards.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -38,7 +38,6 @@ class Reporter:
     total_steps: int
     log_path: Path | None = None
     stream: TextIO = sys.stdout
-    on_record: Callable[[dict], None] | None = None
     history: list[dict] = field(default_factory=list)
     _t0: float = field(default_factory=time.perf_counter)
     _first_step: int | None = None
@@ -94,8 +93,10 @@ class Reporter:
 
     def _log(self, rec: dict) -> None:
         self.history.append(rec)
-        if self.on_record:
-            self.on_record(rec)
-        if self.log_path:
+        if self.log_path:  # strict JSON: a non-finite value is written as null, never NaN
+            clean = {
+                k: v if not isinstance(v, float) or math.isfinite(v) else None
+                for k, v in rec.items()
+            }
             with open(self.log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(clean, allow_nan=False) + "\n")

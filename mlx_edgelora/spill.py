@@ -44,9 +44,10 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .files import atomic_path, require_free_space
 
-SPACE_MARGIN = 1.2  # free space required = estimate x margin (file-system overhead, estimate slack)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_FIX = "use --spill-dir on a bigger disk"
 _cleanups: dict[int, Callable[[], None]] = {}
 _saved_handlers: dict[int, object] = {}
 _tokens = itertools.count()
@@ -84,7 +85,8 @@ def _install_handlers() -> None:
     if _saved_handlers or threading.current_thread() is not threading.main_thread():
         return
     for s in _SIGNALS:
-        _saved_handlers[s] = signal.signal(s, _on_signal)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # an inherited "ignore" is kept
+            _saved_handlers[s] = signal.signal(s, _on_signal)
 
 
 def _restore_handlers() -> None:
@@ -139,17 +141,6 @@ def sweep_stale(base: Path, prefix: str) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
-
-
-def require_free_space(folder: Path, nbytes: int, what: str, alternative: str) -> None:
-    """Raise UserError unless `folder`'s disk has room for `nbytes` (with a margin): fail
-    before writing, not halfway through a run with a full disk."""
-    free, need = shutil.disk_usage(folder).free, nbytes * SPACE_MARGIN
-    if free < need:
-        raise UserError(
-            f"{folder}: needs ~{need / 1e9:.1f} GB free for {what}, only {free / 1e9:.1f} GB "
-            f"free; use --spill-dir on a bigger disk or {alternative}"
-        )
 
 
 def private_folder(prefix: str, parent: str | None, near: str) -> Path:
@@ -215,8 +206,6 @@ class BoundaryStore:
     def __init__(
         self, kind: str, spill_dir: str | None = None, near: str = ".", *, max_pending: int = 2
     ):
-        if kind not in ("ram", "disk"):
-            raise UserError(f"--activations: unknown kind '{kind}'; use ram or disk")
         self.kind = kind
         self.stats = SpillStats()
         self.folder: Path | None = None
@@ -334,7 +323,9 @@ class BoundaryStore:
         """Raise UserError unless the spill disk has room for `nbytes` of boundaries."""
         if self.kind == "ram":
             return
-        require_free_space(self.folder, nbytes, "spilled activations", "--activations ram")
+        require_free_space(
+            self.folder, nbytes, "spilled activations", _FIX + " or --activations ram"
+        )
 
     def _shutdown(self, timeout: float | None) -> None:
         # Also the signal/atexit path: no locks the interrupted main thread might hold.
@@ -350,15 +341,12 @@ class BoundaryStore:
 
     def _write(self, io: _Io) -> None:
         """Writer thread: tmp file then atomic rename, so no half-written b{i}.npy exists."""
-        tmp = io.path.with_suffix(".tmp")
         try:
             if not (io.cancelled or self._aborted.is_set()):
-                with open(tmp, "wb") as f:
+                with atomic_path(io.path) as tmp, open(tmp, "wb") as f:
                     np.save(f, io.data)
-                os.replace(tmp, io.path)
                 self.stats.bytes_written += io.data.nbytes
         except Exception as e:  # noqa: BLE001  (any failure is re-raised in the caller)
-            tmp.unlink(missing_ok=True)
             io.error = e
         finally:
             io.data = None  # the in-memory copy goes as soon as the file is there

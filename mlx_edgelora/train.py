@@ -1,20 +1,20 @@
 """`python -m mlx_edgelora.train`: parse options into a TrainConfig and run the trainer.
 
-Bad input ends in a one-line `error: ...` (exit code 2); Ctrl-C saves a checkpoint and exits
-with 130 so the run can be continued with --resume.
+Bad input ends in a one-line `error: ...` (exit code 2); Ctrl-C (SIGTERM) saves a checkpoint
+and exits with 130 (143) so the run can be continued with --resume.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .config import parse_config
-from .errors import UserError
+from .errors import Terminated, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trainer import train  # after _blas; keeps --help fast
+    from .trainer import train  # imported here: keeps --help fast
 
     try:
         cfg = parse_config(argv)
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("stopped (SIGTERM).", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("stopped.", file=sys.stderr)
         return 130

@@ -235,8 +235,8 @@ def test_bad_options_are_user_errors():
     head = reference_head(model)
     with pytest.raises(UserError, match="--stream-weights"):
         engine.make_step(model, TrainConfig(engine="graph", stream_weights=True), head)
-    with pytest.raises(UserError, match="--cache-policy"):
-        engine.make_step(model, TrainConfig(cache_policy="everything"), head)
+    with pytest.raises(UserError, match="--cache-policy"):  # checked once, in the config
+        TrainConfig(cache_policy="everything").validate()
     model.train()  # LoRA dropout p=0.5 is now active: recompute would draw another mask
     model.model.layers[0].self_attn.q_proj.dropout = nn.Dropout(0.5)
     step = engine.make_step(model, TrainConfig(activations="ram"), head)
