@@ -98,10 +98,10 @@ def base_identity(loaded: LoadedModel) -> dict:
     return {"source": str(loaded.source), "config_sha256": hashlib.sha256(config).hexdigest()}
 
 
-def evaluate(step_fn, cfg: TrainConfig, rows, head) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients."""
+def evaluate(step_fn, cfg: TrainConfig, rows, head, every_batch: bool = False) -> tuple[float, int]:
+    """Mean exact loss over (up to cfg.eval_batches, or all) batches, without gradients."""
     total, count = 0.0, 0
-    limit = None if cfg.eval_batches < 0 else cfg.eval_batches
+    limit = None if cfg.eval_batches < 0 or every_batch else cfg.eval_batches
     for batch in iter_eval_batches(rows, cfg.batch_size, limit):
         loss_sum, n = step_fn.forward_loss(head, batch)
         total, count = total + loss_sum, count + n
@@ -140,7 +140,7 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
                 f"--resume: --{key.replace('_', '-')} was {old[key]} in the saved run, now "
                 f"{getattr(cfg, key)}; use the same value or start again with --overwrite"
             )
-    if saved["step"] >= cfg.steps:
+    if saved["step"] >= cfg.steps and not cfg.test:  # --test alone: evaluate the saved adapter
         raise UserError(
             f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
             f"(--steps {cfg.steps}); pass a larger --steps to train it further"
@@ -346,4 +346,7 @@ def _loop(run: _Run) -> float | None:
     if run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
+    if cfg.test:  # the held-out test.jsonl, every row: an exact number, not an estimate
+        loss_value, n = evaluate(run.step_fn, cfg, run.data.test_rows, run.eval_head, True)
+        run.reporter.test(max(run.start, cfg.steps), loss_value, n)
     return val if val is not None and math.isfinite(val) else None
