@@ -141,3 +141,33 @@ def test_greedy_answer_to_a_factual_question(gemma):
     prompt = "Question: What is the capital of France?\nAnswer:"  # a base model: no chat turn
     answer = generate(gemma.model, gemma.tokenizer, prompt, max_tokens=8)
     assert "Paris" in answer, answer
+
+
+def _engine_has_gemma3() -> bool:
+    from mlx_edgelora import models
+
+    return "gemma3_text" in models.SUPPORTED_TYPES
+
+
+@pytest.mark.slow
+@requires_gemma
+@pytest.mark.skipif(not _engine_has_gemma3(), reason="the engine has no gemma3 family yet")
+def test_a_few_steps_from_the_command_line_lower_the_validation_loss(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mlx_edgelora.dataset import SAMPLE_DATA
+
+    out = tmp_path / "run"
+    args = ["--model", loading.GEMMA3_270M, "--data", str(SAMPLE_DATA), "--out", str(out)]
+    args += ["--steps", "6", "--max-seq-len", "128", "--lr", "1e-3", "--warmup", "1"]
+    args += ["--eval-every", "6", "--eval-batches", "2", "--save-every", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_edgelora.train", *args], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in logged if "val_loss" in r]
+    assert len(vals) >= 2 and vals[-1] < vals[0], vals
+    assert (out / "adapters.safetensors").is_file()
