@@ -171,3 +171,37 @@ def test_a_few_steps_from_the_command_line_lower_the_validation_loss(tmp_path):
     vals = [r["val_loss"] for r in logged if "val_loss" in r]
     assert len(vals) >= 2 and vals[-1] < vals[0], vals
     assert (out / "adapters.safetensors").is_file()
+
+
+@pytest.mark.slow
+@requires_gemma
+def test_tokenizer_matches_transformers_gguf_gemma_tokenizer(gemma):
+    """transformers builds Gemma's tokenizer from the same metadata its own way (GemmaTokenizer)."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError:
+        pytest.skip("this transformers version has no GGUF tokenizer builder to compare with")
+    _, meta, _ = read_gguf(loading.gemma3_270m_path())
+    keys = GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+    fields = {name: meta[f"tokenizer.{key}"] for key, name in keys if f"tokenizer.{key}" in meta}
+    fields = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in fields.items()}
+    reference, _ = convert_gguf_tokenizer("gemma3", fields)
+    texts = [
+        PARAGRAPH,
+        "Hello  wörld\n\n  indented\tcode = 1+2 # 😀 日本語",
+        "<start_of_turn>user\nhi<end_of_turn>\n",
+        "   leading spaces",
+        "trailing   ",
+        "naïve café — “quotes” and ‘single’ \u200b",
+    ]
+    for text in texts:
+        ids = gemma.tokenizer.encode(text, add_special_tokens=False)
+        assert ids == reference.encode(text, add_special_tokens=False).ids, text
+        assert gemma.tokenizer.decode(ids) == text
+    chat = [{"role": "user", "content": "hi"}]
+    rendered = gemma.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert 106 in gemma.tokenizer.eos_token_ids  # <end_of_turn> ends a reply

@@ -165,3 +165,34 @@ def test_a_layer_the_metadata_promises_but_the_file_lacks_is_named(tmp_path):
     mx.save_gguf(str(path), tensors, to_mx_metadata(gguf_metadata(cfg, tmp_path / "tok")))
     with pytest.raises(UserError, match=r"'blk\.3\.ffn_up\.weight' is missing"):
         load_model(str(path))
+
+
+def test_gemma_without_a_chat_template_gets_gemmas_and_stops_at_end_of_turn():
+    """Gemma GGUFs often omit tokenizer.chat_template (the real 270M file does)."""
+    from tokenizers import pre_tokenizers
+
+    from mlx_edgelora.gguf_tokenizer import build_tokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+    meta = {
+        "general.architecture": "gemma3",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array([3] * 5 + [1] * (len(tokens) - 5), np.int32),
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+    tok = build_tokenizer(meta)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi "},
+        {"role": "assistant", "content": "hello"},
+    ]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    want = "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n"
+    assert text == want + "<start_of_turn>model\nhello<end_of_turn>\n"
+    assert tok.eos_token_ids == {1, 4}
+    meta["general.architecture"] = "llama"  # no guessing outside Gemma
+    assert build_tokenizer(meta).chat_template is None
