@@ -77,6 +77,12 @@ def load_gguf(path: str) -> GGUFModel:
         )
     _check_tensor_table(data, infos, path)
     config = model_config(meta, infos, data, path)
+    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
+    if n_tokens > config["vocab_size"]:
+        raise UserError(
+            f"{path}: tensor 'token_embd.weight' has {config['vocab_size']} rows but the "
+            f"tokenizer has {n_tokens} tokens; the file is inconsistent, re-convert it"
+        )
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     weights, shapes, mapped = {}, {}, Counter()
     for name, info in infos.items():

@@ -69,9 +69,25 @@ def arch_metadata(cfg: dict, tmp_path) -> dict:
     return meta
 
 
+def _tiny(arch: str, **extra):
+    """A tiny random mlx-lm model of `arch` (built here: conftest's shapes are the engine's)."""
+    from mlx_lm.utils import _get_classes
+
+    cfg = dict(model_type=arch, hidden_size=64, num_hidden_layers=4, intermediate_size=128)
+    cfg |= dict(num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+    cfg |= dict(vocab_size=300, rope_theta=10000.0, max_position_embeddings=4096)
+    cfg |= dict(tie_word_embeddings=True, **extra)
+    model_cls, args_cls = _get_classes(cfg)
+    mx.random.seed(0)
+    model = model_cls(args_cls.from_dict(cfg))
+    model.sanitize({})  # Gemma 3 drops its lm_head: the head is tied
+    mx.eval(model.parameters())
+    return model.eval(), cfg
+
+
 @pytest.mark.parametrize("arch,extra", [("qwen3", {"head_dim": 16}), ("gemma3_text", GEMMA3)])
 def test_float_gguf_round_trips_to_mlx_lm_logits(tmp_path, arch, extra):
-    model, cfg = build_tiny_model(arch, tie_word_embeddings=True, **extra)
+    model, cfg = _tiny(arch, **extra)
     tensors = {}
     for name, w in tree_flatten(model.parameters()):
         if arch == "gemma3_text" and name.endswith("norm.weight"):
@@ -196,3 +212,12 @@ def test_gemma_without_a_chat_template_gets_gemmas_and_stops_at_end_of_turn():
     assert tok.eos_token_ids == {1, 4}
     meta["general.architecture"] = "llama"  # no guessing outside Gemma
     assert build_tokenizer(meta).chat_template is None
+
+
+def test_a_tokenizer_larger_than_the_embedding_names_the_tensor(tmp_path):
+    model, cfg = build_tiny_model("qwen2", vocab_size=200)  # the tokenizer has 259 tokens
+    tensors = {gguf_name(n, "qwen2"): w for n, w in tree_flatten(model.parameters())}
+    path = tmp_path / "small-embd.gguf"
+    mx.save_gguf(str(path), tensors, to_mx_metadata(gguf_metadata(cfg, tmp_path / "tok")))
+    with pytest.raises(UserError, match="'token_embd.weight' has 200 rows but the tokenizer"):
+        load_model(str(path))
