@@ -10,6 +10,9 @@ saving only O and the log-sum-exp; backward recomputes scores tile by tile), and
 a custom VJP that recomputes one token chunk at a time. Both sit next to a plain reference.
 `mx.depends` chains the tiles so that MLX's evaluator finishes one tile (and frees its
 scores) before starting the next; without it, tiles feeding two accumulators stay alive.
+Sliding-window layers (Gemma 3's local layers, Mistral's `layer_types`) mask keys older than
+the window and skip the tiles wholly outside it. What a family puts around this core (q/k
+norms, RoPE, the scale) lives in models/.
 """
 
 from __future__ import annotations

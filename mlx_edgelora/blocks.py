@@ -17,8 +17,6 @@ from mlx.utils import tree_flatten
 from .models import HALVES, Shape, family_of
 from .quant import dequantize  # one dequantize recipe: scales cast first
 
-__all__ = ["HALVES"]
-
 
 def embed(model: nn.Module, inputs: mx.array) -> mx.array:
     """Token embeddings [B, L, D] in float32 (the compute dtype) for inputs [B, L]."""

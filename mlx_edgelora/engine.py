@@ -1,7 +1,11 @@
 """One training step: segment-wise forward, per-segment VJP backward (paper technique 2).
 
 `make_step(model, cfg, loss_head)` returns a step: `step(batch) -> (loss_sum, n_tokens,
-grads)`, grads shaped like `model.trainable_parameters()` and evaluated.
+grads)`, grads shaped like `model.trainable_parameters()` and evaluated. A step's `grad_hook`,
+if set, is called as `grad_hook(segment, grads) -> grads` with each segment's LoRA gradients
+(a tree) as soon as its backward ends, and its result is kept instead: the data-parallel
+all-reduce (distributed.py) plugs in here, so it overlaps the next segment's recompute. The
+graph engine has one segment, the whole model.
 
 - engine "graph": the reference, `nn.value_and_grad` over embed -> blocks -> loss head; MLX
   keeps every activation of the whole model until the backward pass.
@@ -33,6 +37,7 @@ Spill files are removed on every exit: the BoundaryStore lives in a `with` for t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 
@@ -46,6 +51,8 @@ from .errors import UserError
 from .lora import has_active_dropout
 from .spill import BoundaryStore
 from .stream import HEAD, WeightStream
+
+GradHook = Callable[[int, dict], dict]  # (segment index, its gradient tree) -> tree to keep
 
 
 def make_step(model: nn.Module, cfg: TrainConfig, loss_head):
@@ -99,6 +106,7 @@ class GraphStep:
         if cfg.stream_weights:
             raise UserError("--stream-weights: needs --engine segments; drop one of them")
         self.model, self.cfg = model, cfg
+        self.grad_hook: GradHook | None = None
 
         def loss_fn(inputs: mx.array, batch) -> mx.array:
             h = blocks.embed(model, inputs)
@@ -111,6 +119,9 @@ class GraphStep:
     def __call__(self, batch):
         loss, grads = self._value_and_grad(mx.array(batch.inputs), batch)
         mx.eval(loss, grads)
+        if self.grad_hook is not None:
+            grads = self.grad_hook(0, grads)
+            mx.eval(grads)
         return loss.item(), int(batch.mask.sum()), grads
 
     def forward_loss(self, head, batch) -> tuple[float, int]:
@@ -126,6 +137,7 @@ class SegmentStep:
     def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
         blocks.check_trainable_in_blocks(model)
         self.model, self.cfg, self.loss_head = model, cfg, loss_head
+        self.grad_hook: GradHook | None = None
         us, k = units(len(blocks.layers(model)), cfg.split_blocks), cfg.checkpoint_every
         self.segments = [us[s : s + k] for s in range(0, len(us), k)]
         self.stream = None
@@ -144,6 +156,7 @@ class SegmentStep:
             loss, dh = self._loss_and_vjp(h, batch, n_ckpt, grads)
             del h
             self._backward(store, dh, n_ckpt, grads)
+        mx.eval(grads)  # the hook's work (e.g. all-reduces) may still be in flight
         return loss, int(batch.mask.sum()), blocks.model_tree(self.model, grads)
 
     def forward_loss(self, head, batch) -> tuple[float, int]:
@@ -180,6 +193,7 @@ class SegmentStep:
         with _resident(self.stream, us, head=True):
             loss, dh = self._vjp(us, h, mx.array(1.0), fn, grads)
             mx.eval(loss, dh if n_ckpt else [], [grads[i] for i, _ in us])
+        self._hand_over(n_ckpt, us, grads)
         return loss.item(), dh
 
     def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
@@ -193,6 +207,18 @@ class SegmentStep:
                 out, dh = self._vjp(us, x, dh, partial(self._run, us), grads)
                 mx.eval([grads[i] for i, _ in us], dh if j > 0 else [])  # unit 0: no dx needed
             del x, out  # the lazy recomputed output would keep this segment's graph alive
+            self._hand_over(j, us, grads)
+
+    def _hand_over(self, j: int, us: list[Unit], grads: list[dict]) -> None:
+        """Pass segment j's fresh gradients {block: tree} through grad_hook, keep its result."""
+        if self.grad_hook is None:
+            return
+        halves_of: dict[int, tuple[str, ...]] = {}  # a segment may hold both halves of one block
+        for i, halves in us:
+            halves_of[i] = halves_of.get(i, ()) + halves
+        fresh = {i: _subtree(self.model, grads[i], hs) for i, hs in halves_of.items()}
+        for i, tree in self.grad_hook(j, fresh).items():
+            grads[i] = {**grads[i], **tree}
 
     def _run(self, us: list[Unit], h: mx.array) -> mx.array:
         """Units `us` in order, with chunked attention and MLP."""
@@ -228,8 +254,11 @@ class SegmentStep:
 def _unit_parameters(model: nn.Module, i: int, halves: tuple[str, ...]) -> dict:
     """The trainable tree of those halves of block i (all of it for a whole block)."""
     tree = blocks.layers(model)[i].trainable_parameters()
-    if halves == blocks.HALVES:
-        return tree
+    return tree if halves == blocks.HALVES else _subtree(model, tree, halves)
+
+
+def _subtree(model: nn.Module, tree: dict, halves: tuple[str, ...]) -> dict:
+    """The entries of a block's tree that belong to those halves."""
     return {k: v for k, v in tree.items() if blocks.half_of(model, k) in halves}
 
 

@@ -18,7 +18,6 @@ at 4 bits) and reproduces base + adapter exactly, up to float rounding.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -48,8 +47,12 @@ def install(tmp: Path, out: Path) -> None:
                 f.unlink()
 
 
-def fuse_lora(model, dequantize: bool = False) -> int:
-    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`)."""
+def fuse_lora(model, dequantize: bool = False, rest: bool = True) -> int:
+    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`).
+
+    `rest=False` with `dequantize`: layers without LoRA keep their quantization (GGUF export
+    copies them block for block).
+    """
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
@@ -58,7 +61,7 @@ def fuse_lora(model, dequantize: bool = False) -> int:
     ]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    if dequantize:
+    if dequantize and rest:
         dequantize_model(model)  # the (tied) embedding and any linear without LoRA too
     return len(fused)
 
@@ -80,17 +83,6 @@ def quantization_config(model) -> dict | None:
     return config
 
 
-def trained_on(adapter: str | Path) -> tuple[str | None, int | None]:
-    """(--model, --quantize) of the run that wrote `adapter`, from its adapter_config.json."""
-    from .lora import CONFIG_FILE
-
-    try:
-        saved = json.loads((Path(adapter) / CONFIG_FILE).read_text()).get("edgelora", {})
-    except (OSError, ValueError):
-        return None, None  # not ours (or missing): load_adapters names the problem
-    return saved.get("model"), saved.get("quantize")
-
-
 def fuse(
     model: str | None,
     adapter: str,
@@ -105,13 +97,16 @@ def fuse(
     """
     from mlx_lm.utils import save_config, save_model
 
-    from .loading import load_model
-    from .lora import load_adapters
+    from .loading import describe_source, load_model
+    from .lora import check_adapter, load_adapters
+    from .spill import sweep_stale
 
-    saved_model, saved_quantize = trained_on(adapter)
-    base = model or saved_model
+    saved = check_adapter(adapter).get("edgelora")  # the run that wrote it, if ours
+    saved = saved if isinstance(saved, dict) else {}
+    base = model or saved.get("model")
     folder = check_out(out, overwrite, inside=base)
-    loaded = load_model(base, quantize or saved_quantize)
+    print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
+    loaded = load_model(base, quantize or saved.get("quantize"))
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization_config",)}
@@ -121,7 +116,9 @@ def fuse(
     # GGUF stop tokens (eos, end-of-turn) live in the tokenizer wrapper, not in a config file.
     config.setdefault("eos_token_id", sorted(loaded.tokenizer.eos_token_ids))
     make_folder(folder.parent)
-    tmp = folder.with_name(f".{folder.name}.fuse-{os.getpid()}.tmp")  # same disk: renames
+    prefix = f".{folder.name}.fuse-"  # + pid: a killed fuse's folder is swept by the next one
+    sweep_stale(folder.parent, prefix)
+    tmp = folder.with_name(f"{prefix}{os.getpid()}-tmp")  # beside --out: same disk, renames
     try:
         make_folder(tmp)
         save_model(tmp, loaded.model)

@@ -1,11 +1,12 @@
 """GGUF file -> mlx-lm weights, mlx-lm config dict and tokenizer.
 
 Why: the embedded default model (SmolLM2-135M-Instruct Q4_1) and most community models ship
-as llama.cpp GGUF files. gguf_reader.py maps the file, gguf_quants.py turns each tensor into
-MLX arrays (quantized blocks stay quantized: paper technique 1), gguf_tokenizer.py rebuilds
-the tokenizer. Here: tensor names -> mlx-lm names, the per-architecture fix-ups llama.cpp's
-converter made (llama: Q/K rows rotary-permuted; gemma3: norm weights stored as 1 + w;
-qwen2/qwen3/gemma3 are not permuted), the mlx-lm config from the metadata, and the check that
+as llama.cpp GGUF files. gguf_header.py reads and checks the header (never trusting a length),
+the tensor bytes are memory-mapped, gguf_quants.py turns each tensor into MLX arrays
+(quantized blocks stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the
+tokenizer. Here: tensor names -> mlx-lm names and the norm shift, both from the model family's
+GGUF hooks (models/), llama.cpp's Q/K row permutation undone (llama arch only; its converter
+does not permute qwen2/qwen3/gemma3), the mlx-lm config from the metadata, and the check that
 the tensors fit the model the metadata describes.
 """
 
@@ -20,41 +21,36 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import models
 from .errors import UserError
+from .gguf_header import GGML_TYPES, read_header
 from .gguf_quants import GROUP, TYPES, convert
-from .gguf_reader import TensorInfo, read_gguf
 from .gguf_tokenizer import build_tokenizer, meta_value
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+FAMILIES = {f.gguf_arch: f for f in models.FAMILIES.values() if f.gguf_arch}
+ARCHITECTURES = tuple(sorted(FAMILIES))
 GROUP_SIZE = GROUP
-_OTHER_TYPES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S"}
-_OTHER_TYPES |= {20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 39: "MXFP4"}
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-_BLOCKS = {  # llama.cpp's tensor map (gguf-py constants.py), per architecture
-    "llama": _BLOCK,
-    "qwen2": _BLOCK,
-    "qwen3": _BLOCK | _QK_NORM,
-    "gemma3": _BLOCK
-    | _QK_NORM
-    | {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-}
+
+
+@dataclass
+class TensorInfo:
+    kind: int  # ggml type id
+    shape: tuple[int, ...]  # MLX order: outermost first (GGUF stores innermost first)
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_gguf(path: str) -> tuple[np.ndarray, dict, dict[str, TensorInfo]]:
+    """(the file as a read-only uint8 memory map, metadata, tensor table), header checked."""
+    header = read_header(path, arrays=True)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    infos = {
+        t.name: TensorInfo(t.type_id, t.dims[::-1], header.data_offset + t.offset, t.nbytes)
+        for t in header.tensors
+    }
+    return data, header.metadata, infos
 
 
 @dataclass
@@ -75,7 +71,8 @@ def load_gguf(path: str) -> GGUFModel:
             f"{path}: architecture '{arch}' is not supported; supported GGUF architectures: "
             + ", ".join(ARCHITECTURES)
         )
-    _check_tensor_table(data, infos, path)
+    _check_types(infos, path)
+    shift = FAMILIES[arch].gguf_norm_shift
     config = model_config(meta, infos, data, path)
     n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
     if n_tokens > config["vocab_size"]:
@@ -92,8 +89,8 @@ def load_gguf(path: str) -> GGUFModel:
         # The embedding lookup dequantizes in the scales' dtype: float32 keeps it exact.
         parts, how = convert(info.kind, _bytes(data, info), info.shape, name == "token_embd.weight")
         mapped[(TYPES[info.kind].name, how)] += 1
-        if arch == "gemma3" and name.endswith("norm.weight"):  # llama.cpp stores 1 + w
-            parts["weight"] = parts["weight"].astype(mx.float32) - 1
+        if shift and name.endswith("norm.weight"):  # Gemma: llama.cpp stores 1 + w
+            parts["weight"] = parts["weight"].astype(mx.float32) + shift
         module = key.rsplit(".", 1)[0]
         proj = module.rsplit(".", 1)[-1]
         for suffix, w in parts.items():
@@ -108,30 +105,19 @@ def load_gguf(path: str) -> GGUFModel:
     return GGUFModel(weights, config, build_tokenizer(meta, path), shapes, report)
 
 
-def _check_tensor_table(data: np.ndarray, infos: dict[str, TensorInfo], path: str) -> None:
-    """Every tensor of a supported type, whole blocks per row, and inside the file."""
+def _check_types(infos: dict[str, TensorInfo], path: str) -> None:
+    """Every tensor of a type we convert (gguf_header checked sizes and bounds)."""
     supported = ", ".join(t.name for t in TYPES.values())
     for name, info in infos.items():
-        t = TYPES.get(info.kind)
-        if t is None:
-            kind = _OTHER_TYPES.get(info.kind, f"type {info.kind}")
+        if info.kind not in TYPES:
             raise UserError(
-                f"{path}: tensor '{name}' has GGUF type {kind}, which is not supported; "
-                f"supported types: {supported}"
+                f"{path}: tensor '{name}' has GGUF type {GGML_TYPES[info.kind][0]}, which is "
+                f"not supported; supported types: {supported}"
             )
-        if not info.shape or info.shape[-1] % t.block:
-            raise UserError(f"{path}: tensor '{name}' rows are not whole {t.name} blocks")
-        if info.offset + _nbytes(info) > data.size:
-            raise UserError(f"{path}: the file ends inside tensor '{name}'; re-download it")
-
-
-def _nbytes(info: TensorInfo) -> int:
-    t = TYPES[info.kind]
-    return int(np.prod(info.shape)) // t.block * t.nbytes
 
 
 def _bytes(data: np.ndarray, info: TensorInfo) -> np.ndarray:
-    return data[info.offset : info.offset + _nbytes(info)]
+    return data[info.offset : info.offset + info.nbytes]
 
 
 def _mlx_name(name: str, arch: str, path: str) -> str:
@@ -140,7 +126,7 @@ def _mlx_name(name: str, arch: str, path: str) -> str:
     target = _TOP.get(module)
     if module.startswith("blk."):
         _, index, part = module.split(".", 2)
-        block = _BLOCKS[arch]
+        block = FAMILIES[arch].gguf_block_tensors
         target = block.get(part) and f"model.layers.{index}.{block[part]}"
     if target is None:
         raise UserError(f"{path}: unexpected tensor '{name}' for a {arch} GGUF")
@@ -154,7 +140,7 @@ def gguf_name(key: str, arch: str) -> str:
     if module in top:
         return f"{top[module]}.{suffix}"
     _, _, index, part = module.split(".", 3)
-    block = {v: k for k, v in _BLOCKS[arch].items()}
+    block = {v: k for k, v in FAMILIES[arch].gguf_block_tensors.items()}
     return f"blk.{index}.{block.get(part, part)}.{suffix}"
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .gguf_header import GGML_TYPES
+
 GROUP = 32  # MLX group size of every quantized tensor we produce
 QK_K = 256  # weights per K-quant super-block
 
@@ -38,6 +40,11 @@ class GGMLType:
     nbytes: int  # bytes per block
     decode: Callable | None = None  # exact: blocks -> (q, scale, bias, bits); else float32
     requant_bits: int | None = None  # for the 16-weight-group types
+
+
+def _type(type_id: int, decode: Callable | None = None, requant_bits: int | None = None):
+    """A type we convert, its name and block layout from gguf_header's table."""
+    return type_id, GGMLType(*GGML_TYPES[type_id], decode, requant_bits)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -140,21 +147,23 @@ def _q6_k(b):
     return ((d * sc)[:, :, None] * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
-TYPES = {
-    0: GGMLType("F32", 1, 4),
-    1: GGMLType("F16", 1, 2),
-    30: GGMLType("BF16", 1, 2),
-    2: GGMLType("Q4_0", 32, 18, _q4_0),
-    3: GGMLType("Q4_1", 32, 20, _q4_1),
-    6: GGMLType("Q5_0", 32, 22, _q5_0),
-    7: GGMLType("Q5_1", 32, 24, _q5_1),
-    8: GGMLType("Q8_0", 32, 34, _q8_0),
-    10: GGMLType("Q2_K", QK_K, 84, _q2_k, requant_bits=4),
-    11: GGMLType("Q3_K", QK_K, 110, _q3_k, requant_bits=6),
-    12: GGMLType("Q4_K", QK_K, 144, _q4_k),
-    13: GGMLType("Q5_K", QK_K, 176, _q5_k),
-    14: GGMLType("Q6_K", QK_K, 210, _q6_k, requant_bits=8),
-}
+TYPES = dict(
+    [
+        _type(0),  # F32
+        _type(1),  # F16
+        _type(30),  # BF16
+        _type(2, _q4_0),
+        _type(3, _q4_1),
+        _type(6, _q5_0),
+        _type(7, _q5_1),
+        _type(8, _q8_0),
+        _type(10, _q2_k, requant_bits=4),
+        _type(11, _q3_k, requant_bits=6),
+        _type(12, _q4_k),
+        _type(13, _q5_k),
+        _type(14, _q6_k, requant_bits=8),
+    ]
+)
 FLOATS = {0: np.float32, 1: np.float16, 30: np.uint16}
 
 

@@ -122,15 +122,16 @@ def read_adapter_config(folder: Path) -> dict:
     return acfg
 
 
-def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply a saved adapter (ours or mlx-lm's) to `model` with mlx-lm's own loader."""
+def check_adapter(folder: str | Path) -> dict:
+    """An adapter folder's config, once its files are known to be complete (before a model is
+    loaded for it: a bad adapter should not cost a model load first)."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / ADAPTER_FILE).is_file():
         raise UserError(
             f"{folder}: not an adapter folder (needs {ADAPTER_FILE} and {CONFIG_FILE}); "
             "point --adapter at the --out folder of a training run"
         )
-    read_adapter_config(folder)
+    acfg = read_adapter_config(folder)
     try:
         mx.load(str(folder / ADAPTER_FILE))  # lazy: reads the header and checks the sizes
     except (RuntimeError, ValueError, OSError) as e:
@@ -138,6 +139,13 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
             f"{folder / ADAPTER_FILE}: unreadable ({str(e).splitlines()[0]}); the file is "
             "truncated or corrupt: copy it again from the training run"
         ) from None
+    return acfg
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Apply a saved adapter (ours or mlx-lm's) to `model` with mlx-lm's own loader."""
+    folder = Path(folder)
+    check_adapter(folder)
     try:
         _mlx_lm_load_adapters(model, str(folder))
     except ValueError as e:

@@ -36,6 +36,8 @@ class MemoryPlan:
     """Estimated peak memory of one training step, by part (GB)."""
 
     parts: dict[str, float] = field(default_factory=dict)
+    ranks: int = 1  # data-parallel processes (Macs); every figure is one rank's
+    global_batch: str = ""  # what one optimizer step trains on, over all ranks
 
     @property
     def total_gb(self) -> float:
@@ -43,9 +45,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         rows = [f"  {name:<22} {gb:7.3f} GB" for name, gb in self.parts.items()]
-        return "\n".join(
-            ["memory plan (estimated peak):", *rows, f"  {'total':<22} {self.total_gb:7.3f} GB"]
-        )
+        who = f"per rank, {self.ranks} ranks" if self.ranks > 1 else "one process"
+        head = f"memory plan (estimated peak, {who}; global batch {self.global_batch}):"
+        return "\n".join([head, *rows, f"  {'total':<22} {self.total_gb:7.3f} GB"])
 
 
 def _frozen_bytes(module: nn.Module) -> int:
@@ -109,8 +111,19 @@ def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 / GB
 
 
-def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0) -> MemoryPlan:
-    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`."""
+def estimate(
+    model: nn.Module,
+    cfg: TrainConfig,
+    trainable_fraction: float = 1.0,
+    token_bytes: int = 0,
+    ranks: int = 1,
+) -> MemoryPlan:
+    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`, on each of
+    `ranks` data-parallel processes (each holds the whole model and its own micro-batch).
+
+    `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
+    the whole run; on a Mac it shares the same unified memory as the step.
+    """
     s = blocks.shape(model)
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
@@ -126,7 +139,15 @@ def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
         parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
-    return MemoryPlan(parts)
+    if token_bytes:
+        parts["token store"] = token_bytes / GB
+    seqs = ranks * cfg.batch_size * cfg.grad_accum
+    batch = f"{seqs} sequences of {cfg.max_seq_len} tokens"
+    if ranks > 1 or cfg.grad_accum > 1:
+        batch += (
+            f" = {ranks} rank(s) x --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}"
+        )
+    return MemoryPlan(parts, ranks, batch)
 
 
 def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
@@ -141,6 +162,7 @@ def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
         "segment recompute": "smaller --attn-chunk/--mlp-chunk or --checkpoint-every 1",
         "loss head": "--loss subset or a smaller --vocab-chunk",
         "LoRA + optimizer": "a smaller --rank or fewer --lora-keys",
+        "token store": "less --data",
     }.get(biggest, "a smaller --max-seq-len")
     raise UserError(
         f"--memory-budget-gb {cfg.memory_budget_gb}: planned peak is {plan.total_gb:.2f} GB "

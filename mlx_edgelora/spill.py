@@ -52,6 +52,13 @@ _cleanups: dict[int, Callable[[], None]] = {}
 _saved_handlers: dict[int, object] = {}
 _tokens = itertools.count()
 _atexit_registered = False
+_owner_tag = ""  # e.g. "r1-" on rank 1 of a distributed run: folder names say which rank
+
+
+def set_owner_tag(tag: str) -> None:
+    """Name this process's new private folders `<prefix><pid>-<tag>...` (tag: its rank)."""
+    global _owner_tag
+    _owner_tag = tag
 
 
 def register_cleanup(fn: Callable[[], None]) -> int:
@@ -71,6 +78,11 @@ def unregister_cleanup(token: int) -> None:
     _cleanups.pop(token, None)
     if not _cleanups:
         _restore_handlers()
+
+
+def cleanup_now() -> None:
+    """Run every registered cleanup now: for a watchdog about to `os._exit` (no atexit)."""
+    _run_cleanups()
 
 
 def _run_cleanups() -> None:
@@ -105,9 +117,7 @@ def _on_signal(signum: int, frame: object) -> None:
     _restore_handlers()
     if callable(previous):  # e.g. signal.default_int_handler -> KeyboardInterrupt
         previous(signum, frame)
-    elif previous == signal.SIG_IGN:
-        return
-    elif signum == signal.SIGINT:
+    elif signum == signal.SIGINT:  # (an ignored signal never reaches here: not installed)
         raise KeyboardInterrupt
     else:  # default action (terminate): re-deliver with the default handler back in place
         os.kill(os.getpid(), signum)
@@ -156,7 +166,7 @@ def private_folder(prefix: str, parent: str | None, near: str) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         sweep_stale(base, prefix)
         # mkdtemp: mode 0700, and the name carries the owner from the first moment
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{_owner_tag}", dir=base))
     except OSError as e:
         raise UserError(
             f"{base}: cannot create a private spill folder ({e.strerror or e}); "
@@ -285,29 +295,6 @@ class BoundaryStore:
             x = x.view(mx.bfloat16)
             mx.eval(x)
         return x
-
-    def flush(self) -> None:
-        """Wait until every queued write has finished (errors surface at put/get/clear)."""
-        for io in list(self._writes.values()):
-            io.done.wait()
-
-    def clear(self) -> None:
-        """End of step: drop every boundary, delete this step's files, surface write errors."""
-        self._ram.clear()
-        if self.kind == "ram" or self._closed:
-            return
-        pending = list(self._writes.values()) + list(self._reads.values())
-        for io in pending:
-            io.cancelled = True  # queued jobs are skipped; the running one finishes
-        for io in pending:
-            io.done.wait()
-        failed = [w for w in self._writes.values() if w.error and not w.reported]
-        self._writes.clear()
-        self._reads.clear()
-        for p in self.folder.iterdir():
-            p.unlink(missing_ok=True)
-        if failed:
-            raise UserError(self._message(failed[0].error))
 
     def close(self) -> None:
         """Stop the threads and remove the folder; safe to call more than once."""

@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopped.", file=sys.stderr)
         return 130
+    if result.rank:  # rank 0 reports; the others only say they finished
+        print(f"rank {result.rank} done: peak memory {result.peak_gb:.2f} GB")
+        return 0
     val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
+    if result.best_step is not None:
+        val += f" | kept the best adapter (step {result.best_step})"
     print(
         f"done: adapter in {result.out} | final val loss {val} | peak memory "
         f"{result.peak_gb:.2f} GB\ntry it: python -m mlx_edgelora.generate "

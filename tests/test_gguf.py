@@ -352,7 +352,7 @@ def test_unsupported_architecture_is_a_user_error(tmp_path):
     mx.save_gguf(
         str(path), {"token_embd.weight": mx.zeros((4, 32))}, {"general.architecture": "gemma"}
     )
-    with pytest.raises(UserError, match="'gemma' is not supported.*llama, qwen2, qwen3, gemma3"):
+    with pytest.raises(UserError, match="'gemma' is not supported.*gemma3, llama, qwen2, qwen3"):
         load_model(str(path))
 
 

@@ -58,9 +58,11 @@ class Family:
         "mlp": ("post_attention_layernorm", "mlp"),
     }
     qk_norm = False  # per-head RMSNorm of queries and keys before RoPE (attn.q_norm/k_norm)
-    # Hook for gguf.py: the GGUF `general.architecture` this family reads, and llama.cpp's
-    # block tensor names -> ours (None: no GGUF support declared here).
+    # Hooks for gguf.py: the GGUF `general.architecture` this family reads (None: none),
+    # llama.cpp's block tensor names -> ours, and a shift added to every norm weight read
+    # from a GGUF (llama.cpp stores Gemma's (1 + w) norms as 1 + w).
     gguf_arch: str | None = None
+    gguf_norm_shift = 0.0
     gguf_block_tensors: dict[str, str] = {
         "attn_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",
@@ -139,8 +141,7 @@ class Family:
 
     def window(self, model: nn.Module, i: int) -> int | None:
         """Block i's sliding attention window in tokens, None for full causal attention."""
-        layer = self.layers(model)[i]
-        return self.args(model).sliding_window if getattr(layer, "use_sliding", False) else None
+        return None
 
     def block_call(self, model: nn.Module, i: int, x: mx.array) -> mx.array:
         """mlx-lm's own call of block i on x [B, L, D] (no cache): the reference."""
