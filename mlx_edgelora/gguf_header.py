@@ -1,4 +1,4 @@
-"""Check a GGUF file's header and tensor-info table before MLX reads it.
+"""Read and check a GGUF file's header and tensor-info table (gguf.py then maps the data).
 
 Why: MLX's GGUF reader (gguflib) trusts the file. A tensor record with 200 dims, a name
 length of 2^40, an unknown tensor type or an offset past the end of the file makes it read
