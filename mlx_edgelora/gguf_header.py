@@ -1,10 +1,11 @@
 """Read and check a GGUF file's header and tensor-info table (gguf.py then maps the data).
 
-Why: MLX's GGUF reader (gguflib) trusts the file. A tensor record with 200 dims, a name
-length of 2^40, an unknown tensor type or an offset past the end of the file makes it read
-or write out of bounds, and the process dies with SIGSEGV, which no Python handler can catch.
-So the header is read here first, with `struct` and every length checked against the file's
-size, and anything that does not add up is one `UserError` naming the file and the fault.
+Why: every length in a GGUF comes from whoever wrote it. MLX's own reader (gguflib, which
+we no longer use) trusts them: a tensor record with 200 dims, a name length of 2^40, an
+unknown tensor type or an offset past the end of the file made it read or write out of
+bounds and die with SIGSEGV. Here the header is read with `struct`, every length checked
+against the file's size, and anything that does not add up is one `UserError` naming the
+file and the fault.
 
 Layout (GGUF v2/v3, little-endian): "GGUF", u32 version, u64 tensor count, u64 metadata
 count; metadata entries (string key, u32 value type, value); tensor infos (string name,
