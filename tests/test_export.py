@@ -160,7 +160,7 @@ def llama_cpp_lora_logits(base_gguf, adapter_gguf) -> np.ndarray:
         w = np.array(w.astype(mx.float32)) + alpha / b.shape[1] * (b @ a)
         if arch == "llama" and (part := name.split(".")[2]) in heads:
             w = np.array(unpermute_rows(mx.array(w), heads[part]))
-        path = _mlx_name(name, "x").removesuffix(".weight")
+        path = _mlx_name(name, arch, "x").removesuffix(".weight")
         old = modules[path]
         new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in old)
         new.weight = mx.array(w)
