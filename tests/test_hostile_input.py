@@ -509,8 +509,11 @@ def test_fuse_says_where_the_base_comes_from_before_loading(tmp_path, capsys):
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    config = {"fine_tune_type": "lora", "edgelora": {"model": "someone/hub-model"}}
+    lora = {"rank": 4, "scale": 2.0, "dropout": 0.0}  # complete: fuse checks the adapter first
+    config = {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": lora}
+    config["edgelora"] = {"model": "someone/hub-model"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapters.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     assert main(["--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2  # offline
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("fuse: base model: Hugging Face repo someone/hub-model, downloaded")
