@@ -211,7 +211,7 @@ class SegmentStep:
 
     def _hand_over(self, j: int, us: list[Unit], grads: list[dict]) -> None:
         """Pass segment j's fresh gradients {block: tree} through grad_hook, keep its result."""
-        if self.grad_hook is None:
+        if self.grad_hook is None or not us:  # no units: the loss head alone (policy none)
             return
         halves_of: dict[int, tuple[str, ...]] = {}  # a segment may hold both halves of one block
         for i, halves in us:

@@ -106,12 +106,17 @@ def base_identity(loaded: LoadedModel) -> dict:
 
 
 def evaluate(
-    step_fn, cfg: TrainConfig, rows, head, world: distributed.World | None = None
+    step_fn,
+    cfg: TrainConfig,
+    rows,
+    head,
+    world: distributed.World | None = None,
+    every_batch: bool = False,
 ) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients;
+    """Mean exact loss over (up to cfg.eval_batches, or every) batch, without gradients;
     with several ranks each evaluates its rows of each global batch and the sums are added."""
     total, count = 0.0, 0
-    limit = None if cfg.eval_batches < 0 else cfg.eval_batches
+    limit = None if cfg.eval_batches < 0 or every_batch else cfg.eval_batches
     world = world or distributed.World(None, timeout=1.0)
     for batch in iter_eval_batches(rows, cfg.batch_size * world.size, limit):
         batch = world.rows_of(batch)  # this rank's rows of the global batch
@@ -160,7 +165,7 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
 
 
 def _check_remaining(cfg: TrainConfig, saved: dict) -> None:
-    if saved["step"] >= cfg.steps:
+    if saved["step"] >= cfg.steps and not cfg.test:  # --test alone: evaluate the saved adapter
         raise UserError(
             f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
             f"(--steps {cfg.steps}); pass a larger --steps to train it further"
@@ -387,6 +392,14 @@ def train(
     return TrainResult(run.out, run.reporter.history, val, peak, best, world.rank)
 
 
+def _test(run: _Run, step: int) -> None:
+    """--test: the exact loss on every row of the held-out test.jsonl (never trained on)."""
+    with run.world.collective(f"test evaluation at step {step}"):
+        rows, head = run.data.test_rows, run.eval_head
+        loss_value, n = evaluate(run.step_fn, run.cfg, rows, head, run.world, every_batch=True)
+    run.reporter.test(step, loss_value, n)
+
+
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
     """An evaluation inside the run (the last step's comes after the loop)."""
     return bool(cfg.eval_every) and step % cfg.eval_every == 0 and 0 < step < cfg.steps
@@ -460,4 +473,6 @@ def _loop(run: _Run) -> float | None:
     elif run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
+    if cfg.test:
+        _test(run, stopped or max(run.start, cfg.steps))
     return val if val is not None and math.isfinite(val) else None
