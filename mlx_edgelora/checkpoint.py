@@ -20,6 +20,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
+from .state import SegmentOptimizer
 
 KEEP = 2  # checkpoints kept on disk; older ones are pruned after a successful save
 
@@ -28,18 +29,29 @@ def checkpoints_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def save(out: str | Path, step: int, model: nn.Module, opt: optim.Optimizer, state: dict) -> Path:
-    """Write checkpoint `step` atomically and point latest.json at it."""
+def save(
+    out: str | Path,
+    step: int,
+    model: nn.Module,
+    opt: optim.Optimizer,
+    state: dict,
+    streamed: SegmentOptimizer | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically and point latest.json at it; with `streamed` the
+    adapter and optimizer state come from its files (same format), a tensor at a time."""
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    mx.save_safetensors(
-        str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
-    )
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    if streamed is not None:
+        streamed.save_checkpoint(tmp)
+    else:
+        mx.save_safetensors(
+            str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+        )
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
     final = root / name
     if final.exists():
@@ -74,8 +86,11 @@ def latest(out: str | Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def load(folder: Path, model: nn.Module, opt: optim.Optimizer) -> dict:
-    """Restore adapter weights and optimizer state; return the saved run state.
+def load(
+    folder: Path, model: nn.Module, opt: optim.Optimizer, streamed: SegmentOptimizer | None = None
+) -> dict:
+    """Restore adapter weights and optimizer state (into `streamed`'s files if given); return
+    the saved run state.
 
     MLX's RNG state cannot be restored, so the trainer reseeds it from (seed, step) at every
     step instead: a resumed run draws the same random numbers as an uninterrupted one.
@@ -88,6 +103,9 @@ def load(folder: Path, model: nn.Module, opt: optim.Optimizer) -> dict:
         raise UserError(
             f"{folder}: checkpoint unreadable ({e}); start again with --overwrite"
         ) from None
+    if streamed is not None:
+        streamed.load_checkpoint(weights, opt_state)
+        return state
     model.load_weights(list(weights.items()), strict=False)
     opt.state = tree_unflatten(list(opt_state.items()))
     mx.eval(model.trainable_parameters(), opt.state)

@@ -45,27 +45,37 @@ from .config import TrainConfig
 from .errors import UserError
 from .lora import has_active_dropout
 from .spill import BoundaryStore
+from .state import SegmentOptimizer
 from .stream import HEAD, WeightStream
 
 CACHE_POLICIES = ("none", "last")
 
 
-def make_step(model: nn.Module, cfg: TrainConfig, loss_head):
+def make_step(model: nn.Module, cfg: TrainConfig, loss_head, state: SegmentOptimizer | None = None):
     """The training step the config asks for (see the module docstring)."""
     if cfg.engine == "graph":
+        if state is not None:
+            raise UserError("--stream-state: needs --engine segments; drop one of them")
         return GraphStep(model, cfg, loss_head)
     if cfg.engine == "segments":
-        return SegmentStep(model, cfg, loss_head)
+        return SegmentStep(model, cfg, loss_head, state)
     raise UserError(f"--engine: unknown engine '{cfg.engine}'; use segments or graph")
 
 
-def forward_loss(model, cfg: TrainConfig, head, batch, stream: WeightStream | None = None):
+def forward_loss(
+    model,
+    cfg: TrainConfig,
+    head,
+    batch,
+    stream: WeightStream | None = None,
+    state: SegmentOptimizer | None = None,
+):
     """(loss_sum, n_tokens) of a batch without gradients, evaluated block by block."""
     with _resident(stream, [], head=True):
         h = blocks.embed(model, mx.array(batch.inputs))
         mx.eval(h)
     for i, layer in enumerate(blocks.layers(model)):
-        with _resident(stream, [(i, blocks.HALVES)]):
+        with _resident(stream, [(i, blocks.HALVES)], state=state):
             h = attention.block_forward(layer, h, cfg.attn_chunk, cfg.mlp_chunk)
             mx.eval(h)
     with _resident(stream, [], head=True):
@@ -84,10 +94,19 @@ def units(n_blocks: int, split_blocks: bool) -> list[Unit]:
     return [(i, blocks.HALVES) for i in range(n_blocks)]
 
 
-def _resident(stream: WeightStream | None, us: list[Unit], head: bool = False) -> ExitStack:
+def _resident(
+    stream: WeightStream | None,
+    us: list[Unit],
+    head: bool = False,
+    state: SegmentOptimizer | None = None,
+) -> ExitStack:
     """A context holding the units' frozen weights (and with `head` the embedding and LM
-    head, if streamed) in memory; nothing if not streaming."""
+    head, if streamed) and, with `state`, their LoRA weights in memory; nothing if neither
+    is streamed."""
     stack = ExitStack()
+    if state is not None:
+        for i, halves in us:
+            stack.enter_context(state.resident(i, halves))
     if stream is not None:
         for i, halves in us:
             stack.enter_context(stream.resident(i, halves))
@@ -127,14 +146,16 @@ class GraphStep:
 class SegmentStep:
     """Segment-wise forward, per-segment VJP backward; boundaries in RAM or on disk."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
+    def __init__(
+        self, model: nn.Module, cfg: TrainConfig, loss_head, state: SegmentOptimizer | None = None
+    ):
         if cfg.cache_policy not in CACHE_POLICIES:
             raise UserError(
                 f"--cache-policy: unknown policy '{cfg.cache_policy}'; "
                 f"use {' or '.join(CACHE_POLICIES)}"
             )
         blocks.check_trainable_in_blocks(model)
-        self.model, self.cfg, self.loss_head = model, cfg, loss_head
+        self.model, self.cfg, self.loss_head, self.state = model, cfg, loss_head, state
         us, k = units(len(blocks.layers(model)), cfg.split_blocks), cfg.checkpoint_every
         self.segments = [us[s : s + k] for s in range(0, len(us), k)]
         self.stream = None
@@ -153,10 +174,12 @@ class SegmentStep:
             loss, dh = self._loss_and_vjp(h, batch, n_ckpt, grads)
             del h
             self._backward(store, dh, n_ckpt, grads)
+        if self.state is not None:  # the gradients went to the optimizer segment by segment
+            return loss, int(batch.mask.sum()), None
         return loss, int(batch.mask.sum()), blocks.model_tree(self.model, grads)
 
     def forward_loss(self, head, batch) -> tuple[float, int]:
-        return forward_loss(self.model, self.cfg, head, batch, self.stream)
+        return forward_loss(self.model, self.cfg, head, batch, self.stream, self.state)
 
     def close(self, restore: bool = True) -> None:
         """Remove the weight-stream folder; `restore` first loads the blocks back for good."""
@@ -174,7 +197,7 @@ class SegmentStep:
         store.check_space(h.nbytes * n_ckpt)
         for j in range(n_ckpt):
             store.put(j, h)
-            with _resident(self.stream, self.segments[j]):
+            with _resident(self.stream, self.segments[j], state=self.state):
                 h = self._run(self.segments[j], h)
                 mx.eval(h)
         return h
@@ -186,9 +209,10 @@ class SegmentStep:
         def fn(x: mx.array) -> mx.array:
             return self.loss_head(self._run(us, x), batch)
 
-        with _resident(self.stream, us, head=True):
+        with _resident(self.stream, us, head=True, state=self.state):
             loss, dh = self._vjp(us, h, mx.array(1.0), fn, grads)
             mx.eval(loss, dh if n_ckpt else [], [grads[i] for i, _ in us])
+            self._sink(us, grads)
         return loss.item(), dh
 
     def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
@@ -198,10 +222,19 @@ class SegmentStep:
             if j > 0:
                 store.prefetch(j - 1)
             us = self.segments[j]
-            with _resident(self.stream, us):
+            with _resident(self.stream, us, state=self.state):
                 out, dh = self._vjp(us, x, dh, partial(self._run, us), grads)
                 mx.eval([grads[i] for i, _ in us], dh if j > 0 else [])  # unit 0: no dx needed
+                self._sink(us, grads)
             del x, out  # the lazy recomputed output would keep this segment's graph alive
+
+    def _sink(self, us: list[Unit], grads: list[dict]) -> None:
+        """With a SegmentOptimizer, hand the units' evaluated gradients over and drop them."""
+        if self.state is None:
+            return
+        for i in dict.fromkeys(i for i, _ in us):
+            self.state.add_gradients(i, grads[i])
+            grads[i] = {}
 
     def _run(self, us: list[Unit], h: mx.array) -> mx.array:
         """Units `us` in order, with chunked attention and MLP."""

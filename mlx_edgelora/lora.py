@@ -20,6 +20,7 @@ from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
 from .config import TrainConfig
 from .errors import UserError
+from .state import write_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -82,12 +83,18 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model: nn.Module, folder: str | Path, acfg: dict) -> None:
-    """Write adapters.safetensors + adapter_config.json atomically (tmp file, then rename)."""
+def save_adapters(
+    model: nn.Module, folder: str | Path, acfg: dict, tensors: dict | None = None
+) -> None:
+    """Write adapters.safetensors + adapter_config.json atomically (tmp file, then rename);
+    `tensors` (lazily loaded, from streamed state) replaces the model's own LoRA weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{ADAPTER_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), lora_state(model))
+    if tensors is None:
+        mx.save_safetensors(str(tmp), lora_state(model))
+    else:
+        write_safetensors(tmp, tensors)
     os.replace(tmp, folder / ADAPTER_FILE)
     tmp_cfg = folder / f".{CONFIG_FILE}.tmp"
     tmp_cfg.write_text(json.dumps(acfg, indent=2))

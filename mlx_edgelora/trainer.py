@@ -24,6 +24,7 @@ from .dataset import Dataset, load_dataset
 from .errors import UserError
 from .loading import LoadedModel, load_model
 from .report import Reporter
+from .state import SegmentOptimizer
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
 RESUME_KEYS = ["rank", "lora_scale", "lora_keys", "num_layers", "max_seq_len", "batch_size"]
@@ -81,14 +82,16 @@ def evaluate(step_fn, cfg: TrainConfig, rows, head) -> tuple[float, int]:
 
 
 def _accumulate(step_fn, batches: BatchIterator, n_micro: int):
-    """Run n_micro micro-batches; return summed loss, token count and summed gradients."""
+    """Run n_micro micro-batches; return summed loss, token count and summed gradients
+    (None when a SegmentOptimizer took them segment by segment)."""
     loss_sum, n_tok, grads = 0.0, 0, None
     for _ in range(n_micro):
         batch = next(batches)
         ls, n, g = step_fn(batch)
         loss_sum, n_tok = loss_sum + ls, n_tok + n
-        grads = g if grads is None else tree_map(mx.add, grads, g)
-        mx.eval(grads)
+        if g is not None:
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(grads)
         del g  # else this micro-batch's gradients stay alive through the next one's step
     return loss_sum, n_tok, grads
 
@@ -125,6 +128,7 @@ class _Run:
     step_fn: object
     eval_head: object
     reporter: Reporter
+    state: SegmentOptimizer | None = None  # --stream-state: trainable state on disk
     start: int = 0
 
 
@@ -144,10 +148,17 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
     batches = BatchIterator(data.train_rows, cfg.batch_size, seed=cfg.seed)
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
     eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
-    step_fn = engine.make_step(model, cfg, train_head)
-    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter)
+    state = (
+        SegmentOptimizer(model, opt, cfg.grad_clip, cfg.spill_dir, cfg.out)
+        if cfg.stream_state
+        else None
+    )
+    step_fn = engine.make_step(model, cfg, train_head, state)
+    run = _Run(
+        cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter, state
+    )
     if cfg.resume:
-        saved = checkpoint.load(checkpoint.latest(out), model, opt)
+        saved = checkpoint.load(checkpoint.latest(out), model, opt, state)
         _check_resume(cfg, saved)
         batches.load_state_dict(saved["data"])
         run.start = saved["step"]
@@ -157,8 +168,9 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
 
 def _save(run: _Run, step: int, data_state: dict) -> None:
     state = {"config": run.cfg.to_dict(), "data": data_state}
-    checkpoint.save(run.out, step, run.model, run.opt, state)
-    lora.save_adapters(run.model, run.out, run.adapter_cfg)
+    checkpoint.save(run.out, step, run.model, run.opt, state, run.state)
+    tensors = run.state.adapter_tensors() if run.state else None
+    lora.save_adapters(run.model, run.out, run.adapter_cfg, tensors)
 
 
 def _eval(run: _Run, step: int) -> float:
@@ -187,6 +199,10 @@ def train(
         peak = mx.get_peak_memory() / 1024**3
     finally:
         run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+        if run.state is not None:
+            if keep_model:
+                run.state.restore()
+            run.state.close()
     return TrainResult(run.out, run.reporter.history, val, peak)
 
 
@@ -202,8 +218,12 @@ def _loop(run: _Run) -> float | None:
     try:
         for step in range(run.start + 1, cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # resumable dropout RNG
+            if run.state is not None:
+                run.state.begin_step()
             loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
-            if n_tok:
+            if n_tok and run.state is not None:
+                run.state.apply(n_tok)
+            elif n_tok:
                 _update(run.model, run.opt, cfg, grads, n_tok)
             del grads  # else the last step's gradients stay alive through the next step's peak
             done, done_data = step, run.batches.state_dict()
