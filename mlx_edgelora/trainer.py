@@ -134,7 +134,8 @@ class _Run:
 
 def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, reporter) -> _Run:
     out = prepare_output(cfg)
-    loaded = loaded or load_model(cfg.model, cfg.quantize)
+    # streamed weights go from the model's files to the stream one unit at a time
+    loaded = loaded or load_model(cfg.model, cfg.quantize, lazy=bool(cfg.stream_weights))
     data = data or load_dataset(cfg.data, loaded.tokenizer, cfg)
     mx.random.seed(cfg.seed)
     model = loaded.model
