@@ -9,6 +9,7 @@ depend on the weight values. Built block by block (one block's float weights at 
 cached in bench/.models/<shape> (git-ignored); a finished folder is reused.
 
     python bench/make_random_model.py llama3b qwen0.5b      # prints each folder
+    python bench/make_random_model.py llama3b:4             # 4 blocks only (reduced depth)
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def _bf16(module: nn.Module) -> None:
     module.update(tree_unflatten(cast))
 
 
-def build(shape: str, cache: Path = CACHE) -> Path:
-    """The folder of `shape`, built if missing."""
+def build(shape: str, layers: int | None = None, cache: Path = CACHE) -> Path:
+    """The folder of `shape` (with only `layers` blocks if given), built if missing."""
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    folder = cache / shape
+    folder = cache / (f"{shape}-L{layers}" if layers else shape)
     if (folder / "config.json").is_file():
         return folder
     cfg = dict(ALL_SHAPES[shape])
+    if layers:
+        cfg["num_hidden_layers"] = layers
     model_cls, args_cls = _get_classes(cfg)
     mx.random.seed(0)
     model = model_cls(args_cls.from_dict(cfg))
@@ -102,4 +105,5 @@ def _save_tokenizer(folder: Path) -> None:
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or ["qwen0.5b"]:
-        print(build(name))
+        shape, _, layers = name.partition(":")
+        print(build(shape, int(layers) if layers else None))
