@@ -8,7 +8,6 @@ reads what we write.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
 from .config import TrainConfig
 from .errors import UserError
-from .state import write_safetensors
+from .files import atomic_path, write_safetensors, write_text_atomic
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -58,13 +57,17 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> dict:
 
 
 def _check_keys(model: nn.Module, keys: list[str]) -> None:
-    present = {name for name, _ in model.layers[0].named_modules()}
-    missing = [k for k in keys if k not in present]
-    if missing:
-        options = sorted(k for k in present if k.count(".") == 1)
+    """Every key must name a linear projection of a block (what LoRA can wrap)."""
+    linear = {
+        name
+        for name, m in model.layers[0].named_modules()
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    }
+    wrong = [k for k in keys if k not in linear]
+    if wrong:
         raise UserError(
-            f"--lora-keys: {', '.join(missing)} not found in the model's blocks; "
-            f"choose from {', '.join(options)}"
+            f"--lora-keys: {', '.join(wrong)} is not a linear projection of the model's "
+            f"blocks; choose from {', '.join(sorted(linear))}"
         )
 
 
@@ -86,33 +89,75 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
 def save_adapters(
     model: nn.Module, folder: str | Path, acfg: dict, tensors: dict | None = None
 ) -> None:
-    """Write adapters.safetensors + adapter_config.json atomically (tmp file, then rename);
+    """Write adapters.safetensors + adapter_config.json, each atomically and durably;
     `tensors` (lazily loaded, from streamed state) replaces the model's own LoRA weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{ADAPTER_FILE}.tmp.safetensors"
-    if tensors is None:
-        mx.save_safetensors(str(tmp), lora_state(model))
-    else:
-        write_safetensors(tmp, tensors)
-    os.replace(tmp, folder / ADAPTER_FILE)
-    tmp_cfg = folder / f".{CONFIG_FILE}.tmp"
-    tmp_cfg.write_text(json.dumps(acfg, indent=2))
-    os.replace(tmp_cfg, folder / CONFIG_FILE)
+    with atomic_path(folder / ADAPTER_FILE, durable=True) as tmp:
+        if tensors is None:
+            mx.save_safetensors(str(tmp), lora_state(model))
+        else:
+            write_safetensors(tmp, tensors)
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(acfg, indent=2), durable=True)
 
 
-def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply a saved adapter (ours or mlx-lm's) to `model` with mlx-lm's own loader."""
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json, checked for what mlx-lm's loader reads (else a KeyError there)."""
+    path = folder / CONFIG_FILE
+    try:
+        acfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); copy it again from the run") from None
+    if not isinstance(acfg, dict):
+        raise UserError(f"{path}: expected a JSON object; copy it again from the run")
+    kind = acfg.get("fine_tune_type", "lora")
+    if kind == "full":
+        return acfg
+    params = acfg.get("lora_parameters")
+    params = params if isinstance(params, dict) else {}
+    values = {"num_layers": acfg.get("num_layers")}
+    values.update({f"lora_parameters.{k}": params.get(k) for k in ("rank", "scale", "dropout")})
+    bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if kind not in ("lora", "dora"):
+        bad.insert(0, f"fine_tune_type {kind!r}")
+    if bad:
+        raise UserError(
+            f"{path}: incomplete or invalid adapter config (missing or wrong: {', '.join(bad)}); "
+            "copy it again from the training run's --out"
+        )
+    return acfg
+
+
+def check_adapter(folder: str | Path) -> dict:
+    """An adapter folder's config, once its files are known to be complete (before a model is
+    loaded for it: a bad adapter should not cost a model load first)."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / ADAPTER_FILE).is_file():
         raise UserError(
             f"{folder}: not an adapter folder (needs {ADAPTER_FILE} and {CONFIG_FILE}); "
             "point --adapter at the --out folder of a training run"
         )
+    acfg = read_adapter_config(folder)
+    try:
+        mx.load(str(folder / ADAPTER_FILE))  # lazy: reads the header and checks the sizes
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(
+            f"{folder / ADAPTER_FILE}: unreadable ({str(e).splitlines()[0]}); the file is "
+            "truncated or corrupt: copy it again from the training run"
+        ) from None
+    return acfg
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Apply a saved adapter (ours or mlx-lm's) to `model` with mlx-lm's own loader."""
+    folder = Path(folder)
+    check_adapter(folder)
     try:
         _mlx_lm_load_adapters(model, str(folder))
     except ValueError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{folder}: adapter does not fit this model ({first})") from None
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise UserError(f"{folder}: adapter does not fit this model: {detail}{more}") from None
     model.eval()
     return model

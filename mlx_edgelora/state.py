@@ -21,28 +21,26 @@ so either trainer resumes the other's run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .blocks import HALVES, LAYERS_PATH, half_of, layers
-from .spill import private_folder, register_cleanup, require_free_space, unregister_cleanup
+from .blocks import HALVES, half_of, layers
+from .files import require_free_space, write_safetensors
+from .models import family_of
+from .spill import private_folder, register_cleanup, unregister_cleanup
 
 Unit = tuple[int, str]  # (block index, half)
 MOMENTS = ("m", "v")  # AdamW's per-parameter state keys in mlx
 ADAPTERS, OPTIMIZER = "adapters.safetensors", "optimizer.safetensors"
-_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.uint64: "U64", mx.int64: "I64"}
 
 
 class SegmentOptimizer:
@@ -52,6 +50,7 @@ class SegmentOptimizer:
         self, model: nn.Module, opt: optim.Optimizer, grad_clip: float, folder=None, near: str = "."
     ):
         self.model, self.opt, self.grad_clip = model, opt, grad_clip
+        self._prefix = family_of(model).layers_path(model)  # e.g. "model.layers"
         self.folder = private_folder("edgelora-state-", folder, near)
         self._token = register_cleanup(self._remove)
         self._closed = False
@@ -78,7 +77,7 @@ class SegmentOptimizer:
         for i, params in flat.items():
             for half in HALVES:
                 unit = (i, half)
-                mine = {k: v for k, v in params.items() if half_of(k) == half}
+                mine = {k: v for k, v in params.items() if half_of(self.model, k) == half}
                 if not mine:
                     continue
                 self._names[unit] = sorted(mine)
@@ -132,7 +131,7 @@ class SegmentOptimizer:
         flat = dict(tree_flatten(grads))
         for half in HALVES:
             unit = (i, half)
-            mine = {k: v for k, v in flat.items() if half_of(k) == half}
+            mine = {k: v for k, v in flat.items() if half_of(self.model, k) == half}
             if not mine:
                 continue
             if unit not in self._fresh:
@@ -145,14 +144,17 @@ class SegmentOptimizer:
             self._save(unit, "grad", mine)
 
     # --- pass 2: the update
-    def apply(self, n_tokens: int) -> None:
-        """Mean gradient, global-norm clip, one AdamW step; unit by unit."""
+    def apply(self, n_tokens: int) -> float:
+        """Mean gradient, global-norm clip, one AdamW step, unit by unit; returns the mean
+        gradient's norm, and applies nothing when it is not finite (as trainer._update)."""
         missing = [u for u in self._names if u not in self._sq]
         if missing:
             raise RuntimeError(f"no gradients for units {missing[:3]} this step")
+        norm = mx.sqrt(mx.array(math.fsum(self._sq.values()), mx.float32)) / n_tokens
+        if not math.isfinite(norm.item()):
+            return norm.item()
         scale = None
         if self.grad_clip > 0:  # optim.clip_grad_norm on the mean gradient, from the sums
-            norm = mx.sqrt(mx.array(math.fsum(self._sq.values()), mx.float32)) / n_tokens
             scale = mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
         self.opt.apply_gradients({}, {})  # the schedule and step count, as opt.update does
         for unit, names in self._names.items():
@@ -170,10 +172,11 @@ class SegmentOptimizer:
             mx.eval(new)
             self._save(unit, "state", new)
         self._moments = True
+        return norm.item()
 
     # --- checkpoints, the adapter, the end of training
     def _global(self, unit: Unit, k: str) -> str:
-        return f"{LAYERS_PATH}.{unit[0]}.{k}"
+        return f"{self._prefix}.{unit[0]}.{k}"
 
     def adapter_tensors(self) -> dict[str, mx.array]:
         """{name: lazily loaded LoRA weight}, named as in `model.trainable_parameters()`."""
@@ -230,26 +233,3 @@ class SegmentOptimizer:
 
     def _remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def write_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
-    """mx.save_safetensors, one tensor in memory at a time: `tensors` (lazy arrays, e.g. from
-    mx.load) is consumed as each one is written."""
-    header, offset = {}, 0
-    for k, v in tensors.items():
-        if v.dtype not in _DTYPES:
-            raise TypeError(f"{k}: dtype {v.dtype} not supported by the streamed writer")
-        n = v.size * v.itemsize
-        header[k] = {
-            "dtype": _DTYPES[v.dtype],
-            "shape": list(v.shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    header["__metadata__"] = {"format": "mlx"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for k in list(tensors):
-            f.write(np.asarray(tensors.pop(k)).tobytes())

@@ -9,7 +9,8 @@ from test_trainer import TEXT, _adapter, _cfg, _StopAt
 
 from mlx_edgelora import checkpoint, lora
 from mlx_edgelora.config import TrainConfig
-from mlx_edgelora.state import SegmentOptimizer, write_safetensors
+from mlx_edgelora.files import write_safetensors
+from mlx_edgelora.state import SegmentOptimizer
 from mlx_edgelora.trainer import make_optimizer, train
 
 

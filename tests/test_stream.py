@@ -191,7 +191,9 @@ def test_lazy_load_then_offload_never_holds_the_whole_model(tmp_path, quantize):
             peaks[(lazy, "block0")] = got
         stream.close()
         del loaded
-    assert peaks[False] > 0.7 * total
+    # eager: every float weight (or, quantized, the whole INT4 model plus the float weights
+    # of the blocks being quantized) at once
+    assert peaks[False] > (0.9 if quantize is None else 0.3) * total
     assert peaks[True] < 2 * block
     for k, v in peaks[(True, "block0")].items():
         assert mx.array_equal(v, peaks[(False, "block0")][k]), k
