@@ -66,7 +66,7 @@ def max_rss_gb(code: str) -> float:
 
 def run_row(shape: str, seq: int, steps: int, layers: int | None, flags: list[str]) -> dict:
     folder = build(shape, layers)
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # git-ignored
         out = Path(tmp) / "out"
         cmd = [PY, "-m", "mlx_edgelora.train", "--model", str(folder), "--out", str(out)]
         cmd += ["--steps", str(steps), "--max-seq-len", str(seq), "--eval-every", "0"]
@@ -100,14 +100,66 @@ def run_row(shape: str, seq: int, steps: int, layers: int | None, flags: list[st
     }
 
 
+# What the trainer does before its first step (load, LoRA, offload of weights and state), alone:
+# the load's share of the max RSS, at full depth even where a training step takes too long here.
+LOAD_ONLY = """
+import sys
+import mlx_edgelora
+import mlx.core as mx
+from mlx_edgelora import engine, lora, loss, quant
+from mlx_edgelora.config import TrainConfig
+from mlx_edgelora.loading import load_model
+from mlx_edgelora.state import SegmentOptimizer
+from mlx_edgelora.trainer import make_optimizer
+cfg = TrainConfig(model=sys.argv[1], out=sys.argv[2]).validate()
+model = load_model(cfg.model, lazy=sys.argv[3] == "lazy").model
+lora.apply_lora(model, cfg)
+quant.prepare_for_training(model)
+state = SegmentOptimizer(model, make_optimizer(cfg), cfg.grad_clip, None, cfg.out)
+step = engine.make_step(model, cfg, loss.make_loss_head(model, cfg.loss, cfg), state)
+print("peak_gb", mx.get_peak_memory() / 2**30, "active_gb", mx.get_active_memory() / 2**30)
+step.close(restore=False)
+state.close()
+"""
+
+
+def load_row(shape: str, lazy: bool) -> dict:
+    """Max RSS of loading `shape` and offloading it (no step), lazily or eagerly."""
+    folder = build(shape)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        p = subprocess.run(
+            ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-c", LOAD_ONLY, str(folder), tmp]
+            + ["lazy" if lazy else "eager"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    found = re.search(r"peak_gb ([\d.e-]+) active_gb ([\d.e-]+)", p.stdout)
+    peak, active = map(float, found.groups())
+    rss = int(re.search(r"maxrss_kb (\d+)", p.stderr).group(1)) / 1024**2
+    return {
+        "key": f"{shape}:load-only:{'lazy' if lazy else 'eager'}",
+        "shape": shape,
+        "load_only": True,
+        "lazy": lazy,
+        "mlx_peak_gb": round(peak, 3),
+        "active_after_offload_gb": round(active, 3),
+        "max_rss_gb": round(rss, 3),
+    }
+
+
 def report() -> None:
     rows = [json.loads(x) for x in CACHE.read_text().splitlines()] if CACHE.exists() else []
+    loads = [r for r in rows if r.get("load_only")]
+    rows = [r for r in rows if not r.get("load_only")]
     floor = {
         "import mlx_edgelora": round(max_rss_gb("import mlx_edgelora"), 3),
         "import mlx_edgelora.trainer": round(max_rss_gb("import mlx_edgelora.trainer"), 3),
     }
     (RESULTS / "trainer_rows.json").write_text(
-        json.dumps({"rss_floor_gb": floor, "rows": rows}, indent=2)
+        json.dumps({"rss_floor_gb": floor, "rows": rows, "load_only": loads}, indent=2)
     )
     md = [
         "| model (random INT4, bf16 scales) | context | steps | depth | flags | reported peak "
@@ -122,6 +174,14 @@ def report() -> None:
             f"{', '.join(f'{x:.3f}' for x in r['step_peaks_gb'])} | {r['max_rss_gb']:.2f} | "
             f"{r['wall_s_under_load']:.0f} |"
         )
+    md += ["", "Load only (load, LoRA, offload of weights and state; no step), full depth:", ""]
+    md += ["| model | load | mlx peak (GB) | active after offload (GB) | max RSS (GB) |"]
+    md += ["|---|---|---|---|---|"]
+    for r in loads:
+        md.append(
+            f"| {r['shape']} | {'lazy (streamed)' if r['lazy'] else 'eager (before)'} | "
+            f"{r['mlx_peak_gb']:.3f} | {r['active_after_offload_gb']:.3f} | {r['max_rss_gb']:.2f} |"
+        )
     md.append("")
     md += [f'RSS floor, `python -c "{k}"`: {v:.3f} GB' for k, v in floor.items()]
     (RESULTS / "trainer_rows.md").write_text("\n".join(md) + "\n")
@@ -132,8 +192,15 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", help="shape:context[:flag] of the rows to run")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--load-only", help="shape: measure load + offload only, lazy and eager")
     args = ap.parse_args(argv)
-    if not args.report:
+    if args.load_only:
+        for lazy in (True, False):
+            result = load_row(args.load_only, lazy)
+            print(json.dumps(result), flush=True)
+            with CACHE.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    elif not args.report:
         done = (
             {json.loads(x)["key"] for x in CACHE.read_text().splitlines()}
             if CACHE.exists()
