@@ -238,6 +238,8 @@ class SegmentStep:
     def _hand_over(self, j: int, us: list[Unit], grads: list[dict]) -> None:
         """Pass segment j's fresh gradients {block: tree} through grad_hook, keep its result;
         with a SegmentOptimizer, hand that to it and drop it here."""
+        if not us:  # no units: the loss head alone (policy none)
+            return
         if self.grad_hook is not None:
             halves_of: dict[int, tuple[str, ...]] = {}  # a segment may hold both halves of a block
             for i, halves in us:

@@ -68,6 +68,8 @@ def claim_output(cfg: TrainConfig) -> tuple[Path, files.OutLock]:
         may_replace=cfg.resume or cfg.overwrite,
         options="--resume to continue it, --overwrite to replace its run",
     )
+    if cfg.resume and not checkpoint.checkpoints_dir(out).is_dir():
+        raise UserError(f"{out}: no checkpoint to resume from; run without --resume")
     files.make_folder(out)
     return out, files.OutLock(out)
 
@@ -92,7 +94,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line + "\n")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):  # not a record of ours
             continue
     files.write_text_atomic(path, "".join(kept))
 
@@ -105,12 +107,17 @@ def base_identity(loaded: LoadedModel) -> dict:
 
 
 def evaluate(
-    step_fn, cfg: TrainConfig, rows, head, world: distributed.World | None = None
+    step_fn,
+    cfg: TrainConfig,
+    rows,
+    head,
+    world: distributed.World | None = None,
+    every_batch: bool = False,
 ) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients;
+    """Mean exact loss over (up to cfg.eval_batches, or every) batch, without gradients;
     with several ranks each evaluates its rows of each global batch and the sums are added."""
     total, count = 0.0, 0
-    limit = None if cfg.eval_batches < 0 else cfg.eval_batches
+    limit = None if cfg.eval_batches < 0 or every_batch else cfg.eval_batches
     world = world or distributed.World(None, timeout=1.0)
     for batch in iter_eval_batches(rows, cfg.batch_size * world.size, limit):
         batch = world.rows_of(batch)  # this rank's rows of the global batch
@@ -156,7 +163,12 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
                 f"--resume: --{key.replace('_', '-')} was {old[key]} in the saved run, now "
                 f"{getattr(cfg, key)}; use the same value or start again with --overwrite"
             )
-    if saved["step"] >= cfg.steps:
+    if not cfg.epochs:  # (with --epochs, --steps is known once the data is loaded)
+        _check_remaining(cfg, saved)
+
+
+def _check_remaining(cfg: TrainConfig, saved: dict) -> None:
+    if saved["step"] >= cfg.steps and not cfg.test:  # --test alone: evaluate the saved adapter
         raise UserError(
             f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
             f"(--steps {cfg.steps}); pass a larger --steps to train it further"
@@ -240,6 +252,8 @@ def _setup(
                 cfg.epochs, len(data.train_rows), cfg.batch_size * world.size, cfg.grad_accum
             ),
         )
+        if resume:
+            _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
     adapter_cfg = lora.apply_lora(model, cfg)
@@ -345,9 +359,10 @@ def _adapter(run: _Run) -> dict:
 def _diverged(run: _Run, step: int, what: str) -> str:
     last = checkpoint.latest(run.out)
     kept = f"the last good checkpoint, {last.name}, is kept" if last else "nothing was saved"
+    then = "--resume from it" if last else "start again"
     return (
         f"step {step}: {what} became non-finite (NaN/inf); training stopped and {kept}; "
-        f"lower --lr (now {run.cfg.lr}) or raise --grad-clip, then start again"
+        f"lower --lr (now {run.cfg.lr}) or --grad-clip, then {then}"
     )
 
 
@@ -399,6 +414,14 @@ def train(
             lock.release()
     best = run.selection.best_step if cfg.keep_best else None
     return TrainResult(run.out, run.reporter.history, val, peak, best, world.rank)
+
+
+def _test(run: _Run, step: int) -> None:
+    """--test: the exact loss on every row of the held-out test.jsonl (never trained on)."""
+    with run.world.collective(f"test evaluation at step {step}"):
+        rows, head = run.data.test_rows, run.eval_head
+        loss_value, n = evaluate(run.step_fn, run.cfg, rows, head, run.world, every_batch=True)
+    run.reporter.test(step, loss_value, n)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
@@ -479,4 +502,6 @@ def _loop(run: _Run) -> float | None:
     elif run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
+    if cfg.test:
+        _test(run, stopped or max(run.start, cfg.steps))
     return val if val is not None and math.isfinite(val) else None
