@@ -162,6 +162,13 @@ class TrainConfig:
         "keep frozen block and embedding/head weights on disk and load each segment's only "
         "while it runs (default: on with --engine segments; costs a few ms per block read)",
     )
+    stream_state: bool | None = _opt(
+        None,
+        "keep the LoRA weights, gradient sums and AdamW moments on disk per checkpoint unit, "
+        "loaded only while the unit runs; the update is applied unit by unit with the same "
+        "global-norm clipping (default: on with --stream-weights; costs a write and a read of "
+        "the state per step)",
+    )
     # --- loss head (techniques 3 and 4)
     loss: str = _opt(
         "chunked",
@@ -201,6 +208,8 @@ class TrainConfig:
         self._check_ranges()
         if self.stream_weights is None:  # auto: streaming needs the segment engine
             self.stream_weights = self.engine == "segments"
+        if self.stream_state is None:
+            self.stream_state = bool(self.stream_weights) and self.engine == "segments"
         return self
 
     def _check_ranges(self) -> None:

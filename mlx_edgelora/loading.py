@@ -113,8 +113,16 @@ def _join_verified(chunks: list[Path], target: Path, sha256: str) -> None:
             )
 
 
-def load_model(model: str | None = None, quantize: int | None = None) -> LoadedModel:
-    """Load --model (None = embedded default) as a float32-compute mlx-lm model."""
+def load_model(
+    model: str | None = None, quantize: int | None = None, lazy: bool = False
+) -> LoadedModel:
+    """Load --model (None = embedded default) as a float32-compute mlx-lm model.
+
+    `lazy`: leave the parameters unevaluated, backed by the model's files (an mlx-lm folder's
+    safetensors are read tensor by tensor when evaluated, and `--quantize` then runs as each
+    tensor is): weight streaming (stream.py) evaluates and offloads one unit at a time, so the
+    whole model is never resident. Everything else wants the default, evaluated model.
+    """
     if quantize not in (None, 4, 8):
         raise UserError(f"--quantize must be 4 or 8 (got {quantize})")
     path, kind = _resolve(model)
@@ -127,7 +135,8 @@ def load_model(model: str | None = None, quantize: int | None = None) -> LoadedM
     if quantize:
         _quantize(net, config, quantize, path)
     _cast_float32(net)
-    mx.eval(net.parameters())
+    if not lazy:
+        mx.eval(net.parameters())
     net.eval()
     return LoadedModel(net, tokenizer, config, path, kind)
 
