@@ -273,7 +273,11 @@ def _setup(
     shard = world.shard(batches)
     run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
     run.base = base
-    _start_position(run, batches, resume[0] if resume else None)
+    try:
+        _start_position(run, batches, resume[0] if resume else None)
+    except BaseException:  # e.g. a refused resume: the weight stream's folder must not stay
+        step_fn.close()
+        raise
     if world.is_main:
         _clear_old_run(cfg, out, run.start)
     return run
