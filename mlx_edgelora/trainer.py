@@ -288,7 +288,13 @@ def _setup(
     shard = world.shard(batches)
     run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
     run.base, run.state = base, state
-    _start_position(run, batches, resume[0] if resume else None)
+    try:
+        _start_position(run, batches, resume[0] if resume else None)
+    except BaseException:  # e.g. a refused resume: the stream and state folders must not stay
+        step_fn.close()
+        if state is not None:
+            state.close()
+        raise
     if world.is_main:
         _clear_old_run(cfg, out, run.start)
     return run
