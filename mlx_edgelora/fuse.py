@@ -106,8 +106,10 @@ def fuse(
     from mlx_lm.utils import save_config, save_model
 
     from .loading import load_model
-    from .lora import load_adapters
+    from .lora import load_adapters, saved_kind
 
+    if refusal := saved_kind(adapter).fuse_refusal:
+        raise UserError(f"--adapter {adapter}: cannot fuse: {refusal}")
     folder = prepare_out(out, overwrite)
     saved_model, saved_quantize = trained_on(adapter)
     loaded = load_model(model or saved_model, quantize or saved_quantize)

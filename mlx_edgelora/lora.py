@@ -3,12 +3,19 @@
 Technique 1's other half: the base stays INT4/INT8 and frozen, the LoRA A/B matrices are
 float32. We reuse mlx-lm's LoRALinear and adapter files, so `mlx_lm.generate --adapter-path`
 reads what we write.
+
+This module also holds the adapter registry (`--adapter lora|lars`): each kind swaps the
+chosen linears for a module with its own trainable parameters (LoRALinear, lars.LARSLinear),
+so the engine and the trainer never branch on the kind. Every kind is saved the same way
+(trainable parameters + adapter_config.json naming its `fine_tune_type`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,24 +35,73 @@ CONFIG_FILE = "adapter_config.json"
 def adapter_config(cfg: TrainConfig, n_blocks: int) -> dict:
     """The adapter_config.json mlx-lm expects (plus our resolved training config)."""
     num_layers = n_blocks if cfg.num_layers < 0 else min(cfg.num_layers, n_blocks)
+    if cfg.adapter == "lars":
+        from .lars import lars_parameters
+
+        params = {"lars_parameters": lars_parameters(cfg)}
+    else:
+        params = {
+            "lora_parameters": {
+                "rank": cfg.rank,
+                "scale": cfg.lora_scale,
+                "dropout": cfg.lora_dropout,
+                "keys": list(cfg.lora_keys),
+            }
+        }
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": cfg.adapter,
         "num_layers": num_layers,
-        "lora_parameters": {
-            "rank": cfg.rank,
-            "scale": cfg.lora_scale,
-            "dropout": cfg.lora_dropout,
-            "keys": list(cfg.lora_keys),
-        },
+        **params,
         "edgelora": cfg.to_dict(),
     }
 
 
+@dataclass(frozen=True)
+class AdapterKind:
+    """One --adapter choice: how to wrap a model for training and how to load a saved one."""
+
+    apply: Callable[[nn.Module, dict], None]  # (model, adapter_config) -> wrapped, frozen base
+    load: Callable[[nn.Module, Path, dict], None]  # (model, folder, adapter_config)
+    fuse_refusal: str | None = None  # why `fuse` cannot merge it (None: it can)
+
+
+def _kinds() -> dict[str, AdapterKind]:
+    from . import lars  # lars imports this module's neighbours; import it when needed
+
+    return {
+        "lora": AdapterKind(_wrap_lora, _load_lora),
+        "lars": AdapterKind(
+            lambda m, a: lars.wrap(m, a["num_layers"], a["lars_parameters"]),
+            lambda m, f, a: lars.load(m, f, a, ADAPTER_FILE),
+            "a LARS gate depends on the input (x * (1 + alpha (zU)V)), so it cannot be merged "
+            "into W; use the adapter unfused (mlx_edgelora.generate --adapter)",
+        ),
+    }
+
+
+def adapter_kind(name: str, where: str = "--adapter") -> AdapterKind:
+    kinds = _kinds()
+    if name not in kinds:
+        raise UserError(f"{where}: unknown adapter kind '{name}'; use {' or '.join(kinds)}")
+    return kinds[name]
+
+
+def apply_adapter(model: nn.Module, cfg: TrainConfig) -> dict:
+    """Freeze the base and wrap the chosen projections with cfg.adapter; return its config."""
+    acfg = adapter_config(cfg, len(model.layers))
+    _check_keys(model, list(cfg.lora_keys))
+    adapter_kind(cfg.adapter).apply(model, acfg)
+    return acfg
+
+
 def apply_lora(model: nn.Module, cfg: TrainConfig) -> dict:
     """Freeze the base and wrap the chosen projections with float32 LoRA; return its config."""
-    n_blocks = len(model.layers)
-    acfg = adapter_config(cfg, n_blocks)
-    _check_keys(model, acfg["lora_parameters"]["keys"])
+    if cfg.adapter != "lora":
+        raise ValueError(f"apply_lora with adapter={cfg.adapter!r}: use apply_adapter")
+    return apply_adapter(model, cfg)
+
+
+def _wrap_lora(model: nn.Module, acfg: dict) -> None:
     model.freeze()
     linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
     for _, m in model.named_modules():
@@ -53,7 +109,6 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> dict:
             m.lora_a = m.lora_a.astype(mx.float32)
             m.lora_b = m.lora_b.astype(mx.float32)
     mx.eval(model.trainable_parameters())
-    return acfg
 
 
 def _check_keys(model: nn.Module, keys: list[str]) -> None:
@@ -94,8 +149,8 @@ def save_adapters(model: nn.Module, folder: str | Path, acfg: dict) -> None:
     os.replace(tmp_cfg, folder / CONFIG_FILE)
 
 
-def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply a saved adapter (ours or mlx-lm's) to `model` with mlx-lm's own loader."""
+def read_adapter_config(folder: str | Path) -> dict:
+    """adapter_config.json of an adapter folder (ours or mlx-lm's), checked to be one."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / ADAPTER_FILE).is_file():
         raise UserError(
@@ -103,9 +158,30 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
             "point --adapter at the --out folder of a training run"
         )
     try:
+        return json.loads((folder / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise UserError(f"{folder / CONFIG_FILE}: not valid JSON ({e})") from None
+
+
+def saved_kind(folder: str | Path) -> AdapterKind:
+    """The AdapterKind that wrote the adapter in `folder`."""
+    kind = read_adapter_config(folder).get("fine_tune_type", "lora")
+    return adapter_kind(kind, f"{Path(folder) / CONFIG_FILE}: fine_tune_type")
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Apply a saved adapter (ours, of any kind, or mlx-lm's LoRA) to `model`."""
+    folder = Path(folder)
+    acfg = read_adapter_config(folder)
+    saved_kind(folder).load(model, folder, acfg)
+    model.eval()
+    return model
+
+
+def _load_lora(model: nn.Module, folder: Path, acfg: dict) -> None:
+    """mlx-lm's own loader, so what mlx-lm wrote loads as mlx-lm loads it."""
+    try:
         _mlx_lm_load_adapters(model, str(folder))
     except ValueError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"{folder}: adapter does not fit this model ({first})") from None
-    model.eval()
-    return model

@@ -26,7 +26,8 @@ from .loading import LoadedModel, load_model
 from .report import Reporter
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
-RESUME_KEYS = ["rank", "lora_scale", "lora_keys", "num_layers", "max_seq_len", "batch_size"]
+RESUME_KEYS = ["adapter", "rank", "lora_scale", "lora_keys", "num_layers", "lars_block"]
+RESUME_KEYS += ["max_seq_len", "batch_size"]
 
 
 @dataclass
@@ -134,7 +135,7 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, r
     data = data or load_dataset(cfg.data, loaded.tokenizer, cfg)
     mx.random.seed(cfg.seed)
     model = loaded.model
-    adapter_cfg = lora.apply_lora(model, cfg)
+    adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     reporter = reporter or Reporter(cfg.steps, log_path=out / "metrics.jsonl")
     memory_plan = plan.estimate(model, cfg, data.trainable_fraction())
