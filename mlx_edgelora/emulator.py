@@ -94,14 +94,14 @@ class EmulatorLinear(nn.Module):
 
     @property
     def down_shape(self) -> tuple[int, int]:
-        return _shape(self.down)
+        return linear_shape(self.down)
 
     @property
     def up_shape(self) -> tuple[int, int]:
-        return _shape(self.up)
+        return linear_shape(self.up)
 
 
-def _shape(linear: nn.Module) -> tuple[int, int]:
+def linear_shape(linear: nn.Module) -> tuple[int, int]:
     out, inp = linear.weight.shape
     return (out, inp * 32 // linear.bits) if isinstance(linear, nn.QuantizedLinear) else (out, inp)
 
@@ -124,21 +124,37 @@ def quant_format(linear: nn.Module) -> tuple[int, int, str]:
 def emulate(linear: nn.Module, h: mx.array, ratio: float) -> EmulatorLinear | None:
     """The emulator of `linear` under calibration H, or None where low rank would not save."""
     w = dense_weight(linear)
-    out_dims, in_dims = w.shape
-    rank = rank_for(in_dims, out_dims, ratio)
-    bits = linear.bits if isinstance(linear, nn.QuantizedLinear) else None
-    if bits:
-        rank = rank // GROUP * GROUP
-    if rank < 1 or rank >= min(in_dims, out_dims) or (bits and in_dims % GROUP):
+    rank = emulator_rank(linear, ratio)
+    if rank is None:
         return None
     w_u, w_v = aware_factors(w, h, rank)
-    down, up = (
-        nn.Linear(in_dims, rank, bias=False),
-        nn.Linear(rank, out_dims, bias="bias" in linear),
-    )
+    return make_layer(w_u, w_v, linear.get("bias"), linear.bits if _quantized(linear) else None)
+
+
+def _quantized(linear: nn.Module) -> bool:
+    return isinstance(linear, nn.QuantizedLinear)
+
+
+def emulator_rank(linear: nn.Module, ratio: float) -> int | None:
+    """rank_for the linear's shape (a multiple of GROUP on a quantized base), or None where
+    the factors would not be smaller than W."""
+    out_dims, in_dims = linear_shape(linear)
+    rank = rank_for(in_dims, out_dims, ratio)
+    if _quantized(linear):
+        rank = rank // GROUP * GROUP
+    if rank < 1 or rank >= min(in_dims, out_dims) or (_quantized(linear) and in_dims % GROUP):
+        return None
+    return rank
+
+
+def make_layer(w_u: mx.array, w_v: mx.array, bias: mx.array | None, bits: int | None):
+    """An EmulatorLinear from factors: quantized to `bits` (group GROUP), else float16."""
+    (rank, in_dims), out_dims = w_v.shape, w_u.shape[0]
+    down = nn.Linear(in_dims, rank, bias=False)
+    up = nn.Linear(rank, out_dims, bias=bias is not None)
     down.weight, up.weight = w_v, w_u
-    if "bias" in linear:
-        up.bias = linear.bias
+    if bias is not None:
+        up.bias = bias
     if bits:
         down, up = (nn.QuantizedLinear.from_linear(m, GROUP, bits) for m in (down, up))
     else:
