@@ -255,7 +255,7 @@ def _install_emulator(model, spec: str) -> None:
                 out_dims, in_dims = emulator.linear_shape(m)
                 w_u = mx.random.uniform(-0.05, 0.05, (out_dims, r))
                 w_v = mx.random.uniform(-0.05, 0.05, (r, in_dims))
-                built[f"{blocks.LAYERS_PATH}.{i}.{key}"] = emulator.make_layer(
+                built[f"{blocks.layers_path(model)}.{i}.{key}"] = emulator.make_layer(
                     w_u, w_v, m.get("bias"), m.bits
                 )
         emulator.install(model, built)

@@ -41,7 +41,6 @@ import numpy as np
 
 from mlx_edgelora import (
     TrainConfig,
-    attention,
     blocks,
     load_dataset,
     load_model,
@@ -86,8 +85,8 @@ def fresh_model():
 def last_hidden(model, batch) -> mx.array:
     """The last block's output [B, L, D] (the loss head's input), evaluated block by block."""
     h = blocks.embed(model, mx.array(batch.inputs))
-    for layer in blocks.layers(model):
-        h = attention.block_forward(layer, h, 512, 256)
+    for i in range(len(blocks.layers(model))):
+        h = blocks.block_forward(model, i, h, 512, 256)
         mx.eval(h)
     return h
 

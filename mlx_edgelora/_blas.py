@@ -16,8 +16,6 @@ _CANDIDATES = [
     "/usr/lib64/libopenblas.so.0",
 ]
 
-loaded: str | None = None
-
 
 def _preload() -> str | None:
     if not sys.platform.startswith("linux") or os.environ.get("EDGELORA_NO_OPENBLAS"):
@@ -34,4 +32,4 @@ def _preload() -> str | None:
     return None
 
 
-loaded = _preload()
+_preload()

@@ -10,6 +10,9 @@ saving only O and the log-sum-exp; backward recomputes scores tile by tile), and
 a custom VJP that recomputes one token chunk at a time. Both sit next to a plain reference.
 `mx.depends` chains the tiles so that MLX's evaluator finishes one tile (and frees its
 scores) before starting the next; without it, tiles feeding two accumulators stay alive.
+Sliding-window layers (Gemma 3's local layers, Mistral's `layer_types`) mask keys older than
+the window and skip the tiles wholly outside it. What a family puts around this core (q/k
+norms, RoPE, the scale) lives in models/.
 """
 
 from __future__ import annotations
@@ -18,72 +21,66 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import blocks
 from .errors import UserError
 from .lora import has_active_dropout
-
-
-def block_forward(
-    layer: nn.Module, x: mx.array, attn_chunk: int, mlp_chunk: int, halves=blocks.HALVES
-) -> mx.array:
-    """Exactly `layer(x, mask="causal")` for an mlx-lm Llama/Qwen2 block, in chunks.
-
-    attn_chunk / mlp_chunk = 0 (or >= the sequence) use the plain, unchunked path. `halves`
-    runs only those residual halves, in order: ("attn",) then ("mlp",) is the whole block.
-    """
-    if "attn" in halves:
-        x = x + attention_forward(layer.self_attn, layer.input_layernorm(x), attn_chunk)
-    if "mlp" in halves:
-        x = x + mlp_forward(layer.mlp, layer.post_attention_layernorm(x), mlp_chunk)
-    return x
-
 
 # ----------------------------------------------------------------------------- attention
 
 
-def attention_forward(attn: nn.Module, x: mx.array, chunk: int) -> mx.array:
-    """mlx-lm's Attention.__call__ (no cache, causal) with the core swapped for chunks."""
-    B, L, _ = x.shape
-    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    # [B, L, H*hd] -> [B, H, L, hd]
-    q = attn.rope(q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3))
-    k = attn.rope(k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3))
-    v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+def attention_core(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int, window: int | None = None
+) -> mx.array:
+    """Causal (optionally sliding-window) attention of rotated q [B, H, L, hd] and k, v
+    [B, Hkv, L, hd]: MLX's fused kernel when unchunked, else `chunked_attention`."""
+    L = q.shape[2]
     if chunk <= 0 or chunk >= L:
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask="causal")
-    else:
-        o = chunked_attention(q, k, v, attn.scale, chunk)
-    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        mask = "causal" if window is None or window >= L else window_mask(L, window)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return chunked_attention(q, k, v, scale, chunk, window)
 
 
-def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int):
+def window_mask(L: int, window: int) -> mx.array:
+    """[L, L] bool: key j visible to query i iff i - window < j <= i (mlx-lm's rule)."""
+    i, j = mx.arange(L)[:, None], mx.arange(L)[None, :]
+    return (i >= j) & (i < j + window)
+
+
+def chunked_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int, window: int | None = None
+) -> mx.array:
     """Causal softmax(scale q k^T) v over chunk x chunk tiles, with a FlashAttention-2 VJP.
 
     q [B, H, L, hd]; k, v [B, Hkv, L, hd] with H a multiple of Hkv (GQA, never repeated).
+    `window` (sliding-window layers): query i sees keys i - window < j <= i only, and tiles
+    wholly outside the window are skipped, so a windowed layer costs O(L * window).
     Returns o [B, H, L, hd]. `chunked_attention_lse` also returns the log-sum-exp.
     """
-    return chunked_attention_lse(q, k, v, scale, chunk)[0]
+    return chunked_attention_lse(q, k, v, scale, chunk, window)[0]
 
 
-def chunked_attention_lse(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.array]:
+def chunked_attention_lse(
+    q, k, v, scale: float, chunk: int, window: int | None = None
+) -> tuple[mx.array, mx.array]:
     """(o [B, H, L, hd], lse [B, H, L]); differentiable in q, k, v (lse's cotangent too)."""
-    fn = mx.custom_function(lambda q, k, v: _flash_forward(q, k, v, scale, chunk))
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    fn = mx.custom_function(lambda q, k, v: _flash_forward(q, k, v, scale, chunk, window))
 
     def vjp(primals, cotangents, outputs):
-        return _flash_backward(*primals, *outputs, *cotangents, scale, chunk)
+        return _flash_backward(*primals, *outputs, *cotangents, scale, chunk, window)
 
     fn.vjp(vjp)
     return fn(q, k, v)
 
 
-def attention_reference(q, k, v, scale: float) -> tuple[mx.array, mx.array]:
-    """Plain causal attention (full L x L scores, repeated K/V): (o, lse), autodiff only."""
+def attention_reference(q, k, v, scale: float, window: int | None = None):
+    """Plain causal (sliding-window) attention: full L x L scores, repeated K/V; (o, lse),
+    autodiff only."""
     rep = q.shape[1] // k.shape[1]
     k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
     L = q.shape[2]
     s = (q * scale) @ k.swapaxes(-1, -2)
-    causal = mx.arange(L)[:, None] >= mx.arange(L)[None, :]
-    s = mx.where(causal, s, -mx.inf)
+    s = mx.where(window_mask(L, window or L), s, -mx.inf)
     lse = mx.logsumexp(s, axis=-1)
     return mx.exp(s - lse[..., None]) @ v, lse
 
@@ -108,22 +105,38 @@ def _unrows(tiles: list[mx.array], H: int) -> mx.array:
     return out.reshape(B, H, out.shape[3], *rest)
 
 
-def _scores(qi: mx.array, kj: mx.array, diagonal: bool, rep: int, scale: float) -> mx.array:
-    """Scaled scores of one tile [B, Hkv, rep*n, m] in float32, -inf above the diagonal.
+Span = tuple[int, int]  # [start, end) token positions of one chunk
+# A masked score. Finite, not -inf: with a sliding window a row of a tile can be masked
+# whole, and exp(-inf - -inf) would be NaN; exp(MASKED - m) underflows to 0 instead.
+MASKED = float(mx.finfo(mx.float32).min)
+
+
+def _visible(qs: Span, ks: Span, window: int | None) -> bool:
+    """Whether any key of span ks is visible to any query of span qs."""
+    causal = ks[0] <= qs[1] - 1  # the first key is not after the last query
+    return causal and (window is None or qs[0] - window < ks[1] - 1)
+
+
+def _scores(qi: mx.array, kj: mx.array, qs: Span, ks: Span, rep: int, scale: float, window):
+    """Scaled scores of one tile [B, Hkv, rep*n, m] in float32, MASKED where key j is not
+    visible to query i (j > i, or j <= i - window).
 
     The scale is applied to the tile, not to q: a scaled copy of q would be one more
     [B, H, L, hd] tensor alive for the whole pass.
     """
     s = (qi @ kj.swapaxes(-1, -2)).astype(mx.float32) * scale
-    if diagonal:  # query chunk == key chunk: keep key position <= query position
-        n = kj.shape[2]
-        causal = mx.arange(n)[:, None] >= mx.arange(n)[None, :]
-        s = mx.where(mx.tile(causal, (rep, 1)), s, -mx.inf)
+    after = ks[1] - 1 > qs[0]  # some key is after some query (diagonal tiles)
+    outside = window is not None and qs[1] - 1 - ks[0] >= window  # some pair out of window
+    if after or outside:
+        i, j = mx.arange(*qs)[:, None], mx.arange(*ks)[None, :]
+        keep = (i >= j) & (i < j + (window or qs[1]))  # [n, m]
+        s = mx.where(mx.tile(keep, (rep, 1)), s, MASKED)
     return s
 
 
-def _flash_forward(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.array]:
-    """Online-softmax forward, query chunk outer; saves only o and lse."""
+def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array, mx.array]:
+    """Online-softmax forward, query chunk outer, tiles outside the window skipped; saves
+    only o and lse."""
     H, kv = q.shape[1], k.shape[1]
     spans = _spans(q.shape[2], chunk)
     outs, lses = [], []
@@ -133,10 +146,12 @@ def _flash_forward(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.arra
             qi = mx.depends(qi, [outs[-1], lses[-1]])
         m = l = acc = None
         for j in range(i + 1):
+            if not _visible(spans[i], spans[j], window):
+                continue
             ks, ke = spans[j]
             if acc is not None:  # finish the previous tile before this one starts
                 qi = mx.depends(qi, [acc, l])
-            t = _scores(qi, k[:, :, ks:ke], j == i, H // kv, scale)
+            t = _scores(qi, k[:, :, ks:ke], spans[i], spans[j], H // kv, scale, window)
             m_new = t.max(axis=-1) if m is None else mx.maximum(m, t.max(axis=-1))
             p = mx.exp(t - m_new[..., None])
             pv = p.astype(v.dtype) @ v[:, :, ks:ke]
@@ -152,8 +167,9 @@ def _flash_forward(q, k, v, scale: float, chunk: int) -> tuple[mx.array, mx.arra
     return _unrows(outs, H), _unrows(lses, H)
 
 
-def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int):
-    """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile."""
+def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int, window):
+    """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile (the
+    tiles the forward skipped contribute nothing)."""
     H, kv, rep = q.shape[1], k.shape[1], q.shape[1] // k.shape[1]
     spans = _spans(q.shape[2], chunk)
     # D = rowsum(dO * O) - dlse, so that dS = P * (dP - D) also carries lse's cotangent
@@ -163,11 +179,14 @@ def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int):
     for j, (ks, ke) in enumerate(spans):
         kj, vj, dk, dv = k[:, :, ks:ke], v[:, :, ks:ke], None, None
         for i in range(j, len(spans)):
+            if not _visible(spans[i], spans[j], window):
+                break  # later query chunks are even further from this key chunk
             # grouped row copies are made per tile (cheap next to its matmuls), not kept
             qi, doi, lse_i, d_i = (_rows(a, kv, *spans[i]) for a in (q, do, lse, d))
             if last:  # finish the previous tile (free its P, dS) before this one starts
                 qi = mx.depends(qi, last)
-            p = mx.exp(_scores(qi, kj, i == j, rep, scale) - lse_i[..., None])
+            t = _scores(qi, kj, spans[i], spans[j], rep, scale, window)
+            p = mx.exp(t - lse_i[..., None])
             ds = p * ((doi @ vj.swapaxes(-1, -2)).astype(mx.float32) - d_i[..., None])
             p, ds = p.astype(q.dtype), (ds * scale).astype(q.dtype)  # d(scores) / d(q k^T)
             dv = _acc(dv, p.swapaxes(-1, -2) @ doi)  # sums over the rep query heads

@@ -1,74 +1,137 @@
-"""The one seam onto mlx-lm's model internals: embedding, blocks, final norm, LM head.
+"""The one seam onto mlx-lm's model internals, dispatching to the model's family (models/).
 
 Why: the engine (technique 2) runs the model piece by piece instead of calling it whole, so it
-must know where the pieces are. Llama and Qwen2 in mlx-lm share one layout
-(`model.model.{embed_tokens, layers, norm}` and a tied or separate `lm_head`); if mlx-lm
-changes it, this file is the only one to edit.
+must know where the pieces are; each family file in models/ knows that for its architecture,
+and these functions look the family up from the model so callers never branch on it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
+import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-LAYERS_PATH = "model.layers"  # dotted path of the block list in model.parameters()
-
-# The two residual halves of a block, h = x + attn(norm(x)); out = h + mlp(norm(h)), by the
-# children each one uses. A checkpoint boundary and a streamed-weight unit may sit between
-# them (engine.py, stream.py).
-HALVES = ("attn", "mlp")
-HALF_CHILDREN = {
-    "attn": ("input_layernorm", "self_attn"),
-    "mlp": ("post_attention_layernorm", "mlp"),
-}
-
-
-def half_of(name: str) -> str:
-    """The half a block parameter belongs to, from its dotted name relative to the block."""
-    child = name.split(".", 1)[0]
-    for half, children in HALF_CHILDREN.items():
-        if child in children:
-            return half
-    raise ValueError(f"block parameter '{name}' is in neither half of the block")
+from .models import HALVES, Shape, family_of
+from .quant import dequantize  # one dequantize recipe: scales cast first
 
 
 def embed(model: nn.Module, inputs: mx.array) -> mx.array:
     """Token embeddings [B, L, D] in float32 (the compute dtype) for inputs [B, L]."""
-    return model.model.embed_tokens(inputs).astype(mx.float32)
+    return family_of(model).embed(model, inputs)
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks, first to last."""
-    return model.model.layers
+    return family_of(model).layers(model)
+
+
+def layers_path(model: nn.Module) -> str:
+    """Dotted path of the block list in model.parameters() ("model.layers" for most)."""
+    return family_of(model).layers_path(model)
+
+
+def block_forward(
+    model: nn.Module,
+    i: int,
+    x: mx.array,
+    attn_chunk: int,
+    mlp_chunk: int,
+    halves: tuple[str, ...] = HALVES,
+) -> mx.array:
+    """Exactly mlx-lm's call of block i on x, in chunks (attention.py); chunk 0 = unchunked.
+
+    `halves` runs only those residual halves, in order: ("attn",) then ("mlp",) is the block.
+    """
+    family = family_of(model)
+    for half in halves:
+        x = family.half_forward(model, i, half, x, attn_chunk, mlp_chunk)
+    return x
+
+
+def block_call(model: nn.Module, i: int, x: mx.array) -> mx.array:
+    """mlx-lm's own call of block i (its mask included): the graph engine's reference."""
+    return family_of(model).block_call(model, i, x)
+
+
+def half_of(model: nn.Module, name: str) -> str:
+    """The half a block parameter belongs to, from its dotted name relative to the block."""
+    return family_of(model).half_of(name)
 
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied to the last block's output before the LM head."""
-    return model.model.norm
+    return family_of(model).final_norm(model)
 
 
 def head_is_tied(model: nn.Module) -> bool:
     """True when the LM head is the embedding matrix (`embed_tokens.as_linear`)."""
-    return "lm_head" not in model
+    return family_of(model).head_is_tied(model)
 
 
 def head_module(model: nn.Module) -> nn.Module:
     """The module holding the LM-head weight [V, D]: lm_head, or the tied embedding."""
-    return model.model.embed_tokens if head_is_tied(model) else model.lm_head
+    return family_of(model).head_module(model)
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the embedding and the LM head."""
+    return family_of(model).head_prefixes(model)
 
 
 def head_logits(model: nn.Module, x: mx.array) -> mx.array:
     """Logits x @ W.T through the head module's own kernel: a quantized head runs the
     backend's quantized path (quant.py) and never holds a whole float copy of W."""
-    return model.model.embed_tokens.as_linear(x) if head_is_tied(model) else model.lm_head(x)
+    m = head_module(model)
+    return m.as_linear(x) if head_is_tied(model) else m(x)
+
+
+def head_shape(model: nn.Module) -> tuple[int, int]:
+    """(V, D) of the LM head, whether its weight is quantized (packed in uint32) or not."""
+    m = head_module(model)
+    V, cols = m.weight.shape
+    return V, cols * 32 // m.bits if "scales" in m else cols
+
+
+def head_weight_rows(
+    model: nn.Module, rows: np.ndarray | slice | None = None, after: Any = None
+) -> mx.array:
+    """Rows of the LM-head weight as float32 [n, D]; a quantized head dequantizes only those.
+
+    `after` (arrays): the rows are read (and dequantized) only once those are computed, so a
+    loop over vocabulary chunks holds one chunk at a time instead of MLX running ahead.
+    """
+    m = head_module(model)
+    sel = slice(None) if rows is None else rows
+    if isinstance(sel, np.ndarray):
+        sel = mx.array(sel.astype(np.int32))
+    w = m.weight[sel]
+    if after is not None:
+        w = mx.depends(w, after)
+    if "scales" not in m:
+        return w.astype(mx.float32)
+    biases = m.get("biases")
+    return dequantize(
+        w,
+        m.scales[sel],
+        None if biases is None else biases[sel],
+        m.group_size,
+        m.bits,
+        getattr(m, "mode", "affine"),
+    )
+
+
+def shape(model: nn.Module) -> Shape:
+    """The sizes the memory planner needs."""
+    return family_of(model).shape(model)
 
 
 def check_trainable_in_blocks(model: nn.Module) -> None:
     """The segment engine differentiates blocks only: refuse trainable params elsewhere."""
-    outside = [
-        k for k, _ in tree_flatten(model.trainable_parameters()) if not k.startswith(LAYERS_PATH)
-    ]
+    path = family_of(model).layers_path(model)
+    outside = [k for k, _ in tree_flatten(model.trainable_parameters()) if not k.startswith(path)]
     if outside:
         raise ValueError(f"trainable parameters outside the blocks: {', '.join(outside[:3])}")
 
@@ -76,5 +139,9 @@ def check_trainable_in_blocks(model: nn.Module) -> None:
 def model_tree(model: nn.Module, per_block: list[dict]) -> dict:
     """A tree shaped like `model.trainable_parameters()` holding `per_block[i]` for block i."""
     tree = model.trainable_parameters()
-    tree["model"]["layers"] = per_block
+    *parents, last = family_of(model).layers_path(model).split(".")
+    node = tree
+    for key in parents:
+        node = node[key]
+    node[last] = per_block
     return tree

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ class TrainConfig:
     out: str = _opt("runs/adapter", "output folder for the adapter and checkpoints")
     # --- optimisation
     steps: int = _opt(40, "optimizer steps to run")
+    epochs: float | None = _opt(
+        None,
+        "passes over the training rows; sets --steps to ceil(epochs x rows / (batch-size x "
+        "grad-accum)), shown before the memory plan (default: use --steps)",
+    )
     max_seq_len: int = _opt(256, "tokens per packed training sequence")
     batch_size: int = _opt(1, "sequences per micro-batch")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
@@ -85,9 +91,36 @@ class TrainConfig:
     # --- cadence and output
     eval_every: int = _opt(10, "validation loss/perplexity every N steps (and at the end)")
     eval_batches: int = _opt(8, "validation micro-batches per evaluation (-1 = all)")
+    keep_best: bool = _opt(
+        False,
+        "save the adapter with the lowest (exact) validation loss as adapters.safetensors, "
+        "its step in adapter_config.json, instead of the last one",
+    )
+    early_stop: int = _opt(
+        0, "stop after N evaluations in a row without a lower validation loss (0 = off)"
+    )
     save_every: int = _opt(10, "write a resumable checkpoint every N steps")
+    report_to: str = _opt(
+        "none",
+        "also send metrics to wandb or tensorboard (optional packages; metrics.jsonl is "
+        "always written)",
+        choices=["none", "wandb", "tensorboard"],
+    )
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = _opt(False, "allow writing into a non-empty --out that is not a resume")
+    # --- several Macs (data parallel, launched with mlx.launch; see README)
+    backend: str = _opt(
+        "any",
+        "distributed backend joining the ranks: ring (TCP over Ethernet or Thunderbolt, what "
+        "mlx.launch starts by default), mpi (mpirun), jaccl (RDMA over Thunderbolt 5), or any "
+        "(the first that works); a plain run is one rank whatever this says",
+        choices=["any", "ring", "mpi", "jaccl"],
+    )
+    dist_timeout: float = _opt(
+        600.0,
+        "seconds a rank waits without progress on the others (one forward pass, or one "
+        "segment's backward) before it removes its spill folders and exits with an error",
+    )
     # --- memory engine (technique 2)
     engine: str = _opt(
         "segments",
@@ -160,22 +193,53 @@ class TrainConfig:
     config: str | None = _opt(None, "YAML file whose keys mirror these flags")
 
     def validate(self) -> TrainConfig:
-        """Reject impossible combinations early, naming the flag and the fix."""
+        """Check every value's type and range once, here, naming the flag and the fix.
+
+        Types matter because YAML is loose: `overwrite: "false"` is a non-empty string, which
+        Python would read as true (and delete a run); `rank: 4.5` or `steps: "abc"` would fail
+        deep inside MLX; `lora_keys: a.b` would be split into characters.
+        """
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        self._check_ranges()
+        if self.stream_weights is None:  # auto: streaming needs the segment engine
+            self.stream_weights = self.engine == "segments"
+        return self
+
+    def _check_ranges(self) -> None:
         positive = ["steps", "max_seq_len", "batch_size", "grad_accum", "rank", "subset_k"]
         positive += ["lars_block"]
         for name in positive + ["checkpoint_every", "vocab_chunk"]:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive (got {self.lr})")
-        for name in ["attn_chunk", "mlp_chunk", "warmup", "eval_every", "save_every"]:
+        for name in ["attn_chunk", "mlp_chunk", "warmup", "eval_every", "save_every", "early_stop"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
-        if self.stream_weights is None:  # auto: streaming needs the segment engine
-            self.stream_weights = self.engine == "segments"
-        return self
+        for name, upper in [("val_fraction", "1)"), ("lora_dropout", "1)"), ("min_lr_ratio", "1]")]:
+            v = getattr(self, name)
+            if not (0 <= v < 1 or (upper == "1]" and v == 1)):
+                raise UserError(f"--{_flag(name)} must be in [0, {upper} (got {v})")
+        for name in ["lr", "weight_decay", "grad_clip", "memory_budget_gb", "dist_timeout"]:
+            v = getattr(self, name)
+            nonzero = ("lr", "memory_budget_gb", "dist_timeout")
+            if v is not None and (v < 0 or (v == 0 and name in nonzero)):
+                raise UserError(f"--{_flag(name)} must be positive (got {v})")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2^32) (got {self.seed})")
+        if self.num_layers == 0 or self.num_layers < -1:
+            raise UserError(
+                f"--num-layers must be -1 (all blocks) or at least 1 (got {self.num_layers})"
+            )
+        if self.eval_batches == 0 or self.eval_batches < -1:
+            raise UserError(
+                f"--eval-batches must be -1 (all) or at least 1 (got {self.eval_batches})"
+            )
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be positive (got {self.epochs})")
+        if self.early_stop and not self.eval_every:
+            raise UserError("--early-stop needs evaluations: set --eval-every N (N >= 1)")
+        if (self.keep_best or self.early_stop) and self.val_fraction <= 0:
+            raise UserError("--keep-best / --early-stop need validation data: --val-fraction > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,6 +250,56 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+_MAX_INT = 2**62  # beyond any real option; keeps step/seed arithmetic inside int64
+
+
+def _checked(f: dataclasses.Field, v: Any) -> Any:
+    """`v` as field `f`'s type (an int for a float field becomes a float; a numeric string,
+    as PyYAML reads `1e-4`, becomes a number); else a one-line UserError."""
+    typ, flag = _field_type(f), f"--{_flag(f.name)}"
+    if v is None and "None" in str(f.type):
+        return v
+    if typ is bool:
+        if not isinstance(v, bool):
+            raise UserError(f"{flag} must be true or false, not {v!r} (write it without quotes)")
+        return v
+    if typ is list:
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise UserError(f"{flag} must be a list of names, e.g. [self_attn.q_proj] (got {v!r})")
+        return list(v)
+    if typ in (int, float):
+        v = _number(v, typ, flag)
+    elif not isinstance(v, str):
+        raise UserError(f"{flag} must be text (got {v!r}); put it in quotes")
+    choices = f.metadata.get("choices")
+    if choices and v not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(map(str, choices))} (got {v!r})")
+    return v
+
+
+def _number(v: Any, typ: type, flag: str) -> int | float:
+    if isinstance(v, str):
+        try:
+            v = typ(v.strip()) if typ is float or v.strip().lstrip("+-").isdigit() else float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{flag} must be a number (got {v!r})")
+    if typ is int:
+        if not isinstance(v, int) and not (math.isfinite(v) and v == int(v)):
+            raise UserError(f"{flag} must be a whole number (got {v!r})")
+        if abs(int(v)) > _MAX_INT:
+            raise UserError(f"{flag} is out of range (got {v!r})")
+        return int(v)
+    try:
+        v = float(v)  # an int beyond float's range overflows
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise UserError(f"{flag} must be a finite number (got {v!r})")
+    return v
 
 
 def _field_type(f: dataclasses.Field) -> type:

@@ -20,14 +20,26 @@ exactly where generation would start. Only the completion (+ end token) is train
 
 Bad input never stops a run: unreadable, empty, binary or non-UTF-8 files and bad jsonl lines
 are skipped with one warning line each (per file), and a summary line counts everything.
+
+Path rules: symlinks (to files or folders) are followed when their target lies inside the
+--data folder and skipped (counted) when it leads outside; each real file and folder is read
+once, so a link back into the tree neither loops nor duplicates. FIFOs, sockets and devices
+are skipped (opening a FIFO would wait forever). A document or jsonl line above
+MAX_RECORD_BYTES is skipped with its size: tokenizing takes ~150x a text's size in RAM, which
+the memory plan cannot see, and jsonl files are read a line at a time, never whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from dataclasses import dataclass
+import signal
+import stat
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -36,6 +48,8 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
+MAX_RECORD_BYTES = 2**20  # one .txt/.md document or one jsonl line (~350k tokens)
+RENDER_LIMIT_S = 10  # one conversation renders in milliseconds; a template loop never ends
 _SCHEMAS = 'one of {"text"}, {"prompt", "completion"} or {"messages"}'
 
 
@@ -52,14 +66,22 @@ class BadRecord(ValueError):
     """A file or jsonl record that cannot become an Example; the message says why."""
 
 
+# Entries of a --data folder that are passed over, by reason (counted in the summary line).
+OTHER, OUTSIDE, SPECIAL = (
+    "files with other extensions",
+    "links leading outside the folder",
+    "FIFOs/sockets/devices",
+)
+
+
 @dataclass
 class _Tally:
     """Counts for the summary line."""
 
     files: int = 0
     bad_files: int = 0
-    other_files: int = 0
     bad_lines: int = 0
+    passed_over: dict[str, list[str]] = field(default_factory=dict)  # reason -> entries
 
 
 def load_documents(path: str, tokenizer) -> list[Example]:
@@ -67,11 +89,15 @@ def load_documents(path: str, tokenizer) -> list[Example]:
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"{path}: no such file or folder; check the --data path")
-    files, n_other = find_files(root)
-    tally = _Tally(other_files=n_other)
+    files, passed_over = find_files(root)
+    tally = _Tally(passed_over=passed_over)
+    for reason in (OUTSIDE, SPECIAL):
+        if entries := passed_over[reason]:
+            shown = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" * (len(entries) > 3))
+            log.warning("%s: skipping %d %s: %s", path, len(entries), reason, shown)
     examples: list[Example] = []
     for f in files:
-        source = f.name if root.is_file() else f.relative_to(root).as_posix()
+        source = f.name if f == root else f.relative_to(root).as_posix()
         examples.extend(_load_file(f, source, tokenizer, tally))
     _log_summary(path, examples, tally)
     if not examples:
@@ -82,26 +108,60 @@ def load_documents(path: str, tokenizer) -> list[Example]:
     return examples
 
 
-def find_files(root: Path) -> tuple[list[Path], int]:
-    """(.txt/.md/.jsonl files under `root` sorted by relative path, count of other files).
+def find_files(root: Path) -> tuple[list[Path], dict[str, list[str]]]:
+    """(.txt/.md/.jsonl files under `root` sorted by relative path, entries passed over).
 
-    Hidden files and folders (.git, .DS_Store, ...) are skipped and not counted.
+    Passed over, by reason: other extensions, links leading outside `root`, non-regular files
+    (see the path rules in the module docstring). Hidden files and folders (.git, .DS_Store,
+    ...) are skipped and not counted.
     """
-    if root.is_file():
-        candidates = [root]
+    passed_over: dict[str, list[str]] = {OTHER: [], OUTSIDE: [], SPECIAL: []}
+    if not root.is_dir():
+        candidates, real_root = [root], None
     else:
-        candidates = []
-        for folder, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            candidates += [Path(folder) / n for n in filenames if not n.startswith(".")]
-        candidates.sort(key=lambda p: p.relative_to(root).as_posix())
-    files = [p for p in candidates if p.suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)]
-    return files, len(candidates) - len(files)
+        real_root = root.resolve()
+        candidates = _walk(root, real_root, passed_over[OUTSIDE])
+    files, seen = [], set()
+    for p in candidates:
+        name = p.name if p == root else p.relative_to(root).as_posix()
+        real = p.resolve()
+        if p.suffix.lower() not in (*TEXT_SUFFIXES, JSONL_SUFFIX):
+            passed_over[OTHER].append(name)
+        elif real_root is not None and not real.is_relative_to(real_root):
+            passed_over[OUTSIDE].append(name)
+        elif p.exists() and not stat.S_ISREG(p.stat().st_mode):
+            passed_over[SPECIAL].append(name)
+        elif real not in seen:  # a dangling link stays in: reading it reports "unreadable"
+            seen.add(real)
+            files.append(p)
+    return files, passed_over
+
+
+def _walk(root: Path, real_root: Path, outside: list[str]) -> list[Path]:
+    """Non-hidden files under `root`, sorted; folder links are entered once, if inside."""
+    candidates, seen = [], {real_root}
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(n for n in dirnames if not n.startswith(".")):
+            real = (Path(folder) / d).resolve()
+            if not real.is_relative_to(real_root):
+                outside.append((Path(folder) / d).relative_to(root).as_posix() + "/")
+            elif real not in seen:  # a link back into the tree: read once, never loop
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        candidates += [Path(folder) / n for n in filenames if not n.startswith(".")]
+    return sorted(candidates, key=lambda p: p.relative_to(root).as_posix())
 
 
 def read_text(path: Path) -> str:
     """The file's text; BadRecord if it is unreadable, binary, not UTF-8 or empty."""
     try:
+        if (size := path.stat().st_size) > MAX_RECORD_BYTES:
+            raise BadRecord(
+                f"{size:,} bytes, above the {_mb(MAX_RECORD_BYTES)} limit for one document; "
+                f"split it into files of at most {_mb(MAX_RECORD_BYTES)} (e.g. one per chapter)"
+            )
         raw = path.read_bytes()
     except OSError as e:
         raise BadRecord(f"unreadable ({e.strerror or e})") from None
@@ -119,38 +179,93 @@ def read_text(path: Path) -> str:
 def _load_file(path: Path, source: str, tokenizer, tally: _Tally) -> list[Example]:
     tally.files += 1
     try:
-        text = read_text(path)
         if path.suffix.lower() == JSONL_SUFFIX:
-            return _load_jsonl(path, text, source, tokenizer, tally)
-        return [text_example(text, source, tokenizer)]
+            return _load_jsonl(path, source, tokenizer, tally)
+        return [text_example(read_text(path), source, tokenizer)]
     except BadRecord as e:
         tally.bad_files += 1
         log.warning("skipping %s: %s", path, e)
         return []
 
 
-def _load_jsonl(path: Path, text: str, source: str, tokenizer, tally: _Tally) -> list[Example]:
+def _load_jsonl(path: Path, source: str, tokenizer, tally: _Tally) -> list[Example]:
     """One Example per good line; bad lines are counted and reported in one warning."""
-    examples, bad, n_lines = [], {}, 0
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is data
-        if not line.strip():
+    examples, bad, too_big, n_lines = [], {}, [], 0
+    for lineno, raw, size in _jsonl_lines(path):
+        if raw is not None and not raw.strip():
             continue
         n_lines += 1
+        if raw is None:
+            too_big.append(f"line {lineno}: {size:,} bytes")
+            bad.setdefault(f"over {_mb(MAX_RECORD_BYTES)}", []).append(lineno)
+            continue
         try:
-            record = json.loads(line)
+            record = json.loads(_decode_line(raw, lineno))
         except json.JSONDecodeError:
             bad.setdefault("invalid JSON", []).append(lineno)
+            continue
+        except BadRecord as e:
+            bad.setdefault(str(e), []).append(lineno)
             continue
         try:
             examples.append(record_example(record, f"{source}:{lineno}", tokenizer))
         except BadRecord as e:
             bad.setdefault(str(e), []).append(lineno)
+    if not n_lines:
+        raise BadRecord("empty")
+    if too_big:
+        log.warning(
+            "%s: %d records above the %s limit per record (%s); split each into records of "
+            "at most %s (e.g. one per section)",
+            path, len(too_big), _mb(MAX_RECORD_BYTES), ", ".join(too_big[:3]),
+            _mb(MAX_RECORD_BYTES),
+        )  # fmt: skip
     if bad:
         n_bad = sum(len(v) for v in bad.values())
         tally.bad_lines += n_bad
         reasons = "; ".join(f"{why}: {_lines(nums)}" for why, nums in bad.items())
         log.warning("%s: skipped %d of %d lines (%s)", path, n_bad, n_lines, reasons)
     return examples
+
+
+def _jsonl_lines(path: Path):
+    """(line number, raw bytes or None when above MAX_RECORD_BYTES, size in bytes) per line.
+
+    A bounded readline: an oversized line is stepped over, never held whole. Lines end at
+    "\\n" only (U+2028 and friends are data inside a JSON string).
+    """
+    try:
+        with open(path, "rb") as f:
+            for lineno in itertools.count(1):
+                raw = f.readline(MAX_RECORD_BYTES + 1)
+                if not raw:
+                    return
+                size = len(raw)
+                if size > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                    while raw and not raw.endswith(b"\n"):
+                        raw = f.readline(1 << 20)
+                        size += len(raw)
+                    yield lineno, None, size
+                else:
+                    yield lineno, raw, size
+    except OSError as e:
+        raise BadRecord(f"unreadable ({e.strerror or e})") from None
+
+
+def _decode_line(raw: bytes, lineno: int) -> str:
+    """A jsonl line's text; BadRecord if it holds NUL bytes or is not UTF-8."""
+    if b"\x00" in raw:
+        raise BadRecord("binary data (NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRecord("not UTF-8") from None
+    return text.removeprefix("\ufeff") if lineno == 1 else text
+
+
+def _mb(n: int) -> str:
+    """A limit in words: '1 MB', '4 KB' (offending sizes are given in exact bytes)."""
+    return f"{n / 2**20:g} MB" if n >= 2**20 else f"{n / 1024:g} KB"
 
 
 def _lines(nums: list[int], show: int = 5) -> str:
@@ -202,7 +317,7 @@ def prompt_completion_example(prompt: str, completion: str, source: str, tokeniz
 def chat_example(messages: object, source: str, tokenizer) -> Example:
     """Chat-template rendering; only assistant contents + their end-of-turn token trainable."""
     _check_messages(messages, tokenizer)
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = render_chat(tokenizer, messages, generation_prompt=False)
     mask = [False] * len(full)
     end_ids = _end_ids(tokenizer)
     for i, message in enumerate(messages):
@@ -233,23 +348,62 @@ def _check_messages(messages: object, tokenizer) -> None:
 
 
 def _prefix(tokenizer, messages: list, full: list[int], generation_prompt: bool) -> list[int]:
-    tokens = _render(tokenizer, messages, generation_prompt)
+    tokens = render_chat(tokenizer, messages, generation_prompt)
     if full[: len(tokens)] != tokens:
         raise BadRecord("chat template is not prefix-consistent for this conversation")
     return tokens
 
 
-def _render(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+class _RenderTimeout(BaseException):
+    """Raised by the alarm inside a template; a BaseException so no template code catches it."""
+
+
+def render_chat(tokenizer, messages: list, generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template, time-bounded.
+
+    Templates are model-supplied code run in transformers' jinja sandbox: an error they
+    raise (a sandbox SecurityError included) is a BadRecord; one that runs past
+    RENDER_LIMIT_S (nested loops stay inside the sandbox's range limit, yet can run for hours)
+    is a UserError, since every later render would hang the same way. Only the rendering is
+    timed; the text is then tokenized as apply_chat_template(tokenize=True) does.
+    """
     try:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt
-        )
-    # Templates are model-supplied code: any error they raise makes this record unusable.
-    except Exception as e:  # noqa: BLE001
-        raise BadRecord(f"chat template failed ({type(e).__name__}: {e})") from None
-    if not isinstance(out, list):  # a BatchEncoding from some tokenizer versions
-        out = out["input_ids"]
-    return [int(t) for t in out]
+        with _time_limit(RENDER_LIMIT_S):
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+    except _RenderTimeout:
+        raise UserError(
+            f"the model's chat template did not finish within {RENDER_LIMIT_S} s (a loop in "
+            "the template?); fix its chat_template, or use text / prompt-completion data "
+            "with a model without one (generate: --raw)"
+        ) from None
+    except Exception as e:  # noqa: BLE001  (any error of model-supplied code)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise BadRecord(f"chat template failed ({type(e).__name__}: {reason})") from None
+    if not isinstance(text, str):
+        raise BadRecord(f"chat template rendered a {type(text).__name__}, not text")
+    return _encode(tokenizer, text, specials=False)
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise _RenderTimeout in this block after `seconds` (main thread with SIGALRM only;
+    elsewhere the block runs unbounded, as signals cannot reach other threads)."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _encode(tokenizer, text: str, specials: bool) -> list[int]:
@@ -283,11 +437,13 @@ def _example(tokens: list[int], mask: list[bool], source: str) -> Example:
 def _log_summary(path: str, examples: list[Example], tally: _Tally) -> None:
     n_tokens = sum(len(e.tokens) for e in examples)
     n_train = sum(sum(e.mask) for e in examples)
+    passed = [
+        f"{len(v)} {reason}" for reason, v in tally.passed_over.items() if v or reason == OTHER
+    ]
     msg = (
         f"{path}: {len(examples)} documents ({n_tokens} tokens, {n_train} trainable) from "
         f"{tally.files - tally.bad_files} of {tally.files} .txt/.md/.jsonl files; skipped "
-        f"{tally.bad_files} bad files, {tally.bad_lines} bad jsonl lines, "
-        f"{tally.other_files} files with other extensions"
+        f"{tally.bad_files} bad files, {tally.bad_lines} bad jsonl lines, " + ", ".join(passed)
     )
-    skipped = tally.bad_files or tally.bad_lines or tally.other_files
+    skipped = tally.bad_files or tally.bad_lines or any(tally.passed_over.values())
     log.log(logging.WARNING if skipped else logging.INFO, msg)

@@ -37,6 +37,10 @@ class Dataset:
         positions = sum(len(t) - 1 for t, _ in self.train_rows)
         return self.trainable_tokens() / max(positions, 1)
 
+    def token_bytes(self) -> int:
+        """Host bytes of the packed rows (tokens + masks): the memory plan's token store."""
+        return sum(t.nbytes + m.nbytes for t, m in self.train_rows + self.val_rows)
+
     def describe(self) -> str:
         return (
             f"{self.n_documents} documents from {self.source}: {len(self.train_rows)} train / "

@@ -99,18 +99,20 @@ def emloc(
     emulator_dir: str | None = None,
 ) -> EmlocResult:
     """Build (or reuse) the emulator, train LoRA on it, write the corrected adapter to cfg.out."""
-    from . import emulator, lora
+    from . import emulator, files, lora
     from .dataset import load_dataset
     from .loading import load_model
-    from .trainer import prepare_output, train
+    from .trainer import train
 
     cfg = cfg.validate()
     if cfg.adapter != "lora":
         raise UserError("--adapter: EMLoC trains and corrects LoRA; use --adapter lora")
     if not 0 < ratio <= 1 or calib_rows < 1:
         raise UserError(f"--ratio must be in (0, 1] and --calib-rows >= 1 ({ratio}, {calib_rows})")
-    if not cfg.resume:
-        prepare_output(cfg)  # refuses a user's non-empty folder before any work
+    out = files.check_out(  # refuses a user's non-empty folder before any work
+        cfg.out, cfg.resume or cfg.overwrite, "--resume to continue it, --overwrite to replace it"
+    )
+    files.make_folder(out)
     loaded = load_model(cfg.model, cfg.quantize)
     data = load_dataset(cfg.data, loaded.tokenizer, cfg)
     built, path = build_emulator(loaded, data.train_rows, cfg, ratio, calib_rows, emulator_dir)
@@ -127,15 +129,15 @@ def emloc(
         "clamp": clamp,
         "emulator": str(path),
     }
-    write_corrected(original.model, result.out, emulator.load(path), acfg, clamp, Path(cfg.out))
-    return EmlocResult(Path(cfg.out), path, result.out, result.val_loss, result.peak_gb)
+    write_corrected(original.model, result.out, emulator.load(path), acfg, clamp, out)
+    return EmlocResult(out, path, result.out, result.val_loss, result.peak_gb)
 
 
 def write_corrected(model, run: Path, built: dict, acfg: dict, clamp: float, folder: Path):
     """Correct every LoRA pair of the emulator run against the original `model`'s weights."""
     import mlx.core as mx
 
-    from . import lora
+    from . import files, lora
     from .emulator import dense_weight
 
     adapter = mx.load(str(run / lora.ADAPTER_FILE))
@@ -150,8 +152,9 @@ def write_corrected(model, run: Path, built: dict, acfg: dict, clamp: float, fol
         )
         mx.eval(a1, b2)
         out[f"{name}.lora_a"], out[f"{name}.lora_b"] = a1, b2
-    mx.save_safetensors(str(folder / lora.ADAPTER_FILE), out)
-    (folder / lora.CONFIG_FILE).write_text(json.dumps(acfg, indent=2))
+    with files.atomic_path(folder / lora.ADAPTER_FILE, durable=True) as tmp:
+        mx.save_safetensors(str(tmp), out)
+    files.write_text_atomic(folder / lora.CONFIG_FILE, json.dumps(acfg, indent=2), durable=True)
 
 
 def main(argv: list[str] | None = None) -> int:

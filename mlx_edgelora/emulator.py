@@ -32,7 +32,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import attention, blocks, quant
+from . import blocks, quant
 from .errors import UserError
 
 EIG_FLOOR = 1e-7  # the eigenvalues of H / f are clamped here before rescaling (as in the code)
@@ -216,11 +216,12 @@ def build(model: nn.Module, tokens: np.ndarray, weights: np.ndarray, ratio: floa
         for i, layer in enumerate(layers):
             skip = {"mlp.down_proj"} if i == len(layers) - 1 else set()
             with stream.resident(i):
-                h, stats = _calibrate_block(layer, h, weights, [k for k in keys if k not in skip])
+                keep = [k for k in keys if k not in skip]
+                h, stats = _calibrate_block(model, i, h, weights, keep)
                 for key, hk in stats.items():
                     emu = emulate(_module(layer, key), hk, ratio)
                     if emu is not None:
-                        built[f"{blocks.LAYERS_PATH}.{i}.{key}"] = emu
+                        built[f"{blocks.layers_path(model)}.{i}.{key}"] = emu
                 del stats
             print(f"emulator: block {i + 1}/{len(layers)}", file=sys.stderr)
         stream.restore()
@@ -235,8 +236,9 @@ def _module(layer: nn.Module, key: str) -> nn.Module:
     return dict(layer.named_modules())[key]
 
 
-def _calibrate_block(layer, h: mx.array, weights: np.ndarray, keys) -> tuple[mx.array, dict]:
-    """Run one original block over all rows (CALIB_CHUNK at a time), recording X^T X."""
+def _calibrate_block(model, i: int, h: mx.array, weights: np.ndarray, keys):
+    """Run original block i over all rows (CALIB_CHUNK at a time): (output, {key: X^T X})."""
+    layer = blocks.layers(model)[i]
     acc: dict[str, mx.array] = {}
     current: list = [None]
     originals = [(k, _module(layer, k)) for k in keys]
@@ -246,7 +248,7 @@ def _calibrate_block(layer, h: mx.array, weights: np.ndarray, keys) -> tuple[mx.
         for s in _chunks(weights):
             current[0] = mx.array(weights[s : s + CALIB_CHUNK])
             # chunked attention: no [rows, heads, L, L] scores at long rows
-            outs.append(attention.block_forward(layer, h[s : s + CALIB_CHUNK], ATTN_CHUNK, 0))
+            outs.append(blocks.block_forward(model, i, h[s : s + CALIB_CHUNK], ATTN_CHUNK, 0))
             mx.eval(outs[-1], list(acc.values()))
     finally:
         layer.update_modules(tree_unflatten(originals))

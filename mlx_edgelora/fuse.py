@@ -18,38 +18,41 @@ at 4 bits) and reproduces base + adapter exactly, up to float rounding.
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .errors import UserError
+from .files import check_out, make_folder
 
-# Files a previous fuse wrote: removed first with --overwrite, so no stale shard is loaded.
+# Files a previous fuse wrote: a stale shard of ours left beside new ones would be loaded too.
 _OUR_FILES = ["model*.safetensors", "model.safetensors.index.json", "config.json"]
 
 
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """The output folder, refusing to write into a non-empty one without --overwrite."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{out}: folder is not empty; pass --overwrite to replace it "
-                "or choose another --out"
-            )
-        for pattern in _OUR_FILES:
-            for f in out.glob(pattern):
+def install(tmp: Path, out: Path) -> None:
+    """Move the finished model from `tmp` into `out`: one rename when `out` is new; else
+    each file replaces its old version, then our stale files (e.g. extra shards) go. The
+    user's other files in `out` stay."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for name in new:
+        os.replace(tmp / name, out / name)
+    for pattern in _OUR_FILES:
+        for f in out.glob(pattern):
+            if f.name not in new:
                 f.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
-def fuse_lora(model, dequantize: bool = False) -> int:
-    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`)."""
+def fuse_lora(model, dequantize: bool = False, rest: bool = True) -> int:
+    """Replace every LoRALinear by its fused linear (re-quantized unless `dequantize`).
+
+    `rest=False` with `dequantize`: layers without LoRA keep their quantization (GGUF export
+    copies them block for block).
+    """
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
@@ -58,7 +61,7 @@ def fuse_lora(model, dequantize: bool = False) -> int:
     ]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    if dequantize:
+    if dequantize and rest:
         dequantize_model(model)  # the (tied) embedding and any linear without LoRA too
     return len(fused)
 
@@ -80,17 +83,6 @@ def quantization_config(model) -> dict | None:
     return config
 
 
-def trained_on(adapter: str | Path) -> tuple[str | None, int | None]:
-    """(--model, --quantize) of the run that wrote `adapter`, from its adapter_config.json."""
-    from .lora import CONFIG_FILE
-
-    try:
-        saved = json.loads((Path(adapter) / CONFIG_FILE).read_text()).get("edgelora", {})
-    except (OSError, ValueError):
-        return None, None  # not ours (or missing): load_adapters names the problem
-    return saved.get("model"), saved.get("quantize")
-
-
 def fuse(
     model: str | None,
     adapter: str,
@@ -105,14 +97,18 @@ def fuse(
     """
     from mlx_lm.utils import save_config, save_model
 
-    from .loading import load_model
-    from .lora import load_adapters, saved_kind
+    from .loading import describe_source, load_model
+    from .lora import check_adapter, load_adapters, saved_kind
+    from .spill import sweep_stale
 
+    saved = check_adapter(adapter).get("edgelora")  # the run that wrote it, if ours
     if refusal := saved_kind(adapter).fuse_refusal:
         raise UserError(f"--adapter {adapter}: cannot fuse: {refusal}")
-    folder = prepare_out(out, overwrite)
-    saved_model, saved_quantize = trained_on(adapter)
-    loaded = load_model(model or saved_model, quantize or saved_quantize)
+    saved = saved if isinstance(saved, dict) else {}
+    base = model or saved.get("model")
+    folder = check_out(out, overwrite, inside=base)
+    print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
+    loaded = load_model(base, quantize or saved.get("quantize"))
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization_config",)}
@@ -121,9 +117,20 @@ def fuse(
         config["quantization"] = quant
     # GGUF stop tokens (eos, end-of-turn) live in the tokenizer wrapper, not in a config file.
     config.setdefault("eos_token_id", sorted(loaded.tokenizer.eos_token_ids))
-    save_model(folder, loaded.model)
-    save_config(config, folder / "config.json")
-    loaded.tokenizer.save_pretrained(str(folder))
+    make_folder(folder.parent)
+    prefix = f".{folder.name}.fuse-"  # + pid: a killed fuse's folder is swept by the next one
+    sweep_stale(folder.parent, prefix)
+    tmp = folder.with_name(f"{prefix}{os.getpid()}-tmp")  # beside --out: same disk, renames
+    try:
+        make_folder(tmp)
+        save_model(tmp, loaded.model)
+        save_config(config, tmp / "config.json")
+        loaded.tokenizer.save_pretrained(str(tmp))
+        install(tmp, folder)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot save the fused model ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers import pre_tokenizers as pre
 
 from .errors import UserError
+from .gguf_header import read_header
 
 ARCHITECTURES = ("llama", "qwen2")
 GROUP_SIZE = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -85,13 +86,14 @@ def load_gguf(
 
 
 def _read(path: str) -> tuple[dict, dict]:
+    read_header(path)  # MLX's reader crashes (SIGSEGV) on a malformed header: check it first
     try:
         return mx.load(path, format="gguf", return_metadata=True)
     except (RuntimeError, ValueError) as e:
         if "gguf_tensor_to_f16" in str(e):
             raise UserError(
                 f"{path}: holds a tensor type MLX cannot read (e.g. Q5_K, Q3_K, IQ*); use a "
-                "Q4_0, Q4_1, Q8_0, Q4_K_M or F16 GGUF, or an mlx-lm model folder"
+                "Q4_0, Q4_1, Q8_0 or F16 GGUF, or an mlx-lm model folder"
             ) from None
         raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
 

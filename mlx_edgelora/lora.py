@@ -13,7 +13,6 @@ so the engine and the trainer never branch on the kind. Every kind is saved the 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,10 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
+from . import blocks
 from .config import TrainConfig
 from .errors import UserError
+from .files import atomic_path, write_text_atomic
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -88,7 +89,7 @@ def adapter_kind(name: str, where: str = "--adapter") -> AdapterKind:
 
 def apply_adapter(model: nn.Module, cfg: TrainConfig) -> dict:
     """Freeze the base and wrap the chosen projections with cfg.adapter; return its config."""
-    acfg = adapter_config(cfg, len(model.layers))
+    acfg = adapter_config(cfg, len(blocks.layers(model)))
     _check_keys(model, list(cfg.lora_keys))
     adapter_kind(cfg.adapter).apply(model, acfg)
     return acfg
@@ -112,13 +113,20 @@ def _wrap_lora(model: nn.Module, acfg: dict) -> None:
 
 
 def _check_keys(model: nn.Module, keys: list[str]) -> None:
-    present = {name for name, _ in model.layers[0].named_modules()}
-    missing = [k for k in keys if k not in present]
-    if missing:
-        options = sorted(k for k in present if k.count(".") == 1)
+    """Every key must name a linear projection of a block (what LoRA can wrap: a linear, or
+    a module with mlx-lm's `to_lora` hook, e.g. EMLoC's emulator layer)."""
+    modules = blocks.layers(model)[0].named_modules()
+    hooked = {name for name, m in modules if hasattr(m, "to_lora")}
+    linear = hooked | {
+        name
+        for name, m in modules
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and name.rsplit(".", 1)[0] not in hooked
+    }
+    wrong = [k for k in keys if k not in linear]
+    if wrong:
         raise UserError(
-            f"--lora-keys: {', '.join(missing)} not found in the model's blocks; "
-            f"choose from {', '.join(options)}"
+            f"--lora-keys: {', '.join(wrong)} is not a linear projection of the model's "
+            f"blocks; choose from {', '.join(sorted(linear))}"
         )
 
 
@@ -138,41 +146,79 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
 
 
 def save_adapters(model: nn.Module, folder: str | Path, acfg: dict) -> None:
-    """Write adapters.safetensors + adapter_config.json atomically (tmp file, then rename)."""
+    """Write adapters.safetensors + adapter_config.json, each atomically and durably."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{ADAPTER_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), lora_state(model))
-    os.replace(tmp, folder / ADAPTER_FILE)
-    tmp_cfg = folder / f".{CONFIG_FILE}.tmp"
-    tmp_cfg.write_text(json.dumps(acfg, indent=2))
-    os.replace(tmp_cfg, folder / CONFIG_FILE)
+    with atomic_path(folder / ADAPTER_FILE, durable=True) as tmp:
+        mx.save_safetensors(str(tmp), lora_state(model))
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(acfg, indent=2), durable=True)
 
 
-def read_adapter_config(folder: str | Path) -> dict:
-    """adapter_config.json of an adapter folder (ours or mlx-lm's), checked to be one."""
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json, checked for what its kind's loader reads (else a KeyError there)."""
+    path = folder / CONFIG_FILE
+    try:
+        acfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); copy it again from the run") from None
+    if not isinstance(acfg, dict):
+        raise UserError(f"{path}: expected a JSON object; copy it again from the run")
+    kind = acfg.get("fine_tune_type", "lora")
+    if kind == "full":
+        return acfg
+    section, fields = (
+        ("lars_parameters", ("rank", "block"))
+        if kind == "lars"
+        else (
+            "lora_parameters",
+            ("rank", "scale", "dropout"),
+        )
+    )
+    params = acfg.get(section)
+    params = params if isinstance(params, dict) else {}
+    values = {"num_layers": acfg.get("num_layers")}
+    values.update({f"{section}.{k}": params.get(k) for k in fields})
+    bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if kind not in ("lora", "dora", "lars"):
+        bad.insert(0, f"fine_tune_type {kind!r}")
+    if bad:
+        raise UserError(
+            f"{path}: incomplete or invalid adapter config (missing or wrong: {', '.join(bad)}); "
+            "copy it again from the training run's --out"
+        )
+    return acfg
+
+
+def check_adapter(folder: str | Path) -> dict:
+    """An adapter folder's config, once its files are known to be complete (before a model is
+    loaded for it: a bad adapter should not cost a model load first)."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / ADAPTER_FILE).is_file():
         raise UserError(
             f"{folder}: not an adapter folder (needs {ADAPTER_FILE} and {CONFIG_FILE}); "
             "point --adapter at the --out folder of a training run"
         )
+    acfg = read_adapter_config(folder)
     try:
-        return json.loads((folder / CONFIG_FILE).read_text())
-    except ValueError as e:
-        raise UserError(f"{folder / CONFIG_FILE}: not valid JSON ({e})") from None
+        mx.load(str(folder / ADAPTER_FILE))  # lazy: reads the header and checks the sizes
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(
+            f"{folder / ADAPTER_FILE}: unreadable ({str(e).splitlines()[0]}); the file is "
+            "truncated or corrupt: copy it again from the training run"
+        ) from None
+    return acfg
 
 
 def saved_kind(folder: str | Path) -> AdapterKind:
-    """The AdapterKind that wrote the adapter in `folder`."""
-    kind = read_adapter_config(folder).get("fine_tune_type", "lora")
-    return adapter_kind(kind, f"{Path(folder) / CONFIG_FILE}: fine_tune_type")
+    """The AdapterKind that wrote the adapter in `folder` (dora and full load as mlx-lm's)."""
+    kind = check_adapter(folder).get("fine_tune_type", "lora")
+    return _kinds()["lars" if kind == "lars" else "lora"]
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply a saved adapter (ours, of any kind, or mlx-lm's LoRA) to `model`."""
+    """Apply a saved adapter (ours, of any kind, or mlx-lm's) to `model`."""
     folder = Path(folder)
-    acfg = read_adapter_config(folder)
+    acfg = check_adapter(folder)
     saved_kind(folder).load(model, folder, acfg)
     model.eval()
     return model
@@ -183,5 +229,7 @@ def _load_lora(model: nn.Module, folder: Path, acfg: dict) -> None:
     try:
         _mlx_lm_load_adapters(model, str(folder))
     except ValueError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{folder}: adapter does not fit this model ({first})") from None
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise UserError(f"{folder}: adapter does not fit this model: {detail}{more}") from None

@@ -45,9 +45,9 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .blocks import final_norm, head_logits, head_module
+from .blocks import final_norm, head_logits, head_shape, head_weight_rows
 from .errors import UserError
-from .quant import dequantize  # one dequantize recipe: scales cast first
+from .neighbours import neighbour_table
 
 # Size of one rows x vocab-tile logits tile in the chunked loss (2^20 fp32 = 4 MB); it also caps
 # the dequantized head tile (vocab_tile). MLX allocates a few tiles ahead of the compute, so
@@ -62,41 +62,6 @@ def vocab_tile(chunk: int, D: int) -> int:
     tile [tile, D] is at most ROW_BLOCK_ELEMENTS (4 MB). Why: at D = 3072 (Llama-3.2-3B) an
     8192-row tile would be a 100 MB temporary, more than the logits tile it feeds."""
     return max(1, min(chunk, ROW_BLOCK_ELEMENTS // D))
-
-
-def head_shape(model: nn.Module) -> tuple[int, int]:
-    """(V, D) of the LM head, whether its weight is quantized (packed in uint32) or not."""
-    m = head_module(model)
-    V, cols = m.weight.shape
-    return V, cols * 32 // m.bits if "scales" in m else cols
-
-
-def head_weight_rows(
-    model: nn.Module, rows: np.ndarray | slice | None = None, after: Any = None
-) -> mx.array:
-    """Rows of the LM-head weight as float32 [n, D]; a quantized head dequantizes only those.
-
-    `after` (arrays): the rows are read (and dequantized) only once those are computed, so a
-    loop over vocabulary chunks holds one chunk at a time instead of MLX running ahead.
-    """
-    m = head_module(model)
-    sel = slice(None) if rows is None else rows
-    if isinstance(sel, np.ndarray):
-        sel = mx.array(sel.astype(np.int32))
-    w = m.weight[sel]
-    if after is not None:
-        w = mx.depends(w, after)
-    if "scales" not in m:
-        return w.astype(mx.float32)
-    biases = m.get("biases")
-    return dequantize(
-        w,
-        m.scales[sel],
-        None if biases is None else biases[sel],
-        m.group_size,
-        m.bits,
-        getattr(m, "mode", "affine"),
-    )
 
 
 def full_ce(x: mx.array, w: mx.array, targets: mx.array) -> mx.array:
@@ -331,9 +296,7 @@ def make_loss_head(model: nn.Module, kind: str, cfg: Any) -> LossHead:
         )
     if kind == "chunked":
         return LossHead(model, kind, lambda x, t: chunked_ce(x, t, model, cfg.vocab_chunk))
-    if kind == "subset":
-        return LossHead(model, kind, subset_loss(model, cfg))
-    raise UserError(f"--loss: unknown loss '{kind}'; choose full, chunked or subset")
+    return LossHead(model, kind, subset_loss(model, cfg))
 
 
 def subset_loss(model: nn.Module, cfg: Any, table: np.ndarray | None = None) -> CrossEntropy:
@@ -351,11 +314,7 @@ def subset_loss(model: nn.Module, cfg: Any, table: np.ndarray | None = None) -> 
             return subset_tail_ce(x, t, s, model, scores) if tail else subset_ce(x, t, s, model)
 
         return ce
-    if fill != "neighbours":
-        raise UserError(f"--subset-fill: unknown fill '{fill}'; choose predicted or neighbours")
     if table is None and k < V:
-        from .neighbours import neighbour_table  # imported here: neighbours uses this module
-
         table = neighbour_table(model)
     if table is None:
         table = np.zeros((V, 0), np.int32)

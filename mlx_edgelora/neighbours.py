@@ -30,8 +30,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .blocks import head_module
-from .loss import head_shape, head_weight_rows
+from .blocks import head_module, head_shape, head_weight_rows
+from .files import atomic_path
 
 DEFAULT_NEIGHBOURS = 64  # round-robin fill: n x distinct targets is usually >> subset_k
 EXACT_MAX_MACS = 2e12  # CPU: above this many multiply-adds, `auto` uses the approximation
@@ -92,13 +92,8 @@ def neighbour_table(
 
 def _save_atomic(path: Path, table: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, table)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, table)
 
 
 def _vocab_chunks(V: int):

@@ -19,6 +19,7 @@ from . import blocks
 from .config import TrainConfig
 from .errors import UserError
 from .loss import vocab_tile
+from .models import Shape
 
 GB = 1024**3
 F32 = 4
@@ -35,6 +36,8 @@ class MemoryPlan:
     """Estimated peak memory of one training step, by part (GB)."""
 
     parts: dict[str, float] = field(default_factory=dict)
+    ranks: int = 1  # data-parallel processes (Macs); every figure is one rank's
+    global_batch: str = ""  # what one optimizer step trains on, over all ranks
 
     @property
     def total_gb(self) -> float:
@@ -42,27 +45,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         rows = [f"  {name:<22} {gb:7.3f} GB" for name, gb in self.parts.items()]
-        return "\n".join(
-            ["memory plan (estimated peak):", *rows, f"  {'total':<22} {self.total_gb:7.3f} GB"]
-        )
-
-
-@dataclass
-class _Shape:
-    D: int
-    kv: int
-    I: int
-    H: int
-    V: int
-    n_layers: int
-
-
-def _shape(model: nn.Module) -> _Shape:
-    a = model.args
-    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
-    kv = (a.num_key_value_heads or a.num_attention_heads) * head_dim
-    n = len(blocks.layers(model))
-    return _Shape(a.hidden_size, kv, a.intermediate_size, a.num_attention_heads, a.vocab_size, n)
+        who = f"per rank, {self.ranks} ranks" if self.ranks > 1 else "one process"
+        head = f"memory plan (estimated peak, {who}; global batch {self.global_batch}):"
+        return "\n".join([head, *rows, f"  {'total':<22} {self.total_gb:7.3f} GB"])
 
 
 def _frozen_bytes(module: nn.Module) -> int:
@@ -70,17 +55,9 @@ def _frozen_bytes(module: nn.Module) -> int:
     return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k not in trainable)
 
 
-def _lora_bytes(cfg: TrainConfig, s: _Shape) -> int:
+def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:
     """fp32 bytes of the LoRA weights the config will create (whether applied yet or not)."""
-    io = {
-        "self_attn.q_proj": s.D + s.D,
-        "self_attn.k_proj": s.D + s.kv,
-        "self_attn.v_proj": s.D + s.kv,
-        "self_attn.o_proj": s.D + s.D,
-        "mlp.gate_proj": s.D + s.I,
-        "mlp.up_proj": s.D + s.I,
-        "mlp.down_proj": s.I + s.D,
-    }
+    io = s.lora_io()
     n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
     return n * cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys) * F32
 
@@ -99,7 +76,7 @@ def _weights_gb(model: nn.Module, cfg: TrainConfig) -> float:
     return total / GB
 
 
-def _half_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
+def _half_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
     """Bytes each half of one block's autodiff graph holds for `tokens` tokens."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
@@ -110,12 +87,12 @@ def _half_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -
     }
 
 
-def _block_activations(s: _Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
+def _block_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
     """Bytes one block's autodiff graph holds for `tokens` tokens."""
     return sum(_half_activations(s, tokens, cfg, chunked).values())
 
 
-def _segment_activations(s: _Shape, tokens: int, cfg: TrainConfig) -> float:
+def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig) -> float:
     """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
@@ -124,7 +101,7 @@ def _segment_activations(s: _Shape, tokens: int, cfg: TrainConfig) -> float:
     return -(-k // 2) * big + k // 2 * small
 
 
-def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
+def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
@@ -134,9 +111,20 @@ def _loss_head_gb(s: _Shape, rows: int, cfg: TrainConfig) -> float:
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 / GB
 
 
-def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0) -> MemoryPlan:
-    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`."""
-    s = _shape(model)
+def estimate(
+    model: nn.Module,
+    cfg: TrainConfig,
+    trainable_fraction: float = 1.0,
+    token_bytes: int = 0,
+    ranks: int = 1,
+) -> MemoryPlan:
+    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`, on each of
+    `ranks` data-parallel processes (each holds the whole model and its own micro-batch).
+
+    `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
+    the whole run; on a Mac it shares the same unified memory as the step.
+    """
+    s = blocks.shape(model)
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
     boundary = tokens * s.D * F32
@@ -151,7 +139,15 @@ def estimate(model: nn.Module, cfg: TrainConfig, trainable_fraction: float = 1.0
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
         parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
-    return MemoryPlan(parts)
+    if token_bytes:
+        parts["token store"] = token_bytes / GB
+    seqs = ranks * cfg.batch_size * cfg.grad_accum
+    batch = f"{seqs} sequences of {cfg.max_seq_len} tokens"
+    if ranks > 1 or cfg.grad_accum > 1:
+        batch += (
+            f" = {ranks} rank(s) x --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}"
+        )
+    return MemoryPlan(parts, ranks, batch)
 
 
 def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
@@ -166,6 +162,7 @@ def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
         "segment recompute": "smaller --attn-chunk/--mlp-chunk or --checkpoint-every 1",
         "loss head": "--loss subset or a smaller --vocab-chunk",
         "LoRA + optimizer": "a smaller --rank or fewer --lora-keys",
+        "token store": "less --data",
     }.get(biggest, "a smaller --max-seq-len")
     raise UserError(
         f"--memory-budget-gb {cfg.memory_budget_gb}: planned peak is {plan.total_gb:.2f} GB "

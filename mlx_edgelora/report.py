@@ -1,7 +1,8 @@
 """Progress line, peak memory and the metrics log of a training run.
 
 Peak memory is MLX's own allocator peak (`mx.get_peak_memory`), the figure the paper reports.
-Every step's record also goes to <out>/metrics.jsonl so curves can be plotted afterwards.
+Every step's record also goes to <out>/metrics.jsonl (strict JSON, one object a line) so
+curves can be plotted afterwards, and with --report-to to wandb or TensorBoard.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 import mlx.core as mx
+
+from .errors import UserError
 
 GB = 1024**3
 
@@ -38,7 +41,7 @@ class Reporter:
     total_steps: int
     log_path: Path | None = None
     stream: TextIO = sys.stdout
-    on_record: Callable[[dict], None] | None = None
+    sinks: list[Callable[[dict], None]] = field(default_factory=list)  # --report-to trackers
     history: list[dict] = field(default_factory=list)
     _t0: float = field(default_factory=time.perf_counter)
     _first_step: int | None = None
@@ -83,6 +86,11 @@ class Reporter:
     def info(self, message: str) -> None:
         self._print(message, True)
 
+    def close(self) -> None:
+        """Flush and close the --report-to trackers (their writers buffer in the background)."""
+        for send in self.sinks:
+            getattr(send, "close", lambda: None)()
+
     def _print(self, line: str, final: bool) -> None:
         tty = getattr(self.stream, "isatty", lambda: False)()
         if tty:
@@ -94,8 +102,67 @@ class Reporter:
 
     def _log(self, rec: dict) -> None:
         self.history.append(rec)
-        if self.on_record:
-            self.on_record(rec)
-        if self.log_path:
+        for send in self.sinks:
+            send(rec)
+        if self.log_path:  # strict JSON: a non-finite value is written as null, never NaN
+            clean = {
+                k: v if not isinstance(v, float) or math.isfinite(v) else None
+                for k, v in rec.items()
+            }
             with open(self.log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+# --- optional trackers (--report-to) -------------------------------------------------------
+
+_PIP = {"wandb": "pip install wandb", "tensorboard": "pip install tensorboardX"}
+
+
+def attach_tracker(reporter: Reporter, report_to: str, out: Path, config: dict) -> None:
+    """Also send every metrics record to wandb or TensorBoard (metrics.jsonl stays the record).
+
+    The packages are optional: a missing one is a one-line UserError naming the pip command.
+    wandb goes through mlx-lm's own WandBCallback; TensorBoard through tensorboardX.
+    """
+    if report_to == "none":
+        return
+    try:
+        send = _wandb(out, config) if report_to == "wandb" else _tensorboard(out)
+    except ImportError:
+        raise UserError(
+            f"--report-to {report_to}: the package is not installed; run `{_PIP[report_to]}`"
+        ) from None
+    reporter.sinks.append(send)
+
+
+def _wandb(out: Path, config: dict) -> Callable[[dict], None]:
+    from mlx_lm.tuner import callbacks
+
+    if callbacks.wandb is None:  # mlx-lm imports wandb optionally, at its own import
+        raise ImportError("wandb")
+    cb = callbacks.WandBCallback("mlx-edgelora", str(out), config)
+
+    def send(rec: dict) -> None:
+        info = {**rec, "iteration": rec["step"]}  # mlx-lm's name for the step
+        if "val_loss" in rec:
+            cb.on_val_loss_report(info)
+        else:
+            cb.on_train_loss_report(info)
+
+    send.close = callbacks.wandb.finish
+    return send
+
+
+def _tensorboard(out: Path) -> Callable[[dict], None]:
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(logdir=str(Path(out) / "tensorboard"))
+
+    def send(rec: dict) -> None:
+        group = "val" if "val_loss" in rec else "train"
+        for key, value in rec.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(f"{group}/{key}", value, rec["step"])
+
+    send.close = writer.close  # events are queued to a writer thread: close() drains it
+    return send

@@ -44,13 +44,21 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .files import atomic_path, require_free_space
 
-SPACE_MARGIN = 1.2  # free space required = estimate x margin (file-system overhead, estimate slack)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_FIX = "use --spill-dir on a bigger disk"
 _cleanups: dict[int, Callable[[], None]] = {}
 _saved_handlers: dict[int, object] = {}
 _tokens = itertools.count()
 _atexit_registered = False
+_owner_tag = ""  # e.g. "r1-" on rank 1 of a distributed run: folder names say which rank
+
+
+def set_owner_tag(tag: str) -> None:
+    """Name this process's new private folders `<prefix><pid>-<tag>...` (tag: its rank)."""
+    global _owner_tag
+    _owner_tag = tag
 
 
 def register_cleanup(fn: Callable[[], None]) -> int:
@@ -72,6 +80,11 @@ def unregister_cleanup(token: int) -> None:
         _restore_handlers()
 
 
+def cleanup_now() -> None:
+    """Run every registered cleanup now: for a watchdog about to `os._exit` (no atexit)."""
+    _run_cleanups()
+
+
 def _run_cleanups() -> None:
     for token in list(_cleanups):
         fn = _cleanups.pop(token, None)
@@ -84,7 +97,8 @@ def _install_handlers() -> None:
     if _saved_handlers or threading.current_thread() is not threading.main_thread():
         return
     for s in _SIGNALS:
-        _saved_handlers[s] = signal.signal(s, _on_signal)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # an inherited "ignore" is kept
+            _saved_handlers[s] = signal.signal(s, _on_signal)
 
 
 def _restore_handlers() -> None:
@@ -103,9 +117,7 @@ def _on_signal(signum: int, frame: object) -> None:
     _restore_handlers()
     if callable(previous):  # e.g. signal.default_int_handler -> KeyboardInterrupt
         previous(signum, frame)
-    elif previous == signal.SIG_IGN:
-        return
-    elif signum == signal.SIGINT:
+    elif signum == signal.SIGINT:  # (an ignored signal never reaches here: not installed)
         raise KeyboardInterrupt
     else:  # default action (terminate): re-deliver with the default handler back in place
         os.kill(os.getpid(), signum)
@@ -141,17 +153,6 @@ def sweep_stale(base: Path, prefix: str) -> int:
     return removed
 
 
-def require_free_space(folder: Path, nbytes: int, what: str, alternative: str) -> None:
-    """Raise UserError unless `folder`'s disk has room for `nbytes` (with a margin): fail
-    before writing, not halfway through a run with a full disk."""
-    free, need = shutil.disk_usage(folder).free, nbytes * SPACE_MARGIN
-    if free < need:
-        raise UserError(
-            f"{folder}: needs ~{need / 1e9:.1f} GB free for {what}, only {free / 1e9:.1f} GB "
-            f"free; use --spill-dir on a bigger disk or {alternative}"
-        )
-
-
 def private_folder(prefix: str, parent: str | None, near: str) -> Path:
     """A fresh 0700 folder `<prefix><pid>-<random>` inside `parent`, or by default beside
     `near` (same disk)."""
@@ -165,7 +166,7 @@ def private_folder(prefix: str, parent: str | None, near: str) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         sweep_stale(base, prefix)
         # mkdtemp: mode 0700, and the name carries the owner from the first moment
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{_owner_tag}", dir=base))
     except OSError as e:
         raise UserError(
             f"{base}: cannot create a private spill folder ({e.strerror or e}); "
@@ -215,8 +216,6 @@ class BoundaryStore:
     def __init__(
         self, kind: str, spill_dir: str | None = None, near: str = ".", *, max_pending: int = 2
     ):
-        if kind not in ("ram", "disk"):
-            raise UserError(f"--activations: unknown kind '{kind}'; use ram or disk")
         self.kind = kind
         self.stats = SpillStats()
         self.folder: Path | None = None
@@ -297,29 +296,6 @@ class BoundaryStore:
             mx.eval(x)
         return x
 
-    def flush(self) -> None:
-        """Wait until every queued write has finished (errors surface at put/get/clear)."""
-        for io in list(self._writes.values()):
-            io.done.wait()
-
-    def clear(self) -> None:
-        """End of step: drop every boundary, delete this step's files, surface write errors."""
-        self._ram.clear()
-        if self.kind == "ram" or self._closed:
-            return
-        pending = list(self._writes.values()) + list(self._reads.values())
-        for io in pending:
-            io.cancelled = True  # queued jobs are skipped; the running one finishes
-        for io in pending:
-            io.done.wait()
-        failed = [w for w in self._writes.values() if w.error and not w.reported]
-        self._writes.clear()
-        self._reads.clear()
-        for p in self.folder.iterdir():
-            p.unlink(missing_ok=True)
-        if failed:
-            raise UserError(self._message(failed[0].error))
-
     def close(self) -> None:
         """Stop the threads and remove the folder; safe to call more than once."""
         self._ram.clear()
@@ -334,7 +310,9 @@ class BoundaryStore:
         """Raise UserError unless the spill disk has room for `nbytes` of boundaries."""
         if self.kind == "ram":
             return
-        require_free_space(self.folder, nbytes, "spilled activations", "--activations ram")
+        require_free_space(
+            self.folder, nbytes, "spilled activations", _FIX + " or --activations ram"
+        )
 
     def _shutdown(self, timeout: float | None) -> None:
         # Also the signal/atexit path: no locks the interrupted main thread might hold.
@@ -350,15 +328,12 @@ class BoundaryStore:
 
     def _write(self, io: _Io) -> None:
         """Writer thread: tmp file then atomic rename, so no half-written b{i}.npy exists."""
-        tmp = io.path.with_suffix(".tmp")
         try:
             if not (io.cancelled or self._aborted.is_set()):
-                with open(tmp, "wb") as f:
+                with atomic_path(io.path) as tmp, open(tmp, "wb") as f:
                     np.save(f, io.data)
-                os.replace(tmp, io.path)
                 self.stats.bytes_written += io.data.nbytes
         except Exception as e:  # noqa: BLE001  (any failure is re-raised in the caller)
-            tmp.unlink(missing_ok=True)
             io.error = e
         finally:
             io.data = None  # the in-memory copy goes as soon as the file is there

@@ -36,12 +36,13 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .blocks import HALVES, half_of
+from . import blocks
+from .blocks import HALVES
 from .errors import UserError
-from .spill import private_folder, register_cleanup, require_free_space, unregister_cleanup
+from .files import require_free_space
+from .spill import private_folder, register_cleanup, unregister_cleanup
 
 HEAD = "head"  # the unit holding the embedding and (untied) LM head
-HEAD_PREFIXES = ("model.embed_tokens.", "lm_head.")
 Key = tuple[int, str] | str  # a unit on disk: (block index, half) or HEAD
 
 
@@ -84,23 +85,28 @@ class WeightStream:
 
     def _module(self, key: Key) -> nn.Module:
         """What a unit's parameter tree is relative to: its block, or the whole model."""
-        return self.model if key == HEAD else self.model.model.layers[key[0]]
+        return self.model if key == HEAD else blocks.layers(self.model)[key[0]]
 
     def _frozen(self, key: Key) -> dict[str, mx.array]:
         if key != HEAD:
             frozen = frozen_parameters(self._module(key))
-            return {k: v for k, v in frozen.items() if half_of(k) == key[1]}
-        params = tree_flatten(self.model.parameters())
-        return {k: v for k, v in params if k.startswith(HEAD_PREFIXES)}
+            return {k: v for k, v in frozen.items() if blocks.half_of(self.model, k) == key[1]}
+        params, prefixes = tree_flatten(self.model.parameters()), blocks.head_prefixes(self.model)
+        return {k: v for k, v in params if k.startswith(prefixes)}
 
     def offload(self, head: bool = False) -> None:
         """Move every block's frozen weights (and, with `head`, the embedding and LM head) to
         disk; the model cannot run until they are resident."""
-        units: list[Key] = [(i, h) for i in range(len(self.model.model.layers)) for h in HALVES]
+        units: list[Key] = [(i, h) for i in range(len(blocks.layers(self.model))) for h in HALVES]
         units = [k for k in units + ([HEAD] if head else []) if k not in self._empty]
         nbytes = sum(v.nbytes for i in units for v in self._frozen(i).values())
         try:
-            require_free_space(self.folder, nbytes, "streamed weights", "--no-stream-weights")
+            require_free_space(
+                self.folder,
+                nbytes,
+                "streamed weights",
+                "use --spill-dir on a bigger disk or --no-stream-weights",
+            )
         except UserError:
             self.close()  # nothing was moved yet: the model still holds every weight
             raise

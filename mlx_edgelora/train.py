@@ -1,20 +1,20 @@
 """`python -m mlx_edgelora.train`: parse options into a TrainConfig and run the trainer.
 
-Bad input ends in a one-line `error: ...` (exit code 2); Ctrl-C saves a checkpoint and exits
-with 130 so the run can be continued with --resume.
+Bad input ends in a one-line `error: ...` (exit code 2); Ctrl-C (SIGTERM) saves a checkpoint
+and exits with 130 (143) so the run can be continued with --resume.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from . import _blas  # noqa: F401  (OpenBLAS before mlx)
 from .config import parse_config
-from .errors import UserError
+from .errors import Terminated, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trainer import train  # after _blas; keeps --help fast
+    from .trainer import train  # imported here: keeps --help fast
 
     try:
         cfg = parse_config(argv)
@@ -22,10 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("stopped (SIGTERM).", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("stopped.", file=sys.stderr)
         return 130
+    if result.rank:  # rank 0 reports; the others only say they finished
+        print(f"rank {result.rank} done: peak memory {result.peak_gb:.2f} GB")
+        return 0
     val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
+    if result.best_step is not None:
+        val += f" | kept the best adapter (step {result.best_step})"
     print(
         f"done: adapter in {result.out} | final val loss {val} | peak memory "
         f"{result.peak_gb:.2f} GB\ntry it: python -m mlx_edgelora.generate "

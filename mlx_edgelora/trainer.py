@@ -7,27 +7,35 @@ in by configuration. Validation always uses the exact loss, whatever the trainin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import shutil
-from dataclasses import dataclass, field
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, engine, lora, loss, plan, quant
+from . import checkpoint, distributed, engine, files, lora, loss, plan, quant, report
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
-from .errors import UserError
+from .errors import Terminated, UserError
 from .loading import LoadedModel, load_model
 from .report import Reporter
+from .selection import Selection, epoch_steps
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
+# (--batch-size may change with the number of ranks: distributed.check_resume.)
 RESUME_KEYS = ["adapter", "rank", "lora_scale", "lora_keys", "num_layers", "lars_block"]
-RESUME_KEYS += ["max_seq_len", "batch_size"]
+RESUME_KEYS += ["max_seq_len"]
 
 
 @dataclass
@@ -36,6 +44,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     val_loss: float | None = None
     peak_gb: float = 0.0
+    best_step: int | None = None  # --keep-best: the step whose adapter was kept
+    rank: int = 0  # this process's rank in a data-parallel run (only rank 0 wrote `out`)
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
@@ -50,34 +60,65 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
 
 
-def prepare_output(cfg: TrainConfig) -> Path:
-    """Refuse to clobber a user's folder; with --overwrite remove only our own run files."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    has_content = out.is_dir() and any(out.iterdir())
+def claim_output(cfg: TrainConfig) -> tuple[Path, files.OutLock]:
+    """Check --out and lock it for this run; nothing of an old run is removed here (see
+    `_clear_old_run`, called once every input has been validated)."""
+    out = files.check_out(
+        cfg.out,
+        may_replace=cfg.resume or cfg.overwrite,
+        options="--resume to continue it, --overwrite to replace its run",
+    )
+    files.make_folder(out)
+    return out, files.OutLock(out)
+
+
+def _clear_old_run(cfg: TrainConfig, out: Path, start: int) -> None:
+    """--overwrite: remove our old run files (the user's others stay); --resume: remove
+    partial checkpoint folders and metrics logged after the resumed step."""
     if cfg.resume:
-        if checkpoint.latest(out) is None:
-            raise UserError(f"{out}: no checkpoint to resume from; run without --resume")
-    elif has_content and not cfg.overwrite:
-        raise UserError(
-            f"{out}: folder is not empty; pass --resume to continue it, --overwrite to replace "
-            "its run, or choose another --out"
-        )
-    elif has_content:
-        shutil.rmtree(checkpoint.checkpoints_dir(out), ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        checkpoint.remove_partial(out)
+        _truncate_metrics(out / "metrics.jsonl", start)
+    elif cfg.overwrite:
+        files.remove_ours(out, ["checkpoints", "metrics.jsonl"])
 
 
-def evaluate(step_fn, cfg: TrainConfig, rows, head) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients."""
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step`: a killed run logged steps its checkpoint does not hold,
+    and the resumed run logs them again (also drops a line cut short by the kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except (ValueError, AttributeError):
+            continue
+    files.write_text_atomic(path, "".join(kept))
+
+
+def base_identity(loaded: LoadedModel) -> dict:
+    """What --resume must find unchanged: where the base was loaded from, and a hash of its
+    config (architecture, sizes and the quantization applied, so --quantize counts too)."""
+    config = json.dumps(loaded.config, sort_keys=True, default=str).encode()
+    return {"source": str(loaded.source), "config_sha256": hashlib.sha256(config).hexdigest()}
+
+
+def evaluate(
+    step_fn, cfg: TrainConfig, rows, head, world: distributed.World | None = None
+) -> tuple[float, int]:
+    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients;
+    with several ranks each evaluates its rows of each global batch and the sums are added."""
     total, count = 0.0, 0
     limit = None if cfg.eval_batches < 0 else cfg.eval_batches
-    for batch in iter_eval_batches(rows, cfg.batch_size, limit):
-        loss_sum, n = step_fn.forward_loss(head, batch)
-        total, count = total + loss_sum, count + n
+    world = world or distributed.World(None, timeout=1.0)
+    for batch in iter_eval_batches(rows, cfg.batch_size * world.size, limit):
+        batch = world.rows_of(batch)  # this rank's rows of the global batch
+        if len(batch.inputs):
+            world.tick()
+            loss_sum, n = step_fn.forward_loss(head, batch)
+            total, count = total + loss_sum, count + n
+    total, count = world.sum_counts(total, count)
     return (total / count if count else float("nan")), count
 
 
@@ -94,12 +135,15 @@ def _accumulate(step_fn, batches: BatchIterator, n_micro: int):
     return loss_sum, n_tok, grads
 
 
-def _update(model, opt, cfg: TrainConfig, grads, n_tok: int) -> None:
+def _update(model, opt, cfg: TrainConfig, grads, n_tok: int) -> float:
+    """Apply the mean gradient; returns its norm, and applies nothing when that is not finite."""
     grads = tree_map(lambda g: g / n_tok, grads)
-    if cfg.grad_clip > 0:
-        grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-    opt.update(model, grads)
-    mx.eval(model.trainable_parameters(), opt.state)
+    grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    norm = norm.item()
+    if math.isfinite(norm):
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state)
+    return norm
 
 
 def _check_resume(cfg: TrainConfig, saved: dict) -> None:
@@ -110,6 +154,36 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
                 f"--resume: --{key.replace('_', '-')} was {old[key]} in the saved run, now "
                 f"{getattr(cfg, key)}; use the same value or start again with --overwrite"
             )
+    if saved["step"] >= cfg.steps:
+        raise UserError(
+            f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
+            f"(--steps {cfg.steps}); pass a larger --steps to train it further"
+        )
+
+
+def _check_base(saved: dict, base: dict) -> None:
+    old = saved.get("base")  # absent in checkpoints of older versions
+    if old and old != base:
+        what = "--model" if old["source"] != base["source"] else "--model/--quantize"
+        raise UserError(
+            f"--resume: the run was trained on {old['source']} (config {old['config_sha256'][:8]})"
+            f", this is {base['source']} (config {base['config_sha256'][:8]}); pass the same "
+            f"{what} as the saved run"
+        )
+
+
+def _find_checkpoint(cfg: TrainConfig, out: Path, reporter: Reporter) -> tuple[Path, dict]:
+    """--resume: the newest intact checkpoint and its state, checked against `cfg`."""
+    folder, saved, notes = checkpoint.find(out)
+    for note in notes:
+        reporter.info(f"warning: {note}")
+    if folder is None:
+        damaged = " intact" if notes else ""
+        raise UserError(f"{out}: no{damaged} checkpoint to resume from; run without --resume")
+    _check_resume(cfg, saved)
+    if notes:
+        reporter.info(f"resuming from the newest intact checkpoint, {folder.name}")
+    return folder, saved
 
 
 @dataclass
@@ -126,46 +200,148 @@ class _Run:
     step_fn: object
     eval_head: object
     reporter: Reporter
+    world: distributed.World
     start: int = 0
+    selection: Selection = field(default_factory=Selection)
+    base: dict = field(default_factory=dict)  # base_identity, saved with each checkpoint
 
 
-def _setup(cfg: TrainConfig, loaded: LoadedModel | None, data: Dataset | None, reporter) -> _Run:
-    out = prepare_output(cfg)
+def _setup(
+    cfg: TrainConfig,
+    out: Path,
+    world: distributed.World,
+    loaded: LoadedModel | None,
+    data: Dataset | None,
+    reporter,
+) -> _Run:
+    """Load and check everything; only then clear the old run (--overwrite / --resume).
+    Only rank 0 reads or writes `out` (and prints); the others get its state in
+    `_start_position`."""
+    if reporter is None and world.is_main:
+        reporter = Reporter(cfg.steps, log_path=out / "metrics.jsonl")
+    elif reporter is None:
+        reporter = Reporter(cfg.steps, stream=open(os.devnull, "w"))  # noqa: SIM115
+    resume = _find_checkpoint(cfg, out, reporter) if cfg.resume and world.is_main else None
     loaded = loaded or load_model(cfg.model, cfg.quantize)
+    base = base_identity(loaded)
+    if resume:
+        _check_base(resume[1], base)
     data = data or load_dataset(cfg.data, loaded.tokenizer, cfg)
+    if (cfg.keep_best or cfg.early_stop) and not data.val_rows:
+        raise UserError("--keep-best / --early-stop: no validation rows; add documents to --data")
+    if cfg.epochs:
+        cfg = replace(
+            cfg,
+            steps=epoch_steps(
+                cfg.epochs, len(data.train_rows), cfg.batch_size * world.size, cfg.grad_accum
+            ),
+        )
     mx.random.seed(cfg.seed)
     model = loaded.model
     adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
-    reporter = reporter or Reporter(cfg.steps, log_path=out / "metrics.jsonl")
-    memory_plan = plan.estimate(model, cfg, data.trainable_fraction())
+    if world.is_main:
+        report.attach_tracker(reporter, cfg.report_to, out, cfg.to_dict())
+    if cfg.epochs:
+        reporter.total_steps = cfg.steps  # a caller's reporter was built before steps were known
+        reporter.info(
+            f"--epochs {cfg.epochs:g}: {len(data.train_rows)} rows / ({world.size} x "
+            f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
+        )
+    memory_plan = plan.estimate(
+        model, cfg, data.trainable_fraction(), data.token_bytes(), ranks=world.size
+    )
     reporter.info(memory_plan.describe())
     plan.check_budget(memory_plan, cfg)
+    if world.is_main:
+        _check_disk(out, model)
     opt = make_optimizer(cfg)
-    batches = BatchIterator(data.train_rows, cfg.batch_size, seed=cfg.seed)
+    batches = BatchIterator(data.train_rows, cfg.batch_size * world.size, seed=cfg.seed)
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
     eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
     step_fn = engine.make_step(model, cfg, train_head)
-    run = _Run(cfg, out, model, adapter_cfg, data, opt, batches, step_fn, eval_head, reporter)
-    if cfg.resume:
-        saved = checkpoint.load(checkpoint.latest(out), model, opt)
-        _check_resume(cfg, saved)
-        batches.load_state_dict(saved["data"])
-        run.start = saved["step"]
-        reporter.info(f"resumed from step {run.start} ({out})")
+    if world.size > 1:
+        step_fn.grad_hook = world.reduce  # each segment's gradients summed over ranks
+    shard = world.shard(batches)
+    run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
+    run.base = base
+    _start_position(run, batches, resume[0] if resume else None)
+    if world.is_main:
+        _clear_old_run(cfg, out, run.start)
     return run
 
 
+def _start_position(run: _Run, batches: BatchIterator, folder: Path | None) -> None:
+    """Rank 0 loads the checkpoint `folder` (with --resume); then every rank holds rank 0's
+    adapter, optimizer state and data position (the other Macs need no copy of --out)."""
+    cfg, world, position = run.cfg, run.world, [0, 0, 0]
+    if folder is not None:
+        saved = checkpoint.load(folder, run.model, run.opt)
+        distributed.check_resume(saved, cfg, world)
+        batches.load_state_dict(saved["data"])
+        position = [saved["step"], batches.epoch, batches.position]
+        run.selection = Selection.from_state(saved.get("selection"))
+    mine = distributed.fingerprint(batches)
+    with world.collective("setup", max(cfg.dist_timeout, distributed.SETUP_PATIENCE)):
+        opt = run.opt if cfg.resume else None
+        ints = position + run.selection.to_ints() + [mine]
+        *position, main = world.broadcast(run.model, opt, ints)
+    world.check_same_data(main, mine)
+    position, selection = position[:3], position[3:]
+    run.selection = Selection.from_ints(selection)  # every rank decides --early-stop alike
+    run.start, batches.epoch, batches.position = position
+    if cfg.resume:
+        run.reporter.info(f"resumed from step {run.start} ({run.out})")
+
+
+def _check_disk(out: Path, model: nn.Module) -> None:
+    """Room for the checkpoints (adapter + AdamW's two moments, KEEP of them plus the one
+    being written) and the adapter: checked before the old run is cleared."""
+    lora_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    need = lora_bytes * (3 * (checkpoint.KEEP + 1) + 1)
+    files.require_free_space(out, need, "checkpoints", "free some space or choose another --out")
+
+
 def _save(run: _Run, step: int, data_state: dict) -> None:
-    state = {"config": run.cfg.to_dict(), "data": data_state}
+    """Checkpoint + adapter of `step`; never a non-finite adapter (the last good one stays).
+    Rank 0 only: the other ranks hold the same adapter."""
+    if not run.world.is_main:
+        return
+    params = [v for _, v in tree_flatten(run.model.trainable_parameters())]
+    if not all(mx.all(mx.isfinite(v)).item() for v in params):
+        raise UserError(_diverged(run, step, "the adapter weights"))
+    state = {"config": run.cfg.to_dict(), "data": data_state, "base": run.base}
+    state["selection"] = run.selection.state_dict()
+    state["world_size"] = run.world.size  # resume: distributed.check_resume
     checkpoint.save(run.out, step, run.model, run.opt, state)
-    lora.save_adapters(run.model, run.out, run.adapter_cfg)
+    try:
+        if not run.cfg.keep_best:  # else adapters.safetensors is the best one, from _eval
+            lora.save_adapters(run.model, run.out, run.adapter_cfg)
+    except (OSError, RuntimeError) as e:
+        raise UserError(
+            f"{run.out}: cannot save the adapter ({getattr(e, 'strerror', None) or e}); the "
+            f"checkpoint of step {step} is saved: free some space, then --resume"
+        ) from None
+
+
+def _diverged(run: _Run, step: int, what: str) -> str:
+    last = checkpoint.latest(run.out)
+    kept = f"the last good checkpoint, {last.name}, is kept" if last else "nothing was saved"
+    return (
+        f"step {step}: {what} became non-finite (NaN/inf); training stopped and {kept}; "
+        f"lower --lr (now {run.cfg.lr}) or raise --grad-clip, then start again"
+    )
 
 
 def _eval(run: _Run, step: int) -> float:
-    val, n = evaluate(run.step_fn, run.cfg, run.data.val_rows, run.eval_head)
+    with run.world.collective(f"evaluation at step {step}"):
+        val, n = evaluate(run.step_fn, run.cfg, run.data.val_rows, run.eval_head, run.world)
     if n:
         run.reporter.eval(step, val, n)
+        if run.selection.update(step, val) and run.cfg.keep_best and run.world.is_main:
+            best = {"best_step": step, "best_val_loss": val}
+            lora.save_adapters(run.model, run.out, {**run.adapter_cfg, **best})
+            run.reporter.info(f"step {step}: best validation loss so far; adapter kept")
     return val
 
 
@@ -182,13 +358,49 @@ def train(
     loads them back afterwards (to generate in the same process). The CLI, which exits, skips
     that. The reported peak is the training peak, read before any reload.
     """
-    run = _setup(cfg.validate(), loaded, data, reporter)
+    cfg.validate()
+    world = distributed.init(cfg)
+    out, lock = claim_output(cfg) if world.is_main else (Path(cfg.out), None)
     try:
-        val = _loop(run)
-        peak = mx.get_peak_memory() / 1024**3
+        with _sigterm_as_interrupt():
+            run = _setup(cfg, out, world, loaded, data, reporter)
+            try:
+                val = _loop(run)
+                peak = mx.get_peak_memory() / 1024**3
+            finally:
+                run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+                run.reporter.close()
     finally:
-        run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
-    return TrainResult(run.out, run.reporter.history, val, peak)
+        world.close()
+        if lock is not None:
+            lock.release()
+    best = run.selection.best_step if cfg.keep_best else None
+    return TrainResult(run.out, run.reporter.history, val, peak, best, world.rank)
+
+
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    """An evaluation inside the run (the last step's comes after the loop)."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and 0 < step < cfg.steps
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a system shutdown, `kill`, a job scheduler) stops the run like Ctrl-C: the
+    last applied step is checkpointed, then the process exits. An inherited "ignore" is kept,
+    and so is a handler someone else installed."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _loop(run: _Run) -> float | None:
@@ -198,19 +410,31 @@ def _loop(run: _Run) -> float | None:
     val = None
     if cfg.eval_every and run.start == 0:
         _eval(run, 0)  # the untrained baseline, so the curve has a reference point
+    elif _eval_due(cfg, run.start) and run.selection.last_step != run.start:
+        _eval(run, run.start)  # Ctrl-C came between that step and its evaluation
     run.reporter.start(run.start + 1)
     done, done_data = run.start, run.batches.state_dict()  # last step the optimizer applied
+    stopped = run.selection.should_stop(cfg.early_stop) and run.start  # stopped before resume
     try:
-        for step in range(run.start + 1, cfg.steps + 1):
+        for step in range(run.start + 1, 0 if stopped else cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # resumable dropout RNG
-            loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
-            if n_tok:
-                _update(run.model, run.opt, cfg, grads, n_tok)
+            with run.world.collective(f"step {step}"):  # gradients are summed in the step
+                loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
+                loss_sum, n_tok = run.world.sum_counts(loss_sum, n_tok)
+            step_loss = float(loss_sum) / max(n_tok, 1)
+            norm = _update(run.model, run.opt, cfg, grads, n_tok) if n_tok else 0.0
             del grads  # else the last step's gradients stay alive through the next step's peak
+            if not math.isfinite(step_loss) or not math.isfinite(norm):
+                what = "the loss" if not math.isfinite(step_loss) else "the gradient norm"
+                raise UserError(_diverged(run, step, what))  # nothing of this step applied
             done, done_data = step, run.batches.state_dict()
-            run.reporter.step(step, loss_sum / max(n_tok, 1), n_tok, float(run.opt.learning_rate))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            run.reporter.step(step, step_loss, n_tok, float(run.opt.learning_rate))
+            if _eval_due(cfg, step):
                 val = _eval(run, step)
+                if run.selection.should_stop(cfg.early_stop):
+                    stopped = step
+                    _save(run, step, done_data)
+                    break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 _save(run, step, done_data)
     except KeyboardInterrupt:
@@ -218,7 +442,13 @@ def _loop(run: _Run) -> float | None:
             _save(run, done, done_data)
             run.reporter.info(f"interrupted: checkpoint at step {done}; rerun with --resume")
         raise
-    if run.start < cfg.steps:
+    if stopped:
+        sel = run.selection
+        run.reporter.info(
+            f"early stop at step {stopped}: {sel.since_best} evaluations without a lower "
+            f"validation loss (best {sel.best_loss:.3f} at step {sel.best_step})"
+        )
+    elif run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
     return val if val is not None and math.isfinite(val) else None

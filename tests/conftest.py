@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama / Qwen2 models and a tiny byte-level tokenizer.
+"""Shared fixtures: tiny random models of every family and a tiny byte-level tokenizer.
 
 `import mlx_edgelora` comes first so OpenBLAS is preloaded before MLX (see _blas.py).
 """
@@ -27,8 +27,31 @@ CHAT_TEMPLATE = (
 )
 
 
+# Every family's tiny shape (config.json overrides). A family with sliding-window layers gets
+# a window (6) shorter than the test sequences, and a mix of local and global layers.
+FAMILY_OVERRIDES = {
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "mistral": {
+        "sliding_window": 6,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    "qwen3": {"head_dim": 24, "tie_word_embeddings": True},
+    "gemma3_text": {
+        "hidden_size": 96,  # sqrt(96) is not a bfloat16: mlx-lm's rounded scale must be ours
+        "head_dim": 32,  # heads x head_dim (128) != hidden size, as in real Gemma 3
+        "query_pre_attn_scalar": 20,  # != head_dim: the scale must come from it
+        "sliding_window": 6,
+        "sliding_window_pattern": 2,
+        "rope_local_base_freq": 10000.0,
+        "rope_theta": 1000000.0,
+    },
+}
+FAMILY_OVERRIDES["gemma3"] = FAMILY_OVERRIDES["gemma3_text"]  # the text tower of gemma3
+
+
 def tiny_config(arch: str = "llama", **overrides) -> dict:
-    """An mlx-lm config.json dict for a 2-4 layer random model."""
+    """An mlx-lm config.json dict for a 4-layer random model of any supported family."""
     cfg = {
         "model_type": arch,
         "hidden_size": 64,
@@ -39,15 +62,23 @@ def tiny_config(arch: str = "llama", **overrides) -> dict:
         "rms_norm_eps": 1e-5,
         "vocab_size": TINY_VOCAB,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": arch == "qwen2",
+        "tie_word_embeddings": False,
         "max_position_embeddings": 4096,
+        **FAMILY_OVERRIDES[arch],
     }
     cfg.update(overrides)
+    if arch == "gemma3":  # the multimodal config nests the text model's
+        text = {**cfg, "model_type": "gemma3_text"}
+        return {"model_type": "gemma3", "vocab_size": TINY_VOCAB, "text_config": text}
     return cfg
 
 
 def build_tiny_model(arch: str = "llama", seed: int = 0, quantize_bits: int | None = None, **kw):
-    """A random mlx-lm Model (float32), optionally quantized with mlx's own nn.quantize."""
+    """A random mlx-lm Model (float32), optionally quantized with mlx's own nn.quantize.
+
+    `sanitize({})` is mlx-lm's load-time fix-up of an empty checkpoint: Gemma 3 then drops
+    its lm_head and ties the head to the embedding, as every real Gemma 3 does.
+    """
     from mlx import nn
     from mlx_lm.utils import _get_classes
 
@@ -55,6 +86,7 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, quantize_bits: int | No
     model_cls, args_cls = _get_classes(cfg)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(cfg))
+    getattr(model, "language_model", model).sanitize({})  # gemma3 nests the text model
     if quantize_bits:
         nn.quantize(model, group_size=32, bits=quantize_bits)
         cfg["quantization"] = {"group_size": 32, "bits": quantize_bits}

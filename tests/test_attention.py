@@ -13,13 +13,15 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_edgelora import blocks
 from mlx_edgelora.attention import (
+    attention_core,
     attention_reference,
-    block_forward,
     chunked_attention,
     chunked_attention_lse,
     chunked_mlp,
     mlp_reference,
+    window_mask,
 )
 from mlx_edgelora.config import DEFAULT_LORA_KEYS
 from mlx_edgelora.errors import UserError
@@ -64,6 +66,52 @@ def test_attention_core_matches_reference(heads, kv_heads):
         assert_close(g, w)
 
 
+@pytest.mark.parametrize("window,chunk", [(5, CHUNK), (8, CHUNK), (13, CHUNK), (1, 4), (3, 1)])
+def test_sliding_window_matches_reference(window, chunk):
+    """Windows smaller than, equal to and straddling the chunk: tiles wholly outside are
+    skipped, rows masked whole inside a tile must not turn into NaN."""
+    q, k, v = qkv(4, 2, seed=2)
+    scale = q.shape[-1] ** -0.5
+    o, lse = chunked_attention_lse(q, k, v, scale, chunk, window)
+    ref_o, ref_lse = attention_reference(q, k, v, scale, window)
+    assert_close(o, ref_o)
+    assert_close(lse, ref_lse)
+    mask = window_mask(L, window)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    assert_close(attention_core(q, k, v, scale, 0, window), fused)
+    assert_close(o, fused)
+    do, dlse = mx.random.normal(o.shape), mx.random.normal(lse.shape)
+    f = partial(chunked_attention_lse, scale=scale, chunk=chunk, window=window)
+    _, got = mx.vjp(f, [q, k, v], [do, dlse])
+    _, want = mx.vjp(lambda *a: attention_reference(*a, scale, window), [q, k, v], [do, dlse])
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+def test_tiles_outside_the_window_are_skipped(monkeypatch):
+    """L 30, chunk 8 (4 query chunks): causal visits 10 tiles; with a 4-token window only the
+    diagonal and the one before it (7), forward and backward alike."""
+    from mlx_edgelora import attention
+
+    calls = []
+    scores = attention._scores
+    monkeypatch.setattr(attention, "_scores", lambda *a: calls.append(1) or scores(*a))
+    q, k, v = qkv(4, 2)
+    for window, tiles in [(None, 10), (4, 7)]:
+        calls.clear()
+        o = chunked_attention(q, k, v, 0.25, CHUNK, window)
+        mx.eval(o)
+        assert len(calls) == tiles
+        mx.eval(mx.grad(lambda q, w=window: chunked_attention(q, k, v, 0.25, CHUNK, w).sum())(q))
+        assert len(calls) == 3 * tiles  # the gradient's forward again, then its backward
+
+
+def test_window_mask_is_mlx_lms():
+    from mlx_lm.models.base import create_causal_mask
+
+    assert mx.array_equal(window_mask(L, 7), create_causal_mask(L, window_size=7))
+
+
 @pytest.mark.parametrize("chunk", [1, 29])
 def test_attention_core_edge_chunks(chunk):
     q, k, v = qkv(4, 2, seed=1)
@@ -100,15 +148,15 @@ def block_vjp(layer: nn.Module, forward, x: mx.array, dy: mx.array):
 
 @pytest.mark.parametrize("bits", [None, 4], ids=["fp32", "int4"])
 def test_block_forward_matches_layer(arch, bits):
-    layer = lora_tiny(arch, bits).model.layers[1]
+    model = lora_tiny(arch, bits)
+    layer = model.model.layers[1]
     assert len(layer.trainable_parameters()["mlp"]) == 3  # LoRA inside the MLP too
     mx.random.seed(4)
     x, dy = mx.random.normal((2, L, 64)), mx.random.normal((2, L, 64))
     want = block_vjp(layer, lambda m, x: m(x, mask="causal"), x, dy)
     for attn_chunk, mlp_chunk in [(CHUNK, CHUNK), (0, 0), (64, 7)]:
-        got = block_vjp(
-            layer, partial(block_forward, attn_chunk=attn_chunk, mlp_chunk=mlp_chunk), x, dy
-        )
+        run = partial(blocks.block_forward, model, 1, attn_chunk=attn_chunk, mlp_chunk=mlp_chunk)
+        got = block_vjp(layer, lambda _, x, run=run: run(x), x, dy)
         assert_close(got[0], want[0])
         assert_close(got[1], want[1])
         assert_trees_close(got[2], want[2])

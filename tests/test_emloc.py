@@ -89,7 +89,9 @@ def test_calibration_accumulates_xtx_of_real_tokens_only():
     tokens, weights = emulator.calibration_batches(rows, last_is_final=True)
     assert weights.tolist() == [[1] * 8, [1] * 4 + [0] * 4]  # padding after the last target
     h = model.model.embed_tokens(mx.array(tokens))
-    out, acc = emulator._calibrate_block(layer, h, weights, ["self_attn.q_proj", "mlp.down_proj"])
+    out, acc = emulator._calibrate_block(
+        model, 0, h, weights, ["self_attn.q_proj", "mlp.down_proj"]
+    )
     x = layer.input_layernorm(h) * mx.array(weights)[..., None]
     x = x.reshape(-1, x.shape[-1])
     assert mx.allclose(acc["self_attn.q_proj"], x.T @ x, rtol=1e-4, atol=1e-4)

@@ -48,22 +48,28 @@ def test_roundtrip_identical(kind, tmp_path):
             assert mx.array_equal(y, x).item(), name
 
 
-def test_files_live_only_until_read_or_clear(tmp_path):
+def _written(store: BoundaryStore) -> None:
+    """Wait until every queued write has finished."""
+    for io in list(store._writes.values()):
+        io.done.wait()
+
+
+def test_files_live_only_until_read(tmp_path):
     x = _arrays()["fp32"]
     with BoundaryStore("disk", spill_dir=str(tmp_path)) as store:
         folder = store.folder
         for i in range(3):
             store.put(i, x)
-        store.flush()
+        _written(store)
         assert _files(store) == ["b0.npy", "b1.npy", "b2.npy"]
         assert store.stats.bytes_written == 3 * x.nbytes
         store.get(2)
         assert _files(store) == ["b0.npy", "b1.npy"]  # read once, then deleted
         with pytest.raises(KeyError):
             store.get(2)
-        store.clear()
+        store.get(1), store.get(0)
         assert _files(store) == []
-        store.put(0, x)  # the store is reusable after clear (next step)
+        store.put(0, x)  # the store is reusable (next step)
     assert not folder.exists()
 
 
@@ -99,16 +105,14 @@ def test_writer_error_surfaces_once_and_leaves_no_partial_file(tmp_path, monkeyp
     with BoundaryStore("disk", spill_dir=str(tmp_path)) as store:
         monkeypatch.setattr(np, "save", disk_full)
         store.put(0, x)
-        store.flush()
+        _written(store)
         with pytest.raises(UserError, match="No space left on device") as e:
             store.put(1, x)  # the next put reports the failed write
         assert "\n" not in str(e.value) and str(store.folder) in str(e.value)
-        monkeypatch.undo()
-        store.clear()  # already reported: clear only cleans up
-        assert _files(store) == []
+        assert _files(store) == []  # the partial temp file is gone too
 
 
-def test_writer_error_surfaces_at_get_and_clear(tmp_path, monkeypatch):
+def test_writer_error_surfaces_at_each_get(tmp_path, monkeypatch):
     def denied(f, data):
         raise PermissionError(errno.EACCES, "Permission denied")
 
@@ -120,7 +124,7 @@ def test_writer_error_surfaces_at_get_and_clear(tmp_path, monkeypatch):
         with pytest.raises(UserError, match="Permission denied"):
             store.get(1)
         with pytest.raises(UserError, match="Permission denied"):
-            store.clear()  # boundary 0's failure is still unreported
+            store.get(0)  # boundary 0's failure is reported at its own get
         assert _files(store) == []
 
 
@@ -149,7 +153,8 @@ import mlx_edgelora, sys, time, mlx.core as mx
 from mlx_edgelora.spill import BoundaryStore
 store = BoundaryStore("disk", spill_dir=sys.argv[1])
 x = mx.ones((256, 256)); mx.eval(x)
-store.put(0, x); store.put(1, x); store.flush()
+store.put(0, x); store.put(1, x)
+for io in list(store._writes.values()): io.done.wait()
 print(store.folder, flush=True)
 if sys.argv[2] == "wait":
     while True:

@@ -1,0 +1,205 @@
+"""Export a trained adapter as GGUF for llama.cpp, Ollama and LM Studio.
+
+`python -m mlx_edgelora.export --adapter DIR --out FOLDER [--type q8_0|q4_0|q4_1|f16|bf16|f32]`
+writes FOLDER/model.gguf (base + adapter merged) and an Ollama Modelfile;
+`--lora` instead writes FOLDER/adapter.gguf, llama.cpp's LoRA adapter format
+(`llama-cli -m base.gguf --lora adapter.gguf`), to apply on top of the user's own base GGUF.
+
+Why both: a merged file runs anywhere as one model; an adapter file is a few MB and keeps the
+base the user already has. The merge is fuse.py's (mlx-lm's `LoRALinear.fuse`, in float);
+layers the adapter did not touch keep their quantization block for block when the base's
+format is a GGUF one (Q4_0/Q4_1/Q8_0 from a GGUF, or MLX 4-bit group 32), so a Q4_1 base
+stays exactly Q4_1 there. `--type` sets the format of the merged layers and of float weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import _blas  # noqa: F401  (OpenBLAS before mlx)
+from .errors import UserError
+
+MODEL_FILE, ADAPTER_GGUF, MODELFILE = "model.gguf", "adapter.gguf", "Modelfile"
+
+
+def _check_adapter_kind(adapter: str | Path) -> dict:
+    """The adapter's config; only plain LoRA maps onto llama.cpp's adapter and merge."""
+    from .lora import CONFIG_FILE
+
+    try:
+        acfg = json.loads((Path(adapter) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # load_adapters names the problem
+    kind = acfg.get("fine_tune_type", "lora")
+    if kind != "lora" or acfg.get("use_dora"):
+        raise UserError(
+            f"{adapter}: a '{kind}' adapter cannot be exported to GGUF (llama.cpp applies plain "
+            "LoRA only); train with --adapter lora"
+        )
+    return acfg
+
+
+def _stops(tokenizer) -> list[str]:
+    return [tokenizer.convert_ids_to_tokens(i) for i in sorted(tokenizer.eos_token_ids)]
+
+
+def _model_keys(loaded, qtype, arch: str):
+    import gguf
+
+    from .gguf_write import FILE_TYPES, add_hparams, copy_tokenizer, hf_tokenizer
+
+    def keys(w: gguf.GGUFWriter) -> None:
+        w.add_name(f"{Path(loaded.source).stem}-edgelora")
+        w.add_file_type(FILE_TYPES[qtype])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hparams(w, loaded.config, arch)
+        if loaded.kind == "gguf":
+            copy_tokenizer(w, loaded.source)
+        else:
+            hf_tokenizer(w, loaded.tokenizer)
+
+    return keys
+
+
+def _lora_keys(loaded, acfg: dict, arch: str):
+    import gguf
+
+    from .gguf_write import add_hparams
+
+    lora = acfg["lora_parameters"]
+
+    def keys(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        # llama.cpp scales B A x by alpha / rank, mlx-lm by `scale`: alpha = scale * rank
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora["scale"]) * lora["rank"])
+        add_hparams(w, loaded.config, arch)
+
+    return keys
+
+
+def check_file(path: Path, entries: list, required_keys: list[str]) -> None:
+    """Read the written file back with the gguf package: every tensor and key is there."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    got = {
+        t.name: (t.tensor_type, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors
+    }
+    want = {e.name: (e.qtype, tuple(e.shape)) for e in entries}
+    if got != want:
+        bad = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise UserError(f"{path}: written tensors differ from the model ({bad}); please report")
+    if missing := [k for k in required_keys if k not in reader.fields]:
+        raise UserError(f"{path}: metadata keys {missing} missing after writing; please report")
+
+
+def write_model(loaded, path: Path, qtype: str) -> Path:
+    """A loaded model without LoRA layers (fused or plain) -> GGUF at `path`, checked."""
+    from .gguf_write import TYPES, arch_of, model_entries, write_gguf
+
+    arch, _ = arch_of(loaded.config)
+    entries = list(model_entries(loaded.model, loaded.config, TYPES[qtype]))
+    write_gguf(path, arch, _model_keys(loaded, TYPES[qtype], arch), entries)
+    check_file(
+        path, entries, ["tokenizer.ggml.model", "tokenizer.ggml.tokens", f"{arch}.block_count"]
+    )
+    return path
+
+
+def write_lora(loaded, acfg: dict, path: Path) -> Path:
+    """The LoRA layers of a loaded model -> llama.cpp adapter GGUF at `path`, checked."""
+    from .gguf_write import arch_of, lora_entries, write_gguf
+
+    arch, _ = arch_of(loaded.config)
+    entries = list(lora_entries(loaded.model, loaded.config))
+    write_gguf(path, arch, _lora_keys(loaded, acfg, arch), entries)
+    need = ["general.type", "adapter.type", "adapter.lora.alpha", f"{arch}.block_count"]
+    check_file(path, entries, need)
+    return path
+
+
+def export(
+    model: str | None,
+    adapter: str,
+    out: str,
+    qtype: str = "q8_0",
+    lora_only: bool = False,
+    overwrite: bool = False,
+    quantize: int | None = None,
+) -> Path:
+    """Write model.gguf (or adapter.gguf with `lora_only`) and a Modelfile into `out`."""
+    from .files import check_out, make_folder, write_text_atomic
+    from .fuse import fuse_lora, trained_on
+    from .gguf_write import TYPES, arch_of
+    from .loading import load_model
+    from .lora import load_adapters
+    from .ollama import modelfile
+
+    if qtype not in TYPES:
+        raise UserError(f"--type must be one of {', '.join(TYPES)} (got {qtype})")
+    acfg = _check_adapter_kind(adapter)
+    saved_model, saved_quantize = trained_on(adapter)
+    folder = check_out(out, overwrite, inside=model or saved_model)
+    loaded = load_model(model or saved_model, quantize or saved_quantize)
+    arch_of(loaded.config)  # refuse an unsupported family before any work
+    load_adapters(loaded.model, adapter)
+    make_folder(folder)
+    if lora_only:
+        path = write_lora(loaded, acfg, folder / ADAPTER_GGUF)
+        base = loaded.source if loaded.kind == "gguf" else "./base.gguf"
+        text = modelfile(base, loaded.tokenizer.chat_template, _stops(loaded.tokenizer), path.name)
+        if loaded.kind != "gguf":
+            text = "# replace ./base.gguf by your GGUF of the base model\n" + text
+    else:
+        fuse_lora(loaded.model, dequantize=True, rest=False)
+        path = write_model(loaded, folder / MODEL_FILE, qtype)
+        text = modelfile(f"./{path.name}", loaded.tokenizer.chat_template, _stops(loaded.tokenizer))
+    write_text_atomic(folder / MODELFILE, text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_edgelora.export", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--model", help="the base the adapter was trained on (default: as recorded)")
+    p.add_argument(
+        "--quantize", type=int, choices=[4, 8], help="as in training (default: recorded)"
+    )
+    p.add_argument("--adapter", required=True, help="adapter folder (the --out of a training run)")
+    p.add_argument("--out", required=True, help="folder for the .gguf and the Ollama Modelfile")
+    p.add_argument(
+        "--type",
+        default="q8_0",
+        choices=["q8_0", "q4_0", "q4_1", "f16", "bf16", "f32"],
+        help="format of the merged layers and float weights; layers without LoRA that are "
+        "already Q4_0/Q4_1/Q8_0 are copied exactly (default: q8_0)",
+    )
+    p.add_argument(
+        "--lora", action="store_true", help="write the adapter alone (llama.cpp --lora format)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    args = p.parse_args(argv)
+    try:
+        path = export(
+            args.model, args.adapter, args.out, args.type, args.lora, args.overwrite, args.quantize
+        )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folder = path.parent
+    print(f"wrote {path} and {folder / MODELFILE}")
+    if args.lora:
+        print(f"try: llama-cli -m BASE.gguf --lora {path} -cnv")
+    else:
+        print(f"try: ollama create my-model -f {folder / MODELFILE} && ollama run my-model")
+        print(f"  or: llama-cli -m {path} -cnv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

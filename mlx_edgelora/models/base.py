@@ -1,0 +1,173 @@
+"""What the engine, streamer, planner and loss heads need to know about one model family.
+
+Why: the segment engine (paper technique 2) runs an mlx-lm model piece by piece instead of
+calling it whole, so it must know where the pieces are and how a block's two residual halves
+compute. `Family` holds that knowledge for the common pre-norm layout of mlx-lm's Llama-like
+models (`model.{embed_tokens, layers, norm}`, a tied or separate `lm_head`, blocks
+h = x + attn(norm(x)); out = h + mlp(norm(h))); a family file (llama.py, gemma3.py, ...)
+subclasses it and overrides only what differs. mlx-lm's own block call stays the reference
+(`block_call`): tests check `half_forward` against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm.models.base import create_attention_mask
+
+from ..attention import attention_core, mlp_forward
+
+HALVES = ("attn", "mlp")  # a block's two residual halves, in order
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes the memory planner needs (plan.py)."""
+
+    D: int  # hidden size
+    q: int  # query width, heads x head_dim (not always D: Gemma 3, Qwen3)
+    kv: int  # key/value width, kv_heads x head_dim
+    I: int  # MLP intermediate size  # noqa: E741
+    H: int  # attention heads
+    V: int  # vocabulary
+    n_layers: int
+
+    def lora_io(self) -> dict[str, int]:
+        """in + out features of each LoRA-able projection, by its dotted name in a block."""
+        return {
+            "self_attn.q_proj": self.D + self.q,
+            "self_attn.k_proj": self.D + self.kv,
+            "self_attn.v_proj": self.D + self.kv,
+            "self_attn.o_proj": self.q + self.D,
+            "mlp.gate_proj": self.D + self.I,
+            "mlp.up_proj": self.D + self.I,
+            "mlp.down_proj": self.I + self.D,
+        }
+
+
+class Family:
+    """One architecture family: the Llama layout; subclasses override what differs."""
+
+    model_types: tuple[str, ...] = ()  # mlx-lm config.json `model_type`s served
+    # The block's children each half uses; a checkpoint boundary and a streamed-weight unit
+    # may sit between the halves (engine.py, stream.py).
+    half_children: dict[str, tuple[str, ...]] = {
+        "attn": ("input_layernorm", "self_attn"),
+        "mlp": ("post_attention_layernorm", "mlp"),
+    }
+    qk_norm = False  # per-head RMSNorm of queries and keys before RoPE (attn.q_norm/k_norm)
+    # Hooks for gguf.py: the GGUF `general.architecture` this family reads (None: none),
+    # llama.cpp's block tensor names -> ours, and a shift added to every norm weight read
+    # from a GGUF (llama.cpp stores Gemma's (1 + w) norms as 1 + w).
+    gguf_arch: str | None = None
+    gguf_norm_shift = 0.0
+    gguf_block_tensors: dict[str, str] = {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+
+    # ------------------------------------------------------------------ where things are
+
+    def lm(self, model: nn.Module) -> nn.Module:
+        """The module holding `.model` (embed_tokens, layers, norm) and `.lm_head`."""
+        return model
+
+    def prefix(self, model: nn.Module) -> str:
+        """Dotted path of `lm(model)` in model.parameters() ('' or e.g. 'language_model.')."""
+        return ""
+
+    def args(self, model: nn.Module):
+        """mlx-lm's ModelArgs of the text model."""
+        return self.lm(model).args
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return self.lm(model).model.layers
+
+    def layers_path(self, model: nn.Module) -> str:
+        return self.prefix(model) + "model.layers"
+
+    def embed(self, model: nn.Module, inputs: mx.array) -> mx.array:
+        """Token embeddings [B, L, D] in float32 (the compute dtype) for inputs [B, L]."""
+        return self.lm(model).model.embed_tokens(inputs).astype(mx.float32)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.lm(model).model.norm
+
+    def head_is_tied(self, model: nn.Module) -> bool:
+        """True when the LM head is the embedding matrix (`embed_tokens.as_linear`)."""
+        return "lm_head" not in self.lm(model)
+
+    def head_module(self, model: nn.Module) -> nn.Module:
+        lm = self.lm(model)
+        return lm.model.embed_tokens if self.head_is_tied(model) else lm.lm_head
+
+    def head_prefixes(self, model: nn.Module) -> tuple[str, ...]:
+        """Parameter-name prefixes of the embedding and LM head (one streamed unit)."""
+        p = self.prefix(model)
+        return (p + "model.embed_tokens.", p + "lm_head.")
+
+    def shape(self, model: nn.Module) -> Shape:
+        a = self.args(model)
+        hd = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
+        kv_heads = getattr(a, "num_key_value_heads", None) or a.num_attention_heads
+        return Shape(
+            D=a.hidden_size,
+            q=a.num_attention_heads * hd,
+            kv=kv_heads * hd,
+            I=a.intermediate_size,
+            H=a.num_attention_heads,
+            V=a.vocab_size,
+            n_layers=len(self.layers(model)),
+        )
+
+    # ------------------------------------------------------------------------- the block
+
+    def half_of(self, name: str) -> str:
+        """The half a block parameter belongs to, from its dotted name relative to the block."""
+        child = name.split(".", 1)[0]
+        for half, children in self.half_children.items():
+            if child in children:
+                return half
+        raise ValueError(f"block parameter '{name}' is in neither half of the block")
+
+    def window(self, model: nn.Module, i: int) -> int | None:
+        """Block i's sliding attention window in tokens, None for full causal attention."""
+        return None
+
+    def block_call(self, model: nn.Module, i: int, x: mx.array) -> mx.array:
+        """mlx-lm's own call of block i on x [B, L, D] (no cache): the reference."""
+        mask = create_attention_mask(x, None, window_size=self.window(model, i))
+        return self.layers(model)[i](x, mask)
+
+    def half_forward(
+        self, model: nn.Module, i: int, half: str, x: mx.array, attn_chunk: int, mlp_chunk: int
+    ) -> mx.array:
+        """One residual half of block i; chunk = 0 runs the plain, unchunked path."""
+        layer = self.layers(model)[i]
+        if half == "attn":
+            return x + self.attention(model, i, layer.input_layernorm(x), attn_chunk)
+        return x + mlp_forward(layer.mlp, layer.post_attention_layernorm(x), mlp_chunk)
+
+    def attention(self, model: nn.Module, i: int, x: mx.array, chunk: int) -> mx.array:
+        """mlx-lm's Attention.__call__ (no cache) of block i, its core in chunks."""
+        attn = self.layers(model)[i].self_attn
+        B, L, _ = x.shape
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        # [B, L, H*hd] -> [B, H, L, hd]
+        q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if self.qk_norm:  # RMSNorm over head_dim: the same before or after the transpose
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = attn.rope(q), attn.rope(k)
+        o = attention_core(q, k, v, attn.scale, chunk, self.window(model, i))
+        return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
