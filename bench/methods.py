@@ -65,7 +65,12 @@ def train_child(spec: dict) -> dict:
         data=str(DATA), out=str(out), steps=spec["steps"], lr=spec["lr"], overwrite=True, **TRAIN
     )
     t0 = time.perf_counter()
-    if spec["method"] == "emloc":
+    done = [json.loads(x) for x in (out / "metrics.jsonl").open()] if out.is_dir() else []
+    if spec["method"] != "emloc" and any(d.get("step") == spec["steps"] for d in done):
+        r = None  # trained by an earlier invocation: score it again only
+        res = {"peak_gb": max(d.get("peak_gb", 0) for d in done), "reused_training": True}
+        metrics = out / "metrics.jsonl"
+    elif spec["method"] == "emloc":
         r = emloc(cfg, ratio=RATIO, emulator_dir=str(WORK / "emulator-cache"))
         res = {"emulator_val_loss": r.emulator_val_loss, "emulator_file": str(r.emulator_path)}
         res["peak_gb"] = r.peak_gb
@@ -122,9 +127,9 @@ def run_child(kind: str, spec: dict, timeout: int = 3600) -> dict:
     }
 
 
-def quality(steps: int, lrs: list[float], results: dict) -> None:
+def quality(steps: int, lrs: list[float], results: dict, methods: list[str]) -> None:
     for lr in lrs:  # every method at the first lr before the next: partial results compare
-        for method in METHODS:
+        for method in methods:
             spec = {
                 "method": method,
                 "lr": lr,
@@ -152,7 +157,7 @@ def method_cell(method: str, emulator: str | None, **kw) -> dict:
     return cells.config(**{**EXACT_ROW, **kw, **extra})
 
 
-def memory(results: dict, shape: str) -> None:
+def memory(results: dict, shape: str, redo: bool = False) -> None:
     cached = sorted((WORK / "emulator-cache").glob("*.safetensors"), key=os.path.getmtime)
     emu = str(cached[-1]) if cached else None  # the quality run's SmolLM2 emulator
     plan = []
@@ -178,7 +183,10 @@ def memory(results: dict, shape: str) -> None:
                     )
                 )
     key = f"memory_{shape}"
+    done = {json.dumps(x["config"], sort_keys=True) for x in results.get(key, [])}
     for m, c in plan:
+        if json.dumps(c, sort_keys=True) in done and not redo:
+            continue  # measured already (--redo measures again)
         if m == "emloc" and not c["emulator"]:
             print("no emulator file yet: run --parts quality first", file=sys.stderr)
             continue
@@ -221,7 +229,12 @@ def save(results: dict, key: str | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "methods.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(results if key is None else {key: results[key]})
+    if key == "quality":  # runs of other invocations stay: merge by (method, lr)
+        mine = {(q["method"], q["lr"]) for q in results[key]}
+        others = [q for q in merged.get(key, []) if (q["method"], q["lr"]) not in mine]
+        merged[key] = others + results[key]
+    else:
+        merged.update(results if key is None else {key: results[key]})
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(merged, indent=1))
     os.replace(tmp, path)
@@ -327,6 +340,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["quality", "smollm2", "llama3b"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--methods", nargs="+", default=METHODS, help="methods for --parts quality")
+    p.add_argument("--redo", action="store_true", help="measure cells already in the json")
     p.add_argument("--report", action="store_true", help="only rewrite methods.md from the json")
     args = p.parse_args()
     path = RESULTS / "methods.json"
@@ -337,10 +352,10 @@ def main() -> None:
     if not args.report:
         WORK.mkdir(parents=True, exist_ok=True)
         if "quality" in args.parts:
-            quality(args.steps, args.lrs, results)
+            quality(args.steps, args.lrs, results, args.methods)
         for shape in ("smollm2", "llama3b"):
             if shape in args.parts:
-                memory(results, shape)
+                memory(results, shape, args.redo)
     save(results, "commands")
 
 

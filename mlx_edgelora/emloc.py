@@ -63,8 +63,10 @@ def correct(a, b, scale: float, w, w_emu, clamp: float = DEFAULT_CLAMP):
 
 def heldout_loss(model, cfg: TrainConfig, rows: list) -> float:
     """Mean exact loss of `model` (as it is: any adapter applied) over validation `rows`."""
-    from . import engine, loss
+    from . import engine, loss, quant
     from .trainer import evaluate
+
+    quant.prepare_for_training(model)  # the backend's fast quantized matmul (idempotent)
 
     class _Plain:  # evaluate() needs only forward_loss
         def forward_loss(self, head, batch):

@@ -24,7 +24,6 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
-from . import blocks
 from .config import TrainConfig
 from .errors import UserError
 from .files import atomic_path, write_text_atomic
@@ -89,6 +88,8 @@ def adapter_kind(name: str, where: str = "--adapter") -> AdapterKind:
 
 def apply_adapter(model: nn.Module, cfg: TrainConfig) -> dict:
     """Freeze the base and wrap the chosen projections with cfg.adapter; return its config."""
+    from . import blocks  # imported here: blocks -> models -> attention imports this module
+
     acfg = adapter_config(cfg, len(blocks.layers(model)))
     _check_keys(model, list(cfg.lora_keys))
     adapter_kind(cfg.adapter).apply(model, acfg)
@@ -115,6 +116,8 @@ def _wrap_lora(model: nn.Module, acfg: dict) -> None:
 def _check_keys(model: nn.Module, keys: list[str]) -> None:
     """Every key must name a linear projection of a block (what LoRA can wrap: a linear, or
     a module with mlx-lm's `to_lora` hook, e.g. EMLoC's emulator layer)."""
+    from . import blocks
+
     modules = blocks.layers(model)[0].named_modules()
     hooked = {name for name, m in modules if hasattr(m, "to_lora")}
     linear = hooked | {
