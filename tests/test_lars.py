@@ -200,3 +200,15 @@ def test_save_roundtrip_keeps_the_gate(tmp_path):
     again = mlx_lm.load(str(path))[0]
     load_adapters(again, tmp_path / "a")
     assert mx.array_equal(again(TOKENS), ours)
+
+
+@pytest.mark.parametrize("module", ["lora", "lars", "emloc", "emulator"])
+def test_each_adapter_module_imports_first_in_a_fresh_process(module):
+    """lora.py once imported blocks at the top: blocks -> models -> attention -> lora was a
+    circular import whenever lora was the first module a process imported."""
+    import subprocess
+    import sys
+
+    code = f"import mlx_edgelora.{module}; from mlx_edgelora import TrainConfig, emloc, train"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-800:]
