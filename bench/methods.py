@@ -65,7 +65,8 @@ def train_child(spec: dict) -> dict:
         data=str(DATA), out=str(out), steps=spec["steps"], lr=spec["lr"], overwrite=True, **TRAIN
     )
     t0 = time.perf_counter()
-    done = [json.loads(x) for x in (out / "metrics.jsonl").open()] if out.is_dir() else []
+    log = out / "metrics.jsonl"
+    done = [json.loads(x) for x in log.open()] if log.is_file() else []
     if spec["method"] != "emloc" and any(d.get("step") == spec["steps"] for d in done):
         r = None  # trained by an earlier invocation: score it again only
         res = {"peak_gb": max(d.get("peak_gb", 0) for d in done), "reused_training": True}
@@ -157,7 +158,7 @@ def method_cell(method: str, emulator: str | None, **kw) -> dict:
     return cells.config(**{**EXACT_ROW, **kw, **extra})
 
 
-def memory(results: dict, shape: str, redo: bool = False) -> None:
+def memory(results: dict, shape: str, methods: list[str], redo: bool = False) -> None:
     cached = sorted((WORK / "emulator-cache").glob("*.safetensors"), key=os.path.getmtime)
     emu = str(cached[-1]) if cached else None  # the quality run's SmolLM2 emulator
     plan = []
@@ -183,6 +184,7 @@ def memory(results: dict, shape: str, redo: bool = False) -> None:
                     )
                 )
     key = f"memory_{shape}"
+    plan = [(m, c) for m, c in plan if m in methods]
     done = {json.dumps(x["config"], sort_keys=True) for x in results.get(key, [])}
     for m, c in plan:
         if json.dumps(c, sort_keys=True) in done and not redo:
@@ -223,15 +225,20 @@ def memory(results: dict, shape: str, redo: bool = False) -> None:
 # ------------------------------------------------------------------------------ output
 
 
+def _identity(row: dict) -> str:
+    """What makes a result row the same measurement: method + lr, or method + cell config."""
+    return json.dumps([row["method"], row.get("lr"), row.get("config")], sort_keys=True)
+
+
 def save(results: dict, key: str | None = None) -> None:
     """Write `key` of results (all with None) into methods.json, keeping what another
     invocation wrote meanwhile (parts may run at the same time)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "methods.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
-    if key == "quality":  # runs of other invocations stay: merge by (method, lr)
-        mine = {(q["method"], q["lr"]) for q in results[key]}
-        others = [q for q in merged.get(key, []) if (q["method"], q["lr"]) not in mine]
+    if key is not None and key != "commands":  # other invocations' rows stay
+        mine = {_identity(q) for q in results[key]}
+        others = [q for q in merged.get(key, []) if _identity(q) not in mine]
         merged[key] = others + results[key]
     else:
         merged.update(results if key is None else {key: results[key]})
@@ -340,7 +347,7 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["quality", "smollm2", "llama3b"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
-    p.add_argument("--methods", nargs="+", default=METHODS, help="methods for --parts quality")
+    p.add_argument("--methods", nargs="+", default=METHODS, help="methods to run")
     p.add_argument("--redo", action="store_true", help="measure cells already in the json")
     p.add_argument("--report", action="store_true", help="only rewrite methods.md from the json")
     args = p.parse_args()
@@ -355,7 +362,7 @@ def main() -> None:
             quality(args.steps, args.lrs, results, args.methods)
         for shape in ("smollm2", "llama3b"):
             if shape in args.parts:
-                memory(results, shape, args.redo)
+                memory(results, shape, args.methods, args.redo)
     save(results, "commands")
 
 
