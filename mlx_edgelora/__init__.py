@@ -1,4 +1,4 @@
-"""mlx-edgelora: LoRA fine-tuning of quantized Llama/Qwen models within a laptop's memory.
+"""mlx-edgelora: LoRA fine-tuning of quantized models within a laptop's memory.
 
 Public API (what notebooks and scripts use):
     load_model(model=None, quantize=None)   -> LoadedModel (model, tokenizer, config)

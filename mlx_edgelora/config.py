@@ -41,7 +41,7 @@ class TrainConfig:
     # --- what to train on
     model: str | None = _opt(
         None,
-        "mlx-lm model folder, Hugging Face repo id, or .gguf file "
+        "mlx-lm model folder, Hugging Face repo id, .gguf file, or gemma3-270m "
         "(default: the embedded SmolLM2-135M-Instruct Q4_1)",
     )
     quantize: int | None = _opt(
@@ -88,6 +88,12 @@ class TrainConfig:
     )
     # --- data
     val_fraction: float = _opt(0.1, "fraction of documents held out for validation")
+    test: bool = _opt(
+        False,
+        "after training, report the exact loss on --data's test.jsonl (mlx-lm layout: "
+        "train/valid/test.jsonl; test is never trained on); with --resume of a finished run, "
+        "only that",
+    )
     # --- cadence and output
     eval_every: int = _opt(10, "validation loss/perplexity every N steps (and at the end)")
     eval_batches: int = _opt(8, "validation micro-batches per evaluation (-1 = all)")
@@ -165,6 +171,13 @@ class TrainConfig:
         "keep frozen block and embedding/head weights on disk and load each segment's only "
         "while it runs (default: on with --engine segments; costs a few ms per block read)",
     )
+    stream_state: bool | None = _opt(
+        None,
+        "keep the LoRA weights, gradient sums and AdamW moments on disk per checkpoint unit, "
+        "loaded only while the unit runs; the update is applied unit by unit with the same "
+        "global-norm clipping (default: on with --stream-weights; costs a write and a read of "
+        "the state per step)",
+    )
     # --- loss head (techniques 3 and 4)
     loss: str = _opt(
         "chunked",
@@ -204,6 +217,8 @@ class TrainConfig:
         self._check_ranges()
         if self.stream_weights is None:  # auto: streaming needs the segment engine
             self.stream_weights = self.engine == "segments"
+        if self.stream_state is None:
+            self.stream_state = bool(self.stream_weights) and self.engine == "segments"
         return self
 
     def _check_ranges(self) -> None:
@@ -224,6 +239,10 @@ class TrainConfig:
             nonzero = ("lr", "memory_budget_gb", "dist_timeout")
             if v is not None and (v < 0 or (v == 0 and name in nonzero)):
                 raise UserError(f"--{_flag(name)} must be positive (got {v})")
+        if not self.lora_keys:
+            raise UserError("--lora-keys must name at least one projection, e.g. self_attn.q_proj")
+        if not self.out.strip():
+            raise UserError("--out must name a folder (got an empty string)")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be in [0, 2^32) (got {self.seed})")
         if self.num_layers == 0 or self.num_layers < -1:
@@ -313,7 +332,8 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser(prog: str = "python -m mlx_edgelora.train") -> argparse.ArgumentParser:
     """An argparse parser generated from TrainConfig; every default is None (= not given)."""
     p = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a quantized Llama/Qwen model with LoRA on your text."
+        prog=prog,
+        description="Fine-tune a quantized Llama, Qwen, Mistral or Gemma 3 with LoRA on your text.",
     )
     for f in dataclasses.fields(TrainConfig):
         typ, meta = _field_type(f), f.metadata

@@ -27,19 +27,18 @@ MODEL_FILE, ADAPTER_GGUF, MODELFILE = "model.gguf", "adapter.gguf", "Modelfile"
 
 def _check_adapter_kind(adapter: str | Path) -> dict:
     """The adapter's config; only plain LoRA maps onto llama.cpp's adapter and merge."""
-    from .lora import CONFIG_FILE
+    from .lora import CONFIG_FILE, check_adapter
 
     try:
-        acfg = json.loads((Path(adapter) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return {}  # load_adapters names the problem
-    kind = acfg.get("fine_tune_type", "lora")
-    if kind != "lora" or acfg.get("use_dora"):
+        kind = json.loads((Path(adapter) / CONFIG_FILE).read_text()).get("fine_tune_type", "lora")
+    except (OSError, ValueError, AttributeError):
+        kind = "lora"  # check_adapter names the problem
+    if kind != "lora":
         raise UserError(
             f"{adapter}: a '{kind}' adapter cannot be exported to GGUF (llama.cpp applies plain "
             "LoRA only); train with --adapter lora"
         )
-    return acfg
+    return check_adapter(adapter)
 
 
 def _stops(tokenizer) -> list[str]:
@@ -49,7 +48,8 @@ def _stops(tokenizer) -> list[str]:
 def _model_keys(loaded, qtype, arch: str):
     import gguf
 
-    from .gguf_write import FILE_TYPES, add_hparams, copy_tokenizer, hf_tokenizer
+    from .gguf_vocab import copy_tokenizer, hf_tokenizer
+    from .gguf_write import FILE_TYPES, add_hparams
 
     def keys(w: gguf.GGUFWriter) -> None:
         w.add_name(f"{Path(loaded.source).stem}-edgelora")
@@ -82,18 +82,16 @@ def _lora_keys(loaded, acfg: dict, arch: str):
 
 
 def check_file(path: Path, entries: list, required_keys: list[str]) -> None:
-    """Read the written file back with the gguf package: every tensor and key is there."""
-    import gguf
+    """Read the written file's header back: every tensor (name, type, shape) and key is there."""
+    from .gguf_header import read_header
 
-    reader = gguf.GGUFReader(path)
-    got = {
-        t.name: (t.tensor_type, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors
-    }
-    want = {e.name: (e.qtype, tuple(e.shape)) for e in entries}
+    header = read_header(str(path))
+    got = {t.name: (t.type_id, tuple(reversed(t.dims))) for t in header.tensors}
+    want = {e.name: (int(e.qtype), tuple(e.shape)) for e in entries}
     if got != want:
         bad = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise UserError(f"{path}: written tensors differ from the model ({bad}); please report")
-    if missing := [k for k in required_keys if k not in reader.fields]:
+    if missing := [k for k in required_keys if k not in header.metadata]:
         raise UserError(f"{path}: metadata keys {missing} missing after writing; please report")
 
 
@@ -133,7 +131,7 @@ def export(
 ) -> Path:
     """Write model.gguf (or adapter.gguf with `lora_only`) and a Modelfile into `out`."""
     from .files import check_out, make_folder, write_text_atomic
-    from .fuse import fuse_lora, trained_on
+    from .fuse import fuse_lora
     from .gguf_write import TYPES, arch_of
     from .loading import load_model
     from .lora import load_adapters
@@ -142,9 +140,11 @@ def export(
     if qtype not in TYPES:
         raise UserError(f"--type must be one of {', '.join(TYPES)} (got {qtype})")
     acfg = _check_adapter_kind(adapter)
-    saved_model, saved_quantize = trained_on(adapter)
-    folder = check_out(out, overwrite, inside=model or saved_model)
-    loaded = load_model(model or saved_model, quantize or saved_quantize)
+    saved = acfg.get("edgelora")  # the run that wrote it, if ours
+    saved = saved if isinstance(saved, dict) else {}
+    base = model or saved.get("model")
+    folder = check_out(out, overwrite, inside=base)
+    loaded = load_model(base, quantize or saved.get("quantize"))
     arch_of(loaded.config)  # refuse an unsupported family before any work
     load_adapters(loaded.model, adapter)
     make_folder(folder)

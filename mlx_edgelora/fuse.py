@@ -83,6 +83,16 @@ def quantization_config(model) -> dict | None:
     return config
 
 
+def trained_on(adapter: str | Path) -> tuple[str | None, int | None]:
+    """(--model, --quantize) of the run that wrote `adapter` (None if not ours), once the
+    adapter's files are checked: a bad adapter must not cost a model load first."""
+    from .lora import check_adapter
+
+    saved = check_adapter(adapter).get("edgelora")
+    saved = saved if isinstance(saved, dict) else {}
+    return saved.get("model"), saved.get("quantize")
+
+
 def fuse(
     model: str | None,
     adapter: str,
@@ -98,17 +108,16 @@ def fuse(
     from mlx_lm.utils import save_config, save_model
 
     from .loading import describe_source, load_model
-    from .lora import check_adapter, load_adapters, saved_kind
+    from .lora import load_adapters, saved_kind
     from .spill import sweep_stale
 
-    saved = check_adapter(adapter).get("edgelora")  # the run that wrote it, if ours
+    saved_model, saved_quantize = trained_on(adapter)
     if refusal := saved_kind(adapter).fuse_refusal:
         raise UserError(f"--adapter {adapter}: cannot fuse: {refusal}")
-    saved = saved if isinstance(saved, dict) else {}
-    base = model or saved.get("model")
+    base = model or saved_model
     folder = check_out(out, overwrite, inside=base)
     print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
-    loaded = load_model(base, quantize or saved.get("quantize"))
+    loaded = load_model(base, quantize or saved_quantize)
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization_config",)}

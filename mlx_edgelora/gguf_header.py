@@ -1,10 +1,11 @@
-"""Check a GGUF file's header and tensor-info table before MLX reads it.
+"""Read and check a GGUF file's header and tensor-info table (gguf.py then maps the data).
 
-Why: MLX's GGUF reader (gguflib) trusts the file. A tensor record with 200 dims, a name
-length of 2^40, an unknown tensor type or an offset past the end of the file makes it read
-or write out of bounds, and the process dies with SIGSEGV, which no Python handler can catch.
-So the header is read here first, with `struct` and every length checked against the file's
-size, and anything that does not add up is one `UserError` naming the file and the fault.
+Why: every length in a GGUF comes from whoever wrote it. MLX's own reader (gguflib, which
+we no longer use) trusts them: a tensor record with 200 dims, a name length of 2^40, an
+unknown tensor type or an offset past the end of the file made it read or write out of
+bounds and die with SIGSEGV. Here the header is read with `struct`, every length checked
+against the file's size, and anything that does not add up is one `UserError` naming the
+file and the fault.
 
 Layout (GGUF v2/v3, little-endian): "GGUF", u32 version, u64 tensor count, u64 metadata
 count; metadata entries (string key, u32 value type, value); tensor infos (string name,
@@ -20,13 +21,16 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import numpy as np
+
 from .errors import UserError
 
 MAX_DIMS = 4  # GGML_MAX_DIMS: gguflib keeps dims in a fixed array of this size
 DEFAULT_ALIGNMENT = 32
 
-# ggml type id -> (name, weights per block, bytes per block); the ids and sizes of the `gguf`
-# package's GGMLQuantizationType / GGML_QUANT_SIZES (tests/test_hostile_input.py compares).
+# ggml type id -> (name, weights per block, bytes per block): the `gguf` package's
+# GGMLQuantizationType / GGML_QUANT_SIZES, restated because importing that package takes over
+# a second; tests/test_hostile_input.py keeps the two equal.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4),
     1: ("F16", 1, 2),
@@ -149,8 +153,17 @@ class _Reader:
             raise self.fail(f"{what} is not UTF-8") from None
 
 
-def read_header(path: str) -> Header:
-    """Parse and check the header and tensor table; UserError (one line) on any fault."""
+def _q(name: str) -> str:
+    """A name from the file, quoted for a one-line message: escaped, at most ~60 chars."""
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
+def read_header(path: str, arrays: bool = False) -> Header:
+    """Parse and check the header and tensor table; UserError (one line) on any fault.
+
+    `arrays`: keep metadata arrays' values (numeric ones as numpy, strings as a list: the
+    tokenizer) instead of only their length.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         r = _Reader(f, size, path)
@@ -160,7 +173,7 @@ def read_header(path: str) -> Header:
         if n_meta * 12 > r.left():  # a key length (8) and a value type (4) at the least
             raise r.fail(f"metadata count {n_meta} does not fit in the file")
         for i in range(n_meta):
-            key, value = _metadata_entry(r, i)
+            key, value = _metadata_entry(r, i, arrays)
             header.metadata[key] = value
         if n_tensors * 24 > r.left():  # name length, n_dims, type, offset at the least
             raise r.fail(f"tensor count {n_tensors} does not fit in the file")
@@ -186,36 +199,41 @@ def _preamble(r: _Reader) -> int:
     raise r.fail(f"unknown GGUF version {version}")
 
 
-def _metadata_entry(r: _Reader, i: int) -> tuple[str, object]:
+def _metadata_entry(r: _Reader, i: int, arrays: bool = False) -> tuple[str, object]:
     key = r.string(f"metadata key #{i}")
-    kind = r.unpack("I", f"type of '{key}'")
+    kind = r.unpack("I", f"type of {_q(key)}")
     if kind in _SCALARS:
-        return key, r.unpack(_SCALARS[kind], f"value of '{key}'")
+        return key, r.unpack(_SCALARS[kind], f"value of {_q(key)}")
     if kind == _STRING:
-        return key, r.string(f"value of '{key}'")
+        return key, r.string(f"value of {_q(key)}")
     if kind != _ARRAY:
-        raise r.fail(f"metadata '{key}' has unknown value type {kind}")
-    item = r.unpack("I", f"element type of '{key}'")
-    count = r.unpack("Q", f"length of '{key}'")
+        raise r.fail(f"metadata {_q(key)} has unknown value type {kind}")
+    item = r.unpack("I", f"element type of {_q(key)}")
+    count = r.unpack("Q", f"length of {_q(key)}")
     if item in _SCALARS:
-        r.skip(count * struct.calcsize(_SCALARS[item]), f"array '{key}' of {count} values")
+        nbytes, what = count * struct.calcsize(_SCALARS[item]), f"array {_q(key)} of {count} values"
+        if arrays:
+            return key, np.frombuffer(r.read(nbytes, what), "<" + _SCALARS[item]).copy()
+        r.skip(nbytes, what)
     elif item == _STRING:
         if count * 8 > r.left():
-            raise r.fail(f"array '{key}' of {count} strings does not fit in the file")
-        r.skip_strings(count, f"array '{key}'")
+            raise r.fail(f"array {_q(key)} of {count} strings does not fit in the file")
+        if arrays:
+            return key, [r.string(f"string #{j} of {_q(key)}") for j in range(count)]
+        r.skip_strings(count, f"array {_q(key)}")
     else:  # nested arrays: the format allows them, no model uses them, gguflib mis-reads them
-        raise r.fail(f"metadata array '{key}' has element type {item}")
+        raise r.fail(f"metadata array {_q(key)} has element type {item}")
     return key, count
 
 
 def _tensor_info(r: _Reader) -> tuple[str, list[int], int, int]:
     name = r.string("tensor name")
-    n_dims = r.unpack("I", f"dims of tensor '{name}'")
+    n_dims = r.unpack("I", f"dims of tensor {_q(name)}")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise r.fail(f"tensor '{name}' has {n_dims} dims (GGML allows 1 to {MAX_DIMS})")
-    dims = [r.unpack("Q", f"dims of tensor '{name}'") for _ in range(n_dims)]
-    type_id = r.unpack("I", f"type of tensor '{name}'")
-    offset = r.unpack("Q", f"offset of tensor '{name}'")
+        raise r.fail(f"tensor {_q(name)} has {n_dims} dims (GGML allows 1 to {MAX_DIMS})")
+    dims = [r.unpack("Q", f"dims of tensor {_q(name)}") for _ in range(n_dims)]
+    type_id = r.unpack("I", f"type of tensor {_q(name)}")
+    offset = r.unpack("Q", f"offset of tensor {_q(name)}")
     return name, dims, type_id, offset
 
 
@@ -228,29 +246,29 @@ def _alignment(metadata: dict, r: _Reader) -> int:
 
 def _check_tensors(infos: list, data_offset: int, alignment: int, r: _Reader) -> list[TensorInfo]:
     data_size = r.size - data_offset
-    if data_size < 0:
+    if data_size < 0 and infos:
         raise r.fail("the file ends before its tensor data")
     seen: set[str] = set()
     tensors = []
     for name, dims, type_id, offset in infos:
         if name in seen:
-            raise r.fail(f"tensor '{name}' appears twice")
+            raise r.fail(f"tensor {_q(name)} appears twice")
         seen.add(name)
         if type_id not in GGML_TYPES:
-            raise r.fail(f"tensor '{name}' has unknown type {type_id}")
+            raise r.fail(f"tensor {_q(name)} has unknown type {type_id}")
         type_name, block, block_bytes = GGML_TYPES[type_id]
         if 0 in dims:
-            raise r.fail(f"tensor '{name}' has a zero dimension {tuple(dims)}")
+            raise r.fail(f"tensor {_q(name)} has a zero dimension {tuple(dims)}")
         if dims[0] % block:
             raise r.fail(
-                f"tensor '{name}' ({type_name}) has {dims[0]} columns, not a multiple of {block}"
+                f"tensor {_q(name)} ({type_name}) has {dims[0]} columns, not a multiple of {block}"
             )
         nbytes = math.prod(dims) // block * block_bytes
         if offset % alignment:
-            raise r.fail(f"tensor '{name}' offset {offset} is not a multiple of {alignment}")
+            raise r.fail(f"tensor {_q(name)} offset {offset} is not a multiple of {alignment}")
         if offset + nbytes > data_size:
             raise r.fail(
-                f"tensor '{name}' ({nbytes} bytes at offset {offset}) runs past the end of the "
+                f"tensor {_q(name)} ({nbytes} bytes at offset {offset}) runs past the end of the "
                 f"file (data section holds {data_size} bytes; truncated download?)"
             )
         tensors.append(TensorInfo(name, type_id, tuple(dims), offset, nbytes))

@@ -12,7 +12,6 @@ memory is one tensor, not the model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,78 +270,6 @@ def _lora_b(b: mx.array, perm: int | None) -> Callable[[], np.ndarray]:
         return np.ascontiguousarray(permute_rows(rows, perm) if perm else rows)
 
     return make
-
-
-# --- tokenizer ---------------------------------------------------------------------------
-
-
-def copy_tokenizer(w: gguf.GGUFWriter, source: str) -> None:
-    """Copy every tokenizer.* key of the base GGUF unchanged (the exact vocabulary)."""
-    reader = gguf.GGUFReader(source)
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), f.types[0], sub)
-
-
-def _pre_name(pre: dict | None) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a Hugging Face byte-level pre-tokenizer."""
-    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"]:
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"]:
-        return "smollm"
-    regex = next((s["pattern"].get("Regex", "") for s in steps if s.get("type") == "Split"), "")
-    if r"\p{N}{1,3}" in regex:
-        return "llama-bpe"
-    if r"\p{N}" in regex:
-        return "qwen2"
-    raise UserError(
-        f"pre-tokenizer {kinds} has no llama.cpp equivalent we know; export from the "
-        "model's own .gguf (--model file.gguf) instead"
-    )
-
-
-def hf_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
-    """tokenizer.* keys for a Hugging Face byte-level BPE tokenizer (gpt2 model in llama.cpp)."""
-    fast = tokenizer._tokenizer
-    spec = json.loads(fast.backend_tokenizer.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError(
-            "only byte-level BPE tokenizers export from a model folder; export from the "
-            "model's own .gguf (--model file.gguf) instead"
-        )
-    vocab = fast.backend_tokenizer.get_vocab(with_added_tokens=True)
-    tokens = [""] * (max(vocab.values()) + 1)
-    for piece, i in vocab.items():
-        tokens[i] = piece
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    types = [
-        (3 if added[i]["special"] else 4) if i in added else 1  # control / user / normal
-        for i in range(len(tokens))
-    ]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_name(spec.get("pre_tokenizer")))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    ids = {"bos": fast.bos_token_id, "eos": fast.eos_token_id, "pad": fast.pad_token_id}
-    ids["unk"] = fast.unk_token_id
-    for kind, i in ids.items():
-        if i is not None:
-            w.add_uint32(f"tokenizer.ggml.{kind if kind != 'unk' else 'unknown'}_token_id", i)
-    extra = [i for i in sorted(tokenizer.eos_token_ids) if i != fast.eos_token_id]
-    if extra:
-        w.add_eot_token_id(extra[0])
-    probe = fast("a")["input_ids"]
-    w.add_add_bos_token(bool(probe) and probe[0] == fast.bos_token_id)
-    w.add_add_eos_token(bool(probe) and len(probe) > 1 and probe[-1] == fast.eos_token_id)
-    if template := getattr(fast, "chat_template", None):
-        w.add_chat_template(template)
 
 
 # --- file --------------------------------------------------------------------------------

@@ -112,7 +112,15 @@ class WeightStream:
             raise
         for i in units:  # (units already on disk are skipped: placeholders must not overwrite)
             frozen = self._frozen(i)
-            mx.save_safetensors(str(self._path(i)), frozen)
+            try:
+                mx.save_safetensors(str(self._path(i)), frozen)
+            except (OSError, RuntimeError) as e:  # the disk filled up after the check
+                self.restore()  # the units already moved come back; then the folder goes
+                self.close()
+                raise UserError(
+                    f"{self.folder}: cannot write streamed weights ({str(e).splitlines()[0]}); "
+                    "use --spill-dir on a bigger disk or --no-stream-weights"
+                ) from None
             self.stats.bytes_written += sum(v.nbytes for v in frozen.values())
             # (0,)-shaped placeholders keep the keys and dtypes, and free the weights.
             self._empty[i] = tree_unflatten(

@@ -13,6 +13,7 @@ from mlx_edgelora import UserError
 from mlx_edgelora.export import export, main, write_model
 from mlx_edgelora.fuse import fuse
 from mlx_edgelora.gguf import _mlx_name, unpermute_rows
+from mlx_edgelora.gguf_header import read_header
 from mlx_edgelora.gguf_write import mlx_blocks, permute_rows
 from mlx_edgelora.loading import load_model
 from mlx_edgelora.ollama import modelfile
@@ -159,7 +160,7 @@ def llama_cpp_lora_logits(base_gguf, adapter_gguf) -> np.ndarray:
         w = np.array(w.astype(mx.float32)) + alpha / b.shape[1] * (b @ a)
         if arch == "llama" and (part := name.split(".")[2]) in heads:
             w = np.array(unpermute_rows(mx.array(w), heads[part]))
-        path = _mlx_name(name, "x").removesuffix(".weight")
+        path = _mlx_name(name, arch, "x").removesuffix(".weight")
         old = modules[path]
         new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in old)
         new.weight = mx.array(w)
@@ -191,6 +192,7 @@ def test_lora_gguf_applies_like_llama_cpp(tmp_path, arch):
     old, new = gguf.GGUFReader(base).fields, gguf.GGUFReader(merged).fields
     keys = [k for k in old if k.startswith("tokenizer.")]
     assert len(keys) > 5 and all(new[k].contents() == old[k].contents() for k in keys)
+    assert all(new[k].types == old[k].types for k in keys)  # value types too
 
 
 def test_non_lora_adapter_is_refused(tmp_path, capsys):
@@ -221,7 +223,17 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
     from mlx_edgelora.lora import load_adapters
 
     adapter = tmp_path / "adapter"
-    cfg = TrainConfig(out=str(adapter), steps=3, rank=4, eval_every=0, save_every=0)
+    cfg = TrainConfig(
+        out=str(adapter),
+        steps=3,
+        rank=4,
+        max_seq_len=64,
+        eval_every=0,
+        eval_batches=1,
+        save_every=0,
+        activations="ram",
+        stream_weights=False,
+    )  # the quick start's base and data; short rows keep this test quick
     train(cfg, keep_model=False)
     fused = load_model(None)  # what `fuse --dequantize` saves (test_fuse checks the folder)
     load_adapters(fused.model, adapter)
@@ -235,10 +247,16 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
     assert exported.tokenizer.chat_template == fused.tokenizer.chat_template
 
     q41 = export(None, str(adapter), str(tmp_path / "q41"), "q4_1")
-    got = logits(q41)
-    # merged layers re-quantized to Q4_1 (measured: correlation 0.99+, most argmaxes agree)
-    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
-    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8
+    types = {t.name: t.type_name for t in read_header(str(q41)).tensors}
+    assert types["token_embd.weight"] == "Q8_0"  # the base's Q8_0 embedding, copied exactly
+    assert types["blk.0.attn_q.weight"] == "Q4_1"
+    # merged layers re-quantized to Q4_1 lose about what MLX's own 4-bit re-quantization
+    # (fuse without --dequantize) loses; 1.5x leaves room for float16 d/m instead of float32
+    requant = load_model(None)
+    load_adapters(requant.model, adapter)
+    fuse_lora(requant.model)
+    mlx_err = np.abs(np.array(requant.model(mx.array([PROMPT]))) - want).max()
+    assert np.abs(logits(q41) - want).max() < 1.5 * mlx_err
 
     lora = export(None, str(adapter), str(tmp_path / "lora"), lora_only=True)
     # llama.cpp adds B A in float32 to the dequantized base; fuse rounds the sum to float16
@@ -247,17 +265,7 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
 
 
 def test_qwen3_exports_with_its_q_k_norms(tmp_path):
-    """Qwen3 (q/k RMSNorm, head_dim != hidden / heads): reloaded by the registry's GGUF names.
-
-    gguf.py does not read qwen3 GGUFs yet, so the file is mapped back here with the family's
-    own load-side table (models/qwen3.py) into an mlx-lm model of the same config.
-    """
-    from mlx.utils import tree_unflatten
-    from mlx_lm.utils import _get_classes
-
-    from mlx_edgelora.gguf import _TOP
-    from mlx_edgelora.models import lookup
-
+    """Qwen3 (q/k RMSNorm, head_dim != hidden / heads) reloads as base + adapter."""
     model_dir = write_tiny_model_dir(tmp_path / "base", "qwen3")
     adapter = make_adapter(model_dir, tmp_path / "adapter")
     path = export(str(model_dir), str(adapter), str(tmp_path / "out"), "f32")
@@ -265,22 +273,9 @@ def test_qwen3_exports_with_its_q_k_norms(tmp_path):
     fields = gguf.GGUFReader(path).fields
     assert fields["general.architecture"].contents() == "qwen3"
     assert fields["qwen3.attention.key_length"].contents() == 24
-    blocks = lookup("qwen3", "test").gguf_block_tensors
-    weights = {}
-    for name, w in mx.load(str(path)).items():
-        module, _, suffix = name.rpartition(".")
-        if module in _TOP:
-            weights[f"{_TOP[module]}.{suffix}"] = w
-        else:
-            _, i, part = module.split(".", 2)
-            weights[f"model.layers.{i}.{blocks[part]}.{suffix}"] = w
-    assert "model.layers.0.self_attn.q_norm.weight" in weights
-    config = json.loads((model_dir / "config.json").read_text())
-    model_cls, args_cls = _get_classes(config)
-    model = model_cls(args_cls.from_dict(config))
-    model.update(tree_unflatten(list(weights.items())))
-    got = np.array(model(mx.array([PROMPT])))
-    np.testing.assert_allclose(got, base_plus_adapter_logits(model_dir, adapter), atol=1e-5)
+    assert "blk.0.attn_q_norm.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    want = base_plus_adapter_logits(model_dir, adapter)
+    np.testing.assert_allclose(logits(path), want, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_writes_and_names_the_next_commands(tmp_path, capsys):
@@ -294,3 +289,28 @@ def test_cli_writes_and_names_the_next_commands(tmp_path, capsys):
     assert main(args + ["--overwrite", "--lora"]) == 0
     assert {p.name for p in out.iterdir()} == {"model.gguf", "adapter.gguf", "Modelfile"}
     assert "ADAPTER adapter.gguf" in (out / "Modelfile").read_text()
+
+
+def test_llama3_rope_factors_read_back_as_the_same_scaling():
+    """The rope_freqs tensor we write is what gguf.py recognises as Llama 3 scaling."""
+    from mlx_edgelora.gguf import _llama3_scaling
+    from mlx_edgelora.gguf_write import llama3_rope_factors
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = {"hidden_size": 2048, "num_attention_heads": 32, "rope_theta": 500000.0}
+    factors = llama3_rope_factors({**config, "rope_scaling": scaling})
+    meta = {"llama.rope.freq_base": mx.array(500000.0)}
+    assert _llama3_scaling(mx.array(factors), meta, "llama", "x.gguf") == scaling
+
+
+def test_gemma3_is_refused_until_its_layout_is_written(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3")
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    with pytest.raises(UserError, match="cannot be exported to GGUF yet"):
+        export(str(model_dir), str(adapter), str(tmp_path / "out"))

@@ -19,13 +19,12 @@ from pathlib import Path
 import mlx_edgelora  # noqa: F401  (must precede mlx: it preloads OpenBLAS)
 
 # isort: on
+import gguf
 import numpy as np
 import pytest
 
 from mlx_edgelora.errors import UserError
 from mlx_edgelora.gguf_header import GGML_TYPES, read_header
-
-gguf = pytest.importorskip("gguf", reason="the `gguf` package (dev extra) writes the test files")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +100,10 @@ def _named_mutants(data: bytes, lay: dict) -> dict[str, tuple[bytes, str]]:
     return {
         "n_dims=200": (_put(data, t0["n_dims"], "I", 200), "has 200 dims"),
         "n_dims=0": (_put(data, t0["n_dims"], "I", 0), "has 0 dims"),
+        "newline in a name": (  # the message still has one line
+            _put(_put(data, t0["start"] + 8, "B", 10), t0["n_dims"], "I", 200),
+            "tensor '\\noken_embd.weight' has 200 dims",
+        ),
         "name length 2^40": (_put(data, t0["start"], "Q", 2**40), "needs 1099511627776 bytes"),
         "type 99": (_put(data, t1["type"], "I", 99), "unknown type 99"),
         "zero dimension": (_put(data, t1["dims"] + 8, "Q", 0), "zero dimension"),
@@ -238,6 +241,7 @@ def test_fuzzed_gguf_never_crashes_the_process(valid_gguf, tmp_path):
     assert len(outcomes) == len(paths) + 1
     assert outcomes[0].startswith("user-error") and "lacks" in outcomes[0]  # read, then judged
     assert all(o.startswith(("ok", "user-error")) for o in outcomes), outcomes
+    assert not any("<NEWLINE>" in o for o in outcomes), outcomes
 
 
 # --- model folders that ship their own code (item 12) -------------------------------------
@@ -505,11 +509,18 @@ def test_memory_plan_counts_the_token_store(tmp_path, tiny_tokenizer):
 
 
 def test_fuse_says_where_the_base_comes_from_before_loading(tmp_path, capsys):
-    from mlx_edgelora.fuse import main
+    from conftest import write_tiny_model_dir
 
+    from mlx_edgelora import TrainConfig
+    from mlx_edgelora.fuse import main
+    from mlx_edgelora.loading import load_model
+    from mlx_edgelora.lora import apply_lora, save_adapters
+
+    loaded = load_model(str(write_tiny_model_dir(tmp_path / "base")))
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    config = {"fine_tune_type": "lora", "edgelora": {"model": "someone/hub-model"}}
+    save_adapters(loaded.model, adapter, apply_lora(loaded.model, TrainConfig(rank=4)))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["edgelora"] = {**config.get("edgelora", {}), "model": "someone/hub-model"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert main(["--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2  # offline
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,109 @@
+"""The tokenizer.* keys of an exported GGUF: llama.cpp's vocabulary, merges and chat template.
+
+Why apart from gguf_write.py: two sources with different work. From a GGUF base the keys are
+copied as they are (exact); from a Hugging Face tokenizer they are rebuilt as llama.cpp's
+converter would (byte-level BPE only), with the pre-tokenizer named by its structure rather
+than by llama.cpp's hash of sample encodings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import mlx.core as mx
+
+from .errors import UserError
+
+_VALUE_TYPES = {
+    mx.bool_: gguf.GGUFValueType.BOOL,
+    mx.uint8: gguf.GGUFValueType.UINT8,
+    mx.int8: gguf.GGUFValueType.INT8,
+    mx.uint16: gguf.GGUFValueType.UINT16,
+    mx.int16: gguf.GGUFValueType.INT16,
+    mx.uint32: gguf.GGUFValueType.UINT32,
+    mx.int32: gguf.GGUFValueType.INT32,
+    mx.uint64: gguf.GGUFValueType.UINT64,
+    mx.int64: gguf.GGUFValueType.INT64,
+    mx.float32: gguf.GGUFValueType.FLOAT32,
+}
+
+
+def copy_tokenizer(w: gguf.GGUFWriter, source: str) -> None:
+    """Copy every tokenizer.* key of the base GGUF unchanged (the exact vocabulary).
+
+    Read with MLX, whose metadata keeps each value's type (the `gguf` package's reader takes
+    ~20 s on a 49k-token vocabulary, MLX under one).
+    """
+    V = gguf.GGUFValueType
+    _, meta = mx.load(source, format="gguf", return_metadata=True)
+    for key, value in meta.items():
+        if not key.startswith("tokenizer."):
+            continue
+        if isinstance(value, str):
+            w.add_key_value(key, value, V.STRING)
+        elif isinstance(value, list):  # MLX returns string arrays as lists
+            w.add_key_value(key, value, V.ARRAY, V.STRING)
+        elif value.ndim == 0:
+            w.add_key_value(key, value.item(), _VALUE_TYPES[value.dtype])
+        else:
+            w.add_key_value(key, value.tolist(), V.ARRAY, _VALUE_TYPES[value.dtype])
+
+
+def _pre_name(pre: dict | None) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a Hugging Face byte-level pre-tokenizer."""
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"]:
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"]:
+        return "smollm"
+    regex = next((s["pattern"].get("Regex", "") for s in steps if s.get("type") == "Split"), "")
+    if r"\p{N}{1,3}" in regex:
+        return "llama-bpe"
+    if r"\p{N}" in regex:
+        return "qwen2"
+    raise UserError(
+        f"pre-tokenizer {kinds} has no llama.cpp equivalent we know; export from the "
+        "model's own .gguf (--model file.gguf) instead"
+    )
+
+
+def hf_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:
+    """tokenizer.* keys for a Hugging Face byte-level BPE tokenizer (gpt2 model in llama.cpp)."""
+    fast = tokenizer._tokenizer
+    spec = json.loads(fast.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UserError(
+            "only byte-level BPE tokenizers export from a model folder; export from the "
+            "model's own .gguf (--model file.gguf) instead"
+        )
+    vocab = fast.backend_tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [""] * (max(vocab.values()) + 1)
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    types = [
+        (3 if added[i]["special"] else 4) if i in added else 1  # control / user / normal
+        for i in range(len(tokens))
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_name(spec.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    ids = {"bos": fast.bos_token_id, "eos": fast.eos_token_id, "pad": fast.pad_token_id}
+    ids["unk"] = fast.unk_token_id
+    for kind, i in ids.items():
+        if i is not None:
+            w.add_uint32(f"tokenizer.ggml.{kind if kind != 'unk' else 'unknown'}_token_id", i)
+    extra = [i for i in sorted(tokenizer.eos_token_ids) if i != fast.eos_token_id]
+    if extra:
+        w.add_eot_token_id(extra[0])
+    probe = fast("a")["input_ids"]
+    w.add_add_bos_token(bool(probe) and probe[0] == fast.bos_token_id)
+    w.add_add_eos_token(bool(probe) and len(probe) > 1 and probe[-1] == fast.eos_token_id)
+    if template := getattr(fast, "chat_template", None):
+        w.add_chat_template(template)
