@@ -35,7 +35,8 @@ from .state import SegmentOptimizer
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
 # (--batch-size may change with the number of ranks: distributed.check_resume.)
-RESUME_KEYS = ["rank", "lora_scale", "lora_keys", "num_layers", "max_seq_len"]
+RESUME_KEYS = ["adapter", "rank", "lora_scale", "lora_keys", "num_layers", "lars_block"]
+RESUME_KEYS += ["max_seq_len"]
 
 
 @dataclass
@@ -256,7 +257,7 @@ def _setup(
             _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
-    adapter_cfg = lora.apply_lora(model, cfg)
+    adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     if world.is_main:
         report.attach_tracker(reporter, cfg.report_to, out, cfg.to_dict())
