@@ -34,6 +34,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import HALVES, half_of, layers
+from .errors import UserError
 from .files import require_free_space, write_safetensors
 from .models import family_of
 from .spill import private_folder, register_cleanup, unregister_cleanup
@@ -74,18 +75,27 @@ class SegmentOptimizer:
         except Exception:
             self.close()
             raise
+        units = {}
         for i, params in flat.items():
             for half in HALVES:
-                unit = (i, half)
                 mine = {k: v for k, v in params.items() if half_of(self.model, k) == half}
-                if not mine:
-                    continue
-                self._names[unit] = sorted(mine)
+                if mine:
+                    units[(i, half)] = mine
+        try:  # every file first: a disk that fills up now leaves the model as it was
+            for unit, mine in units.items():
                 self._save(unit, "state", mine)
-                self._empty[unit] = tree_unflatten(
-                    [(k, mx.zeros((0,), dtype=v.dtype)) for k, v in mine.items()]
-                )
-                self._blocks[i].update(self._empty[unit])
+        except (OSError, RuntimeError) as e:
+            self.close()
+            raise UserError(
+                f"{self.folder}: cannot write streamed LoRA state ({str(e).splitlines()[0]}); "
+                "free some space, use --spill-dir on a bigger disk, or pass --no-stream-state"
+            ) from None
+        for unit, mine in units.items():
+            self._names[unit] = sorted(mine)
+            self._empty[unit] = tree_unflatten(
+                [(k, mx.zeros((0,), dtype=v.dtype)) for k, v in mine.items()]
+            )
+            self._blocks[unit[0]].update(self._empty[unit])
 
     @property
     def _blocks(self) -> list[nn.Module]:

@@ -283,16 +283,20 @@ def _setup(
         reporter.info("--stream-state: off with several ranks (the adapter stays in memory)")
     elif cfg.stream_state:
         state = SegmentOptimizer(model, opt, cfg.grad_clip, cfg.spill_dir, cfg.out)
-    step_fn = engine.make_step(model, cfg, train_head, state)
-    if world.size > 1:
-        step_fn.grad_hook = world.reduce  # each segment's gradients summed over ranks
-    shard = world.shard(batches)
-    run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
-    run.base, run.state = base, state
-    try:
+    step_fn = None
+    try:  # a failure from here on (full disk at offload, refused resume) leaves no folder
+        step_fn = engine.make_step(model, cfg, train_head, state)
+        if world.size > 1:
+            step_fn.grad_hook = world.reduce  # each segment's gradients summed over ranks
+        shard = world.shard(batches)
+        run = _Run(
+            cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world
+        )
+        run.base, run.state = base, state
         _start_position(run, batches, resume[0] if resume else None)
-    except BaseException:  # e.g. a refused resume: the stream and state folders must not stay
-        step_fn.close()
+    except BaseException:
+        if step_fn is not None:
+            step_fn.close()
         if state is not None:
             state.close()
         raise

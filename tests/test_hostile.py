@@ -308,40 +308,48 @@ def test_checkpoint_without_intact_files_is_refused_in_one_line(tmp_path, model_
     _one_line(e)
 
 
-def test_full_disk_during_save_leaves_no_partial_folder(tmp_path, model_dir, notes, monkeypatch):
+@pytest.mark.parametrize("stream_state", [False, True])
+def test_full_disk_during_save_leaves_no_partial_folder(
+    tmp_path, model_dir, notes, monkeypatch, stream_state
+):
     out = tmp_path / "out"
-    save = mx.save_safetensors
+    # in-memory state is saved by mx.save_safetensors, streamed state by our own writer
+    owner, name = (checkpoint, "write_safetensors") if stream_state else (mx, "save_safetensors")
+    save = getattr(owner, name)
     calls = []
 
     def fills_up(path, arrays, *a):
-        calls.append("checkpoints" in path)
+        calls.append("checkpoints" in str(path))
         if sum(calls) > 2:  # step 2's checkpoint (2 files) fits, step 4's does not
             Path(path).write_bytes(b"partial")
             raise RuntimeError("[save_safetensors] No space left on device")
         save(path, arrays, *a)
 
-    monkeypatch.setattr(mx, "save_safetensors", fills_up)
+    monkeypatch.setattr(owner, name, fills_up)
     with pytest.raises(UserError, match="cannot save checkpoint step 4") as e:
-        train(_cfg(model_dir, notes, out))
+        train(_cfg(model_dir, notes, out, stream_state=stream_state))
     assert "earlier checkpoints are intact" in _one_line(e)
     root = checkpoint.checkpoints_dir(out)
     assert [p.name for p in root.iterdir() if p.is_dir()] == ["step-000002"]
     checkpoint.verify(root / "step-000002")
 
 
-def test_full_disk_while_offloading_weights_is_one_line(tmp_path, model_dir, notes, monkeypatch):
+@pytest.mark.parametrize("what", ["weights", "LoRA state"])
+def test_full_disk_while_offloading_is_one_line(tmp_path, model_dir, notes, monkeypatch, what):
     save, calls = mx.save_safetensors, []
+    prefix = "edgelora-weights-" if what == "weights" else "edgelora-state-"
 
     def fills_up(path, arrays, *a):
         calls.append(path)
-        if len(calls) > 3:
+        if prefix in path and len(calls) > 3:
             raise RuntimeError("[save_safetensors] No space left on device")
         save(path, arrays, *a)
 
     monkeypatch.setattr(mx, "save_safetensors", fills_up)
-    with pytest.raises(UserError, match="cannot write streamed weights") as e:
-        train(_cfg(model_dir, notes, tmp_path / "out"))
-    assert "--no-stream-weights" in _one_line(e)
+    with pytest.raises(UserError, match=f"cannot write streamed {what}") as e:
+        train(_cfg(model_dir, notes, tmp_path / "out", stream_state=True))
+    flag = "--no-stream-weights" if what == "weights" else "--no-stream-state"
+    assert flag in _one_line(e)
     assert not list(tmp_path.glob("edgelora-*"))
 
 
