@@ -176,6 +176,12 @@ class TrainConfig:
         "with --subset-fill predicted: the tokens outside S count as one extra logit, so the "
         "loss value is exact and training does not drift (off = the paper's renormalization)",
     )
+    subset_refresh: int = _opt(
+        1,
+        "with --subset-fill predicted: run the scoring pass over the whole head only every N "
+        "micro-batches and reuse its ranking and tail statistics in between (cheaper; those "
+        "steps' training loss is approximate and logged as such; validation stays exact)",
+    )
     vocab_chunk: int = _opt(8192, "vocabulary chunk for the chunked exact loss")
     # --- planning
     memory_budget_gb: float | None = _opt(
@@ -199,6 +205,7 @@ class TrainConfig:
 
     def _check_ranges(self) -> None:
         positive = ["steps", "max_seq_len", "batch_size", "grad_accum", "rank", "subset_k"]
+        positive.append("subset_refresh")
         for name in positive + ["checkpoint_every", "vocab_chunk"]:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
@@ -230,6 +237,11 @@ class TrainConfig:
             )
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive (got {self.epochs})")
+        if self.subset_refresh > 1 and (self.loss, self.subset_fill) != ("subset", "predicted"):
+            raise UserError(
+                "--subset-refresh applies to --loss subset --subset-fill predicted only; "
+                "drop it or set both"
+            )
         if self.early_stop and not self.eval_every:
             raise UserError("--early-stop needs evaluations: set --eval-every N (N >= 1)")
         if (self.keep_best or self.early_stop) and self.val_fraction <= 0:
