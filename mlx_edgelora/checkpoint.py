@@ -27,7 +27,8 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
-from .files import fsync, require_free_space, write_text_atomic
+from .files import fsync, require_free_space, write_safetensors, write_text_atomic
+from .state import ADAPTERS, OPTIMIZER, SegmentOptimizer
 
 KEEP = 2  # checkpoints kept on disk; older ones are pruned after a successful save
 FILES = ("adapters.safetensors", "optimizer.safetensors", "state.json")
@@ -39,8 +40,16 @@ def checkpoints_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def save(out: str | Path, step: int, model: nn.Module, opt: optim.Optimizer, state: dict) -> Path:
-    """Write checkpoint `step` atomically and point latest.json at it.
+def save(
+    out: str | Path,
+    step: int,
+    model: nn.Module,
+    opt: optim.Optimizer,
+    state: dict,
+    streamed: SegmentOptimizer | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically and point latest.json at it; with `streamed` the
+    adapter and optimizer state come from its files (same format), a tensor at a time.
 
     A failure (full disk, read-only folder) removes the partial folder and raises a one-line
     UserError; the previous checkpoint is untouched.
@@ -48,10 +57,15 @@ def save(out: str | Path, step: int, model: nn.Module, opt: optim.Optimizer, sta
     root = checkpoints_dir(out)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    tensors = {
-        "adapters.safetensors": dict(tree_flatten(model.trainable_parameters())),
-        "optimizer.safetensors": dict(tree_flatten(opt.state)),
-    }
+    if streamed is not None:
+        tensors = {ADAPTERS: streamed.adapter_tensors(), OPTIMIZER: streamed.optimizer_tensors()}
+        write = write_safetensors
+    else:
+        tensors = {
+            ADAPTERS: dict(tree_flatten(model.trainable_parameters())),
+            OPTIMIZER: dict(tree_flatten(opt.state)),
+        }
+        write = lambda path, arrays: mx.save_safetensors(str(path), arrays)  # noqa: E731
     try:
         root.mkdir(parents=True, exist_ok=True)
         nbytes = sum(v.nbytes for t in tensors.values() for v in t.values()) + 2**16
@@ -59,7 +73,7 @@ def save(out: str | Path, step: int, model: nn.Module, opt: optim.Optimizer, sta
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for file, arrays in tensors.items():
-            mx.save_safetensors(str(tmp / file), arrays)
+            write(tmp / file, arrays)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
         manifest = {
             f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES
@@ -163,8 +177,11 @@ def latest(out: str | Path) -> Path | None:
     return find(out)[0]
 
 
-def load(folder: Path, model: nn.Module, opt: optim.Optimizer) -> dict:
-    """Restore adapter weights and optimizer state; return the saved run state.
+def load(
+    folder: Path, model: nn.Module, opt: optim.Optimizer, streamed: SegmentOptimizer | None = None
+) -> dict:
+    """Restore adapter weights and optimizer state (into `streamed`'s files if given); return
+    the saved run state.
 
     MLX's RNG state cannot be restored, so the trainer reseeds it from (seed, step) at every
     step instead: a resumed run draws the same random numbers as an uninterrupted one.
@@ -175,6 +192,9 @@ def load(folder: Path, model: nn.Module, opt: optim.Optimizer) -> dict:
         opt_state = mx.load(str(folder / "optimizer.safetensors"))
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}: checkpoint unreadable ({e}); resume another run") from None
+    if streamed is not None:
+        streamed.load_checkpoint(weights, opt_state)
+        return state
     model.load_weights(list(weights.items()), strict=False)
     opt.state = tree_unflatten(list(opt_state.items()))
     mx.eval(model.trainable_parameters(), opt.state)

@@ -41,7 +41,7 @@ class TrainConfig:
     # --- what to train on
     model: str | None = _opt(
         None,
-        "mlx-lm model folder, Hugging Face repo id, or .gguf file "
+        "mlx-lm model folder, Hugging Face repo id, .gguf file, or gemma3-270m "
         "(default: the embedded SmolLM2-135M-Instruct Q4_1)",
     )
     quantize: int | None = _opt(
@@ -79,6 +79,12 @@ class TrainConfig:
     num_layers: int = _opt(-1, "LoRA on the last N blocks (-1 = all blocks)")
     # --- data
     val_fraction: float = _opt(0.1, "fraction of documents held out for validation")
+    test: bool = _opt(
+        False,
+        "after training, report the exact loss on --data's test.jsonl (mlx-lm layout: "
+        "train/valid/test.jsonl; test is never trained on); with --resume of a finished run, "
+        "only that",
+    )
     # --- cadence and output
     eval_every: int = _opt(10, "validation loss/perplexity every N steps (and at the end)")
     eval_batches: int = _opt(8, "validation micro-batches per evaluation (-1 = all)")
@@ -156,6 +162,13 @@ class TrainConfig:
         "keep frozen block and embedding/head weights on disk and load each segment's only "
         "while it runs (default: on with --engine segments; costs a few ms per block read)",
     )
+    stream_state: bool | None = _opt(
+        None,
+        "keep the LoRA weights, gradient sums and AdamW moments on disk per checkpoint unit, "
+        "loaded only while the unit runs; the update is applied unit by unit with the same "
+        "global-norm clipping (default: on with --stream-weights; costs a write and a read of "
+        "the state per step)",
+    )
     # --- loss head (techniques 3 and 4)
     loss: str = _opt(
         "chunked",
@@ -201,6 +214,8 @@ class TrainConfig:
         self._check_ranges()
         if self.stream_weights is None:  # auto: streaming needs the segment engine
             self.stream_weights = self.engine == "segments"
+        if self.stream_state is None:
+            self.stream_state = bool(self.stream_weights) and self.engine == "segments"
         return self
 
     def _check_ranges(self) -> None:

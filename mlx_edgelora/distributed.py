@@ -178,7 +178,14 @@ class World:
         if opt is not None:
             opt.init(model.trainable_parameters())  # the other ranks: same names, zeros
             opt.state = tree_unflatten(list(self._from_main(dict(tree_flatten(opt.state))).items()))
-        (out,) = self._from_main({"ints": mx.array(ints, dtype=mx.int32)}).values()
+        return self.ints_from_main(ints)
+
+    def ints_from_main(self, ints: list[int]) -> list[int]:
+        """Rank 0's int32s, summed as int32s: exact (the float32 buffer of `_from_main`
+        would round anything above 2**24, e.g. a float64's bits sent as two int32s)."""
+        mine = ints if self.is_main else [0] * len(ints)
+        out = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=self.group)
+        mx.eval(out)
         return out.tolist()
 
     def _from_main(self, flat: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -211,7 +218,8 @@ def fingerprint(batches: BatchIterator) -> int:
 
 
 def _flat(leaves: list[mx.array]) -> mx.array:
-    """Arrays -> one float32 vector (exact for float32/bfloat16 and ints below 2**24)."""
+    """Arrays -> one float32 vector (exact for float32/bfloat16/float16 and ints below 2**24:
+    gradients, adapters, AdamW moments and its step counter)."""
     return mx.concatenate([v.reshape(-1).astype(mx.float32) for v in leaves])
 
 

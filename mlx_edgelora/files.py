@@ -10,21 +10,29 @@ already own. Each of these jobs is done once, here:
 - `lock_out`: an exclusive `fcntl.flock` on a file inside --out, held for the whole run, so
   a second run on the same folder stops with the holder's pid instead of interleaving.
 - `require_free_space`: fail before writing, not halfway through with a full disk.
+- `write_safetensors`: a safetensors file written one tensor in memory at a time (the
+  streamed trainable state's checkpoints and adapter, state.py).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
+
 from .errors import UserError
 
 LOCK_FILE = ".edgelora.lock"  # inside --out; never counts as the user's content
+_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.uint64: "U64", mx.int64: "I64"}
 SPACE_MARGIN = 1.2  # free space required = estimate x margin (file-system overhead, slack)
 
 
@@ -159,3 +167,26 @@ def require_free_space(folder: Path, nbytes: int, what: str, fix: str) -> None:
             f"{folder}: needs ~{format_bytes(need)} free for {what}, only {format_bytes(free)} "
             f"free; {fix}"
         )
+
+
+def write_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
+    """mx.save_safetensors, one tensor in memory at a time: `tensors` (lazy arrays, e.g. from
+    mx.load) is consumed as each one is written."""
+    header, offset = {}, 0
+    for k, v in tensors.items():
+        if v.dtype not in _DTYPES:
+            raise TypeError(f"{k}: dtype {v.dtype} not supported by the streamed writer")
+        n = v.size * v.itemsize
+        header[k] = {
+            "dtype": _DTYPES[v.dtype],
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    header["__metadata__"] = {"format": "mlx"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in list(tensors):
+            f.write(np.asarray(tensors.pop(k)).tobytes())

@@ -1,113 +1,166 @@
 """GGUF file -> mlx-lm weights, mlx-lm config dict and tokenizer.
 
-Why: the embedded default model (SmolLM2-135M-Instruct Q4_1) and many community models ship
-as llama.cpp GGUF files. `mx.load` reads the tensors: Q4_0/Q4_1/Q8_0 come back as MLX affine
-triplets (weight/scales/biases, group size 32), so the frozen base stays quantized (paper:
-quantized base weights, FP32 compute); F16/BF16/Q2_K/Q4_K/Q6_K come back dequantized to
-float16; other types (Q5_*, Q3_K, IQ*) MLX cannot read. Here we rename tensors to mlx-lm's
-names, undo llama.cpp's rotary row permutation of Q/K (llama arch only: its converter does not
-permute qwen2), build the config, and rebuild the tokenizer from the metadata with
-`tokenizers` (transformers' own GGUF reader needs torch).
+Why: the embedded default model (SmolLM2-135M-Instruct Q4_1) and most community models ship
+as llama.cpp GGUF files. gguf_header.py reads and checks the header (never trusting a length),
+the tensor bytes are memory-mapped, gguf_quants.py turns each tensor into MLX arrays
+(quantized blocks stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the
+tokenizer. Here: tensor names -> mlx-lm names and the norm shift, both from the model family's
+GGUF hooks (models/), llama.cpp's Q/K row permutation undone (llama arch only; its converter
+does not permute qwen2/qwen3/gemma3), the mlx-lm config from the metadata, and the check that
+the tensors fit the model the metadata describes.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
-from functools import partial
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.tokenizer_utils import (
-    BPEStreamingDetokenizer,
-    SPMStreamingDetokenizer,
-    TokenizerWrapper,
-)
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
-from tokenizers import pre_tokenizers as pre
+from mlx import nn
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import models
 from .errors import UserError
-from .gguf_header import read_header
+from .gguf_header import GGML_TYPES, read_header
+from .gguf_quants import GROUP, TYPES, convert
+from .gguf_tokenizer import build_tokenizer, meta_value
 
-ARCHITECTURES = ("llama", "qwen2")
-GROUP_SIZE = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
-_CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # llama.cpp token types
-_FLOAT_FILE_TYPES = (0, 1, 32)  # general.file_type of all-F32, mostly-F16, mostly-BF16 files
+FAMILIES = {f.gguf_arch: f for f in models.FAMILIES.values() if f.gguf_arch}
+ARCHITECTURES = tuple(sorted(FAMILIES))
+GROUP_SIZE = GROUP
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
 
-def load_gguf(
-    path: str, will_quantize: bool = False
-) -> tuple[dict[str, mx.array], dict, TokenizerWrapper]:
-    """Read a llama/qwen2 GGUF: (weights in mlx-lm names, mlx-lm config, tokenizer).
+@dataclass
+class TensorInfo:
+    kind: int  # ggml type id
+    shape: tuple[int, ...]  # MLX order: outermost first (GGUF stores innermost first)
+    offset: int  # absolute byte offset in the file
+    nbytes: int
 
-    `will_quantize`: the caller quantizes float weights itself (--quantize), so a K-quant
-    file that MLX dequantized needs no warning.
-    """
-    raw, meta = _read(path)
+
+def read_gguf(path: str) -> tuple[np.ndarray, dict, dict[str, TensorInfo]]:
+    """(the file as a read-only uint8 memory map, metadata, tensor table), header checked."""
+    header = read_header(path, arrays=True)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    infos = {
+        t.name: TensorInfo(t.type_id, t.dims[::-1], header.data_offset + t.offset, t.nbytes)
+        for t in header.tensors
+    }
+    return data, header.metadata, infos
+
+
+@dataclass
+class GGUFModel:
+    weights: dict[str, mx.array]  # mlx-lm names
+    config: dict  # mlx-lm config.json dict
+    tokenizer: TokenizerWrapper
+    shapes: dict[str, tuple[int, ...]]  # mlx-lm parameter -> unquantized shape in the file
+    report: str  # how each tensor type was mapped, with counts
+
+
+def load_gguf(path: str) -> GGUFModel:
+    """Read a llama / qwen2 / qwen3 / gemma3 GGUF into mlx-lm names, config and tokenizer."""
+    data, meta, infos = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(
-            f"{path}: architecture '{arch}' is not supported; use a Llama or Qwen2 GGUF"
+            f"{path}: architecture '{arch}' is not supported; supported GGUF architectures: "
+            + ", ".join(ARCHITECTURES)
         )
-    config = model_config(meta, raw, path)
+    _check_types(infos, path)
+    shift = FAMILIES[arch].gguf_norm_shift
+    config = model_config(meta, infos, data, path)
+    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
+    if n_tokens > config["vocab_size"]:
+        raise UserError(
+            f"{path}: tensor 'token_embd.weight' has {config['vocab_size']} rows but the "
+            f"tokenizer has {n_tokens} tokens; the file is inconsistent, re-convert it"
+        )
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    weights = {}
-    for name, w in raw.items():
+    weights, shapes, mapped = {}, {}, Counter()
+    for name, info in infos.items():
         if name == "rope_freqs.weight":  # llama3 rope factors, folded into the config
             continue
-        key = _mlx_name(name, path)
-        proj = key.split(".")[-2]
-        if arch == "llama" and proj in heads:  # llama.cpp stores Q/K rows rotary-interleaved
-            w = unpermute_rows(w, heads[proj])
-        weights[key] = w
+        key = _mlx_name(name, arch, path)
+        # The embedding lookup dequantizes in the scales' dtype: float32 keeps it exact.
+        parts, how = convert(info.kind, _bytes(data, info), info.shape, name == "token_embd.weight")
+        mapped[(TYPES[info.kind].name, how)] += 1
+        if shift and name.endswith("norm.weight"):  # Gemma: llama.cpp stores 1 + w
+            parts["weight"] = parts["weight"].astype(mx.float32) + shift
+        module = key.rsplit(".", 1)[0]
+        proj = module.rsplit(".", 1)[-1]
+        for suffix, w in parts.items():
+            if arch == "llama" and proj in heads:  # llama.cpp stores Q/K rows interleaved
+                w = unpermute_rows(w, heads[proj])
+            weights[key if suffix == "weight" else f"{module}.{suffix}"] = w
+        shapes[key] = info.shape
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
     if quantization := quantization_config(weights):
         config["quantization"] = quantization
-    elif not will_quantize and _meta(meta, "general.file_type", 0) not in _FLOAT_FILE_TYPES:
-        warnings.warn(
-            f"{path}: MLX dequantized this file's K-quant tensors to float (only Q4_0, Q4_1 "
-            "and Q8_0 stay quantized); pass --quantize 4 to keep the base small",
-            stacklevel=2,
-        )
-    return weights, config, build_tokenizer(meta, path)
+    report = ", ".join(f"{kind} x{n} -> {how}" for (kind, how), n in sorted(mapped.items()))
+    return GGUFModel(weights, config, build_tokenizer(meta, path), shapes, report)
 
 
-def _read(path: str) -> tuple[dict, dict]:
-    read_header(path)  # MLX's reader crashes (SIGSEGV) on a malformed header: check it first
-    try:
-        return mx.load(path, format="gguf", return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        if "gguf_tensor_to_f16" in str(e):
+def _check_types(infos: dict[str, TensorInfo], path: str) -> None:
+    """Every tensor of a type we convert (gguf_header checked sizes and bounds)."""
+    supported = ", ".join(t.name for t in TYPES.values())
+    for name, info in infos.items():
+        if info.kind not in TYPES:
             raise UserError(
-                f"{path}: holds a tensor type MLX cannot read (e.g. Q5_K, Q3_K, IQ*); use a "
-                "Q4_0, Q4_1, Q8_0 or F16 GGUF, or an mlx-lm model folder"
-            ) from None
-        raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+                f"{path}: tensor '{name}' has GGUF type {GGML_TYPES[info.kind][0]}, which is "
+                f"not supported; supported types: {supported}"
+            )
 
 
-def _mlx_name(name: str, path: str) -> str:
-    """'blk.3.attn_q.scales' -> 'model.layers.3.self_attn.q_proj.scales'."""
+def _bytes(data: np.ndarray, info: TensorInfo) -> np.ndarray:
+    return data[info.offset : info.offset + info.nbytes]
+
+
+def _mlx_name(name: str, arch: str, path: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     module, _, suffix = name.rpartition(".")
     target = _TOP.get(module)
     if module.startswith("blk."):
         _, index, part = module.split(".", 2)
-        target = _BLOCK.get(part) and f"model.layers.{index}.{_BLOCK[part]}"
+        block = FAMILIES[arch].gguf_block_tensors
+        target = block.get(part) and f"model.layers.{index}.{block[part]}"
     if target is None:
-        raise UserError(f"{path}: unexpected tensor '{name}'; only plain Llama/Qwen2 GGUFs load")
+        raise UserError(f"{path}: unexpected tensor '{name}' for a {arch} GGUF")
     return f"{target}.{suffix}"
+
+
+def gguf_name(key: str, arch: str) -> str:
+    """The inverse of _mlx_name, for error messages."""
+    module, _, suffix = key.rpartition(".")
+    top = {v: k for k, v in _TOP.items()}
+    if module in top:
+        return f"{top[module]}.{suffix}"
+    _, _, index, part = module.split(".", 3)
+    block = {v: k for k, v in FAMILIES[arch].gguf_block_tensors.items()}
+    return f"blk.{index}.{block.get(part, part)}.{suffix}"
+
+
+def check_tensors(model: nn.Module, gguf: GGUFModel, path: str) -> None:
+    """The tensors must have the shapes of the (float) model the metadata describes."""
+    arch = gguf.config["model_type"].removesuffix("_text")  # gemma3_text -> gemma3
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    for key, shape in gguf.shapes.items():
+        want = expected.get(key)
+        if want != shape:
+            implied = "no such tensor" if want is None else f"shape {list(want)}"
+            raise UserError(
+                f"{path}: tensor '{gguf_name(key, arch)}' has shape {list(shape)} but the "
+                f"metadata implies {implied}; the file is inconsistent, re-convert it"
+            )
+    if missing := sorted(set(expected) - set(gguf.shapes)):
+        raise UserError(
+            f"{path}: tensor '{gguf_name(missing[0], arch)}' is missing although the metadata "
+            "describes it; the file is incomplete, re-convert it"
+        )
 
 
 def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
@@ -122,24 +175,18 @@ def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(rows, *w.shape[3:])
 
 
-def _meta(meta: dict, key: str, default=None):
-    value = meta.get(key, default)
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
-
-
-def model_config(meta: dict, raw: dict, path: str) -> dict:
+def model_config(meta: dict, infos: dict, data: np.ndarray, path: str) -> dict:
     """The mlx-lm config.json dict for this GGUF's hyper-parameters."""
     arch = meta["general.architecture"]
 
     def get(key: str, default=None):
-        value = _meta(meta, f"{arch}.{key}", default)
+        value = meta_value(meta, f"{arch}.{key}", default)
         if value is None:
             raise UserError(f"{path}: GGUF metadata lacks '{arch}.{key}'; re-convert the model")
         return value
 
     heads = get("attention.head_count")
+    embd = infos.get("token_embd.weight")
     config = {
         "model_type": arch,
         "hidden_size": get("embedding_length"),
@@ -148,25 +195,46 @@ def model_config(meta: dict, raw: dict, path: str) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "vocab_size": raw["token_embd.weight"].shape[0] if "token_embd.weight" in raw else 0,
+        "vocab_size": embd.shape[0] if embd else 0,
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": get("context_length", 4096),
-        "tie_word_embeddings": "output.weight" not in raw,
-        "rope_scaling": _rope_scaling(meta, raw, arch, path),
+        "tie_word_embeddings": "output.weight" not in infos,
+        "rope_scaling": _rope_scaling(meta, infos, data, arch, path),
     }
-    if arch == "llama" and (head_dim := _meta(meta, f"{arch}.attention.key_length")):
-        config["head_dim"] = head_dim
+    head_dim = meta_value(meta, f"{arch}.attention.key_length")
+    if head_dim or arch == "qwen3":
+        config["head_dim"] = head_dim or config["hidden_size"] // heads
+    if arch == "gemma3":
+        config.update(_gemma3_config(config, meta, get))
     return config
 
 
-def _rope_scaling(meta: dict, raw: dict, arch: str, path: str) -> dict | None:
-    if "rope_freqs.weight" in raw:
-        return _llama3_scaling(raw["rope_freqs.weight"], meta, arch, path)
-    kind = _meta(meta, f"{arch}.rope.scaling.type", "none")
+def _gemma3_config(config: dict, meta: dict, get) -> dict:
+    """mlx-lm gemma3_text's extra fields; llama.cpp hard-codes what the GGUF does not store."""
+    head_dim = config.setdefault("head_dim", 256)
+    return {
+        "model_type": "gemma3_text",
+        "sliding_window": get("attention.sliding_window"),
+        "sliding_window_pattern": 6,  # 5 local : 1 global layers (llama.cpp's set_swa_pattern)
+        "rope_local_base_freq": float(meta_value(meta, "gemma3.rope.freq_base_swa", 10000.0)),
+        # llama.cpp: the 62-layer 27B scales queries by hidden/heads, all others by head_dim
+        "query_pre_attn_scalar": (
+            config["hidden_size"] // config["num_attention_heads"]
+            if config["num_hidden_layers"] == 62
+            else head_dim
+        ),
+    }
+
+
+def _rope_scaling(meta: dict, infos: dict, data, arch: str, path: str) -> dict | None:
+    if info := infos.get("rope_freqs.weight"):
+        factors = convert(info.kind, _bytes(data, info), info.shape)[0]["weight"]
+        return _llama3_scaling(factors, meta, arch, path)
+    kind = meta_value(meta, f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return {"type": "linear", "factor": float(_meta(meta, f"{arch}.rope.scaling.factor"))}
+        return {"type": "linear", "factor": float(meta_value(meta, f"{arch}.rope.scaling.factor"))}
     raise UserError(f"{path}: rope scaling '{kind}' is not supported; use the mlx-lm model")
 
 
@@ -185,7 +253,7 @@ def _llama3_scaling(factors: mx.array, meta: dict, arch: str, path: str) -> dict
         "high_freq_factor": high,
         "original_max_position_embeddings": old,
     }
-    base = float(_meta(meta, f"{arch}.rope.freq_base", 10000.0))
+    base = float(meta_value(meta, f"{arch}.rope.freq_base", 10000.0))
     dims = 2 * got.size  # one factor per rotary pair
     wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
     smooth = (old / wavelen - low) / (high - low)
@@ -212,122 +280,3 @@ def quantization_config(weights: dict) -> dict | None:
         {m: {"group_size": GROUP_SIZE, "bits": b} for m, b in bits.items() if b != default}
     )
     return config
-
-
-# --- tokenizer --------------------------------------------------------------------------
-
-_SPLITS = {  # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by `tokenizer.ggml.pre`
-    "llama3": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?"
-    r"\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?"
-    r"\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
-_PRE_KINDS = {
-    **dict.fromkeys(["llama3", "llama-bpe", "llama-v3", "smaug-bpe"], "llama3"),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2"], "qwen2"),
-    **dict.fromkeys(["smollm", "starcoder", "refact", "codeshell", "command-r"], "digits"),
-    **dict.fromkeys(["gpt-2", "gpt2", "default", "mpt", "olmo"], "gpt2"),
-}
-
-
-def _byte_level_pre(name: str, path: str):
-    """Pre-tokenizer (and normalizer) matching llama.cpp's `tokenizer.ggml.pre`."""
-    kind = _PRE_KINDS.get(name)
-    if kind is None:
-        warnings.warn(f"{path}: unknown pre-tokenizer '{name}'; using GPT-2's", stacklevel=3)
-        kind = "gpt2"
-    byte_level = pre.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt2", "digits"))
-    if kind == "gpt2":
-        return byte_level, None
-    if kind == "digits":
-        return pre.Sequence([pre.Digits(individual_digits=True), byte_level]), None
-    split = pre.Split(Regex(_SPLITS[kind]), behavior="isolated", invert=False)
-    return pre.Sequence([split, byte_level]), normalizers.NFC() if kind == "qwen2" else None
-
-
-def _gpt2_tokenizer(meta: dict, tokens: list[str], path: str) -> Tokenizer:
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    pre_name = meta.get("tokenizer.ggml.pre", "default")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=_PRE_KINDS.get(pre_name) == "llama3"))
-    tok.pre_tokenizer, normalizer = _byte_level_pre(pre_name, path)
-    if normalizer is not None:
-        tok.normalizer = normalizer
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple]:
-    """BPE merges equivalent to SentencePiece-BPE: merge the pair whose join scores highest."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for piece, score, kind in zip(tokens, scores, types):
-        if kind != 1:  # only normal pieces are merge results
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                merges.append((-score, vocab[left], vocab[right], left, right))
-    return [(left, right) for *_, left, right in sorted(merges)]
-
-
-def _spm_tokenizer(meta: dict, tokens: list[str]) -> Tokenizer:
-    scores = _meta(meta, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = _meta(meta, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    unk = tokens[_meta(meta, "tokenizer.ggml.unknown_token_id", 0)]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = _spm_merges(tokens, scores, types)
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    prefix = bool(_meta(meta, "tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre.Metaspace(prepend_scheme="first" if prefix else "never", split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return tok
-
-
-def _special_ids(meta: dict) -> dict[str, int | None]:
-    keys = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding", "eot": "eot"}
-    return {k: _meta(meta, f"tokenizer.ggml.{v}_token_id") for k, v in keys.items()}
-
-
-def _add_bos_eos(tok: Tokenizer, meta: dict, tokens: list[str], ids: dict) -> None:
-    """Post-processor adding BOS/EOS when the GGUF asks for it (llama.cpp's defaults)."""
-    spm = meta.get("tokenizer.ggml.model") == "llama"
-    bos = ids["bos"] if _meta(meta, "tokenizer.ggml.add_bos_token", spm) else None
-    eos = ids["eos"] if _meta(meta, "tokenizer.ggml.add_eos_token", False) else None
-    if bos is None and eos is None:
-        return
-    first = [tokens[bos]] if bos is not None else []
-    last = [tokens[eos]] if eos is not None else []
-    tok.post_processor = processors.TemplateProcessing(
-        single=" ".join(first + ["$A"] + last),
-        pair=" ".join(first + ["$A"] + last + first + ["$B:1"] + last),
-        special_tokens=[(tokens[i], i) for i in (bos, eos) if i is not None],
-    )
-
-
-def build_tokenizer(meta: dict, path: str = "gguf") -> TokenizerWrapper:
-    """An mlx-lm TokenizerWrapper rebuilt from the GGUF tokenizer metadata."""
-    from transformers import PreTrainedTokenizerFast
-
-    kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
-    if kind not in ("gpt2", "llama") or not tokens:
-        raise UserError(f"{path}: tokenizer '{kind}' is not supported (need gpt2 BPE or llama SPM)")
-    tok = _gpt2_tokenizer(meta, tokens, path) if kind == "gpt2" else _spm_tokenizer(meta, tokens)
-    types = _meta(meta, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    special = [t for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED]  # matched whole, not special
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    ids = _special_ids(meta)
-    _add_bos_eos(tok, meta, tokens, ids)
-    names = {f"{k}_token": tokens[i] for k, i in ids.items() if i is not None and k != "eot"}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
-    fast.chat_template = meta.get("tokenizer.chat_template")
-    if kind == "gpt2":
-        detokenizer = BPEStreamingDetokenizer
-    else:
-        prefix = bool(_meta(meta, "tokenizer.ggml.add_space_prefix", True))
-        detokenizer = partial(SPMStreamingDetokenizer, trim_space=prefix)
-    eos = [i for i in (ids["eos"], ids["eot"]) if i is not None]
-    return TokenizerWrapper(fast, detokenizer, eos_token_ids=eos)

@@ -1,10 +1,11 @@
-"""Check a GGUF file's header and tensor-info table before MLX reads it.
+"""Read and check a GGUF file's header and tensor-info table (gguf.py then maps the data).
 
-Why: MLX's GGUF reader (gguflib) trusts the file. A tensor record with 200 dims, a name
-length of 2^40, an unknown tensor type or an offset past the end of the file makes it read
-or write out of bounds, and the process dies with SIGSEGV, which no Python handler can catch.
-So the header is read here first, with `struct` and every length checked against the file's
-size, and anything that does not add up is one `UserError` naming the file and the fault.
+Why: every length in a GGUF comes from whoever wrote it. MLX's own reader (gguflib, which
+we no longer use) trusts them: a tensor record with 200 dims, a name length of 2^40, an
+unknown tensor type or an offset past the end of the file made it read or write out of
+bounds and die with SIGSEGV. Here the header is read with `struct`, every length checked
+against the file's size, and anything that does not add up is one `UserError` naming the
+file and the fault.
 
 Layout (GGUF v2/v3, little-endian): "GGUF", u32 version, u64 tensor count, u64 metadata
 count; metadata entries (string key, u32 value type, value); tensor infos (string name,
@@ -19,6 +20,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+import numpy as np
 
 from .errors import UserError
 
@@ -155,8 +158,12 @@ def _q(name: str) -> str:
     return repr(name if len(name) <= 60 else name[:57] + "...")
 
 
-def read_header(path: str) -> Header:
-    """Parse and check the header and tensor table; UserError (one line) on any fault."""
+def read_header(path: str, arrays: bool = False) -> Header:
+    """Parse and check the header and tensor table; UserError (one line) on any fault.
+
+    `arrays`: keep metadata arrays' values (numeric ones as numpy, strings as a list: the
+    tokenizer) instead of only their length.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         r = _Reader(f, size, path)
@@ -166,7 +173,7 @@ def read_header(path: str) -> Header:
         if n_meta * 12 > r.left():  # a key length (8) and a value type (4) at the least
             raise r.fail(f"metadata count {n_meta} does not fit in the file")
         for i in range(n_meta):
-            key, value = _metadata_entry(r, i)
+            key, value = _metadata_entry(r, i, arrays)
             header.metadata[key] = value
         if n_tensors * 24 > r.left():  # name length, n_dims, type, offset at the least
             raise r.fail(f"tensor count {n_tensors} does not fit in the file")
@@ -192,7 +199,7 @@ def _preamble(r: _Reader) -> int:
     raise r.fail(f"unknown GGUF version {version}")
 
 
-def _metadata_entry(r: _Reader, i: int) -> tuple[str, object]:
+def _metadata_entry(r: _Reader, i: int, arrays: bool = False) -> tuple[str, object]:
     key = r.string(f"metadata key #{i}")
     kind = r.unpack("I", f"type of {_q(key)}")
     if kind in _SCALARS:
@@ -204,10 +211,15 @@ def _metadata_entry(r: _Reader, i: int) -> tuple[str, object]:
     item = r.unpack("I", f"element type of {_q(key)}")
     count = r.unpack("Q", f"length of {_q(key)}")
     if item in _SCALARS:
-        r.skip(count * struct.calcsize(_SCALARS[item]), f"array {_q(key)} of {count} values")
+        nbytes, what = count * struct.calcsize(_SCALARS[item]), f"array {_q(key)} of {count} values"
+        if arrays:
+            return key, np.frombuffer(r.read(nbytes, what), "<" + _SCALARS[item]).copy()
+        r.skip(nbytes, what)
     elif item == _STRING:
         if count * 8 > r.left():
             raise r.fail(f"array {_q(key)} of {count} strings does not fit in the file")
+        if arrays:
+            return key, [r.string(f"string #{j} of {_q(key)}") for j in range(count)]
         r.skip_strings(count, f"array {_q(key)}")
     else:  # nested arrays: the format allows them, no model uses them, gguflib mis-reads them
         raise r.fail(f"metadata array {_q(key)} has element type {item}")

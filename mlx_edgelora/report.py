@@ -88,6 +88,14 @@ class Reporter:
         self._log(rec)
         return rec
 
+    def test(self, step: int, test_loss: float, n_tokens: int) -> dict:
+        """The exact loss on the held-out test set (--test), in the log beside val_loss."""
+        rec = {"step": step, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50.0))}
+        rec["test_tokens"] = n_tokens
+        self._print(f"test loss {test_loss:.3f} | test ppl {rec['test_ppl']:.2f}", True)
+        self._log(rec)
+        return rec
+
     def info(self, message: str) -> None:
         self._print(message, True)
 

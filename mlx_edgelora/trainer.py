@@ -31,6 +31,7 @@ from .errors import Terminated, UserError
 from .loading import LoadedModel, load_model
 from .report import Reporter
 from .selection import Selection, epoch_steps
+from .state import SegmentOptimizer
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
 # (--batch-size may change with the number of ranks: distributed.check_resume.)
@@ -106,12 +107,17 @@ def base_identity(loaded: LoadedModel) -> dict:
 
 
 def evaluate(
-    step_fn, cfg: TrainConfig, rows, head, world: distributed.World | None = None
+    step_fn,
+    cfg: TrainConfig,
+    rows,
+    head,
+    world: distributed.World | None = None,
+    every_batch: bool = False,
 ) -> tuple[float, int]:
-    """Mean exact loss over (up to cfg.eval_batches) validation batches, without gradients;
+    """Mean exact loss over (up to cfg.eval_batches, or every) batch, without gradients;
     with several ranks each evaluates its rows of each global batch and the sums are added."""
     total, count = 0.0, 0
-    limit = None if cfg.eval_batches < 0 else cfg.eval_batches
+    limit = None if cfg.eval_batches < 0 or every_batch else cfg.eval_batches
     world = world or distributed.World(None, timeout=1.0)
     for batch in iter_eval_batches(rows, cfg.batch_size * world.size, limit):
         batch = world.rows_of(batch)  # this rank's rows of the global batch
@@ -124,14 +130,16 @@ def evaluate(
 
 
 def _accumulate(step_fn, batches: BatchIterator, n_micro: int):
-    """Run n_micro micro-batches; return summed loss, token count and summed gradients."""
+    """Run n_micro micro-batches; return summed loss, token count and summed gradients
+    (None when a SegmentOptimizer took them segment by segment)."""
     loss_sum, n_tok, grads = 0.0, 0, None
     for _ in range(n_micro):
         batch = next(batches)
         ls, n, g = step_fn(batch)
         loss_sum, n_tok = loss_sum + ls, n_tok + n
-        grads = g if grads is None else tree_map(mx.add, grads, g)
-        mx.eval(grads)
+        if g is not None:
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(grads)
         del g  # else this micro-batch's gradients stay alive through the next one's step
     return loss_sum, n_tok, grads
 
@@ -160,7 +168,7 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
 
 
 def _check_remaining(cfg: TrainConfig, saved: dict) -> None:
-    if saved["step"] >= cfg.steps:
+    if saved["step"] >= cfg.steps and not cfg.test:  # --test alone: evaluate the saved adapter
         raise UserError(
             f"--resume: nothing to do, the run in {cfg.out} is already at step {saved['step']} "
             f"(--steps {cfg.steps}); pass a larger --steps to train it further"
@@ -208,6 +216,7 @@ class _Run:
     reporter: Reporter
     world: distributed.World
     start: int = 0
+    state: SegmentOptimizer | None = None  # --stream-state: the trainable state on disk
     selection: Selection = field(default_factory=Selection)
     base: dict = field(default_factory=dict)  # base_identity, saved with each checkpoint
     train_head: loss.LossHead | None = None  # says whether a step's loss value was exact
@@ -229,7 +238,8 @@ def _setup(
     elif reporter is None:
         reporter = Reporter(cfg.steps, stream=open(os.devnull, "w"))  # noqa: SIM115
     resume = _find_checkpoint(cfg, out, reporter) if cfg.resume and world.is_main else None
-    loaded = loaded or load_model(cfg.model, cfg.quantize)
+    # streamed weights go from the model's files to the stream one unit at a time
+    loaded = loaded or load_model(cfg.model, cfg.quantize, lazy=bool(cfg.stream_weights))
     base = base_identity(loaded)
     if resume:
         _check_base(resume[1], base)
@@ -268,12 +278,17 @@ def _setup(
     batches = BatchIterator(data.train_rows, cfg.batch_size * world.size, seed=cfg.seed)
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
     eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
-    step_fn = engine.make_step(model, cfg, train_head)
+    state = None
+    if cfg.stream_state and world.size > 1:  # the setup broadcast sends in-memory LoRA state
+        reporter.info("--stream-state: off with several ranks (the adapter stays in memory)")
+    elif cfg.stream_state:
+        state = SegmentOptimizer(model, opt, cfg.grad_clip, cfg.spill_dir, cfg.out)
+    step_fn = engine.make_step(model, cfg, train_head, state)
     if world.size > 1:
         step_fn.grad_hook = world.reduce  # each segment's gradients summed over ranks
     shard = world.shard(batches)
     run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
-    run.base, run.train_head = base, train_head
+    run.base, run.state, run.train_head = base, state, train_head
     _start_position(run, batches, resume[0] if resume else None)
     if world.is_main:
         _clear_old_run(cfg, out, run.start)
@@ -285,7 +300,7 @@ def _start_position(run: _Run, batches: BatchIterator, folder: Path | None) -> N
     adapter, optimizer state and data position (the other Macs need no copy of --out)."""
     cfg, world, position = run.cfg, run.world, [0, 0, 0]
     if folder is not None:
-        saved = checkpoint.load(folder, run.model, run.opt)
+        saved = checkpoint.load(folder, run.model, run.opt, run.state)
         distributed.check_resume(saved, cfg, world)
         batches.load_state_dict(saved["data"])
         position = [saved["step"], batches.epoch, batches.position]
@@ -316,21 +331,30 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
     Rank 0 only: the other ranks hold the same adapter."""
     if not run.world.is_main:
         return
-    params = [v for _, v in tree_flatten(run.model.trainable_parameters())]
-    if not all(mx.all(mx.isfinite(v)).item() for v in params):
+    if not all(mx.all(mx.isfinite(v)).item() for v in _adapter(run).values()):  # one at a time
         raise UserError(_diverged(run, step, "the adapter weights"))
     state = {"config": run.cfg.to_dict(), "data": data_state, "base": run.base}
     state["selection"] = run.selection.state_dict()
     state["world_size"] = run.world.size  # resume: distributed.check_resume
-    checkpoint.save(run.out, step, run.model, run.opt, state)
+    checkpoint.save(run.out, step, run.model, run.opt, state, run.state)
     try:
         if not run.cfg.keep_best:  # else adapters.safetensors is the best one, from _eval
-            lora.save_adapters(run.model, run.out, run.adapter_cfg)
+            lora.save_adapters(run.model, run.out, run.adapter_cfg, _streamed_adapter(run))
     except (OSError, RuntimeError) as e:
         raise UserError(
             f"{run.out}: cannot save the adapter ({getattr(e, 'strerror', None) or e}); the "
             f"checkpoint of step {step} is saved: free some space, then --resume"
         ) from None
+
+
+def _streamed_adapter(run: _Run) -> dict | None:
+    """The adapter's tensors, lazily loaded, when they live in streamed state; else None."""
+    return run.state.adapter_tensors() if run.state is not None else None
+
+
+def _adapter(run: _Run) -> dict:
+    """{name: LoRA weight} wherever it lives (lazily loaded from streamed state)."""
+    return _streamed_adapter(run) or dict(tree_flatten(run.model.trainable_parameters()))
 
 
 def _diverged(run: _Run, step: int, what: str) -> str:
@@ -350,7 +374,8 @@ def _eval(run: _Run, step: int) -> float:
         run.reporter.eval(step, val, n)
         if run.selection.update(step, val) and run.cfg.keep_best and run.world.is_main:
             best = {"best_step": step, "best_val_loss": val}
-            lora.save_adapters(run.model, run.out, {**run.adapter_cfg, **best})
+            acfg = {**run.adapter_cfg, **best}
+            lora.save_adapters(run.model, run.out, acfg, _streamed_adapter(run))
             run.reporter.info(f"step {step}: best validation loss so far; adapter kept")
     return val
 
@@ -379,6 +404,10 @@ def train(
                 peak = mx.get_peak_memory() / 1024**3
             finally:
                 run.step_fn.close(restore=keep_model)  # the stream's files are removed either way
+                if run.state is not None:
+                    if keep_model:
+                        run.state.restore()
+                    run.state.close()
                 run.reporter.close()
     finally:
         world.close()
@@ -386,6 +415,14 @@ def train(
             lock.release()
     best = run.selection.best_step if cfg.keep_best else None
     return TrainResult(run.out, run.reporter.history, val, peak, best, world.rank)
+
+
+def _test(run: _Run, step: int) -> None:
+    """--test: the exact loss on every row of the held-out test.jsonl (never trained on)."""
+    with run.world.collective(f"test evaluation at step {step}"):
+        rows, head = run.data.test_rows, run.eval_head
+        loss_value, n = evaluate(run.step_fn, run.cfg, rows, head, run.world, every_batch=True)
+    run.reporter.test(step, loss_value, n)
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:
@@ -429,10 +466,15 @@ def _loop(run: _Run) -> float | None:
         for step in range(run.start + 1, 0 if stopped else cfg.steps + 1):
             mx.random.seed(cfg.seed * 1_000_003 + step)  # resumable dropout RNG
             with run.world.collective(f"step {step}"):  # gradients are summed in the step
+                if run.state is not None:
+                    run.state.begin_step()
                 loss_sum, n_tok, grads = _accumulate(run.step_fn, run.batches, cfg.grad_accum)
                 loss_sum, n_tok = run.world.sum_counts(loss_sum, n_tok)
             step_loss = float(loss_sum) / max(n_tok, 1)
-            norm = _update(run.model, run.opt, cfg, grads, n_tok) if n_tok else 0.0
+            if run.state is not None:
+                norm = run.state.apply(n_tok) if n_tok else 0.0
+            else:
+                norm = _update(run.model, run.opt, cfg, grads, n_tok) if n_tok else 0.0
             del grads  # else the last step's gradients stay alive through the next step's peak
             if not math.isfinite(step_loss) or not math.isfinite(norm):
                 what = "the loss" if not math.isfinite(step_loss) else "the gradient norm"
@@ -462,4 +504,6 @@ def _loop(run: _Run) -> float | None:
     elif run.start < cfg.steps:
         val = _eval(run, cfg.steps)
         _save(run, cfg.steps, run.batches.state_dict())
+    if cfg.test:
+        _test(run, stopped or max(run.start, cfg.steps))
     return val if val is not None and math.isfinite(val) else None

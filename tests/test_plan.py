@@ -62,6 +62,7 @@ def test_options_that_save_memory_lower_the_plan(tmp_path):
     assert subset_nb < total(loss="subset", subset_k=256) <= total(loss="chunked")  # scoring
     assert total(loss="chunked", vocab_chunk=1024) < total(loss="full")
     assert total(stream_weights=True) < total()
+    assert total(stream_weights=True, stream_state=True) < total(stream_weights=True)
     assert total(split_blocks=True) < total(split_blocks=False)
     assert plan.estimate(model, cfg, 0.3).total_gb < plan.estimate(model, cfg, 1.0).total_gb
 

@@ -152,3 +152,48 @@ def test_one_half_of_a_block_is_resident_alone(tmp_path):
             out = layer(x, mask="causal")
             mx.eval(out)
         assert mx.array_equal(out, ref).item()
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_lazy_load_then_offload_never_holds_the_whole_model(tmp_path, quantize):
+    """load_model(lazy=True) reads nothing; offload evaluates and writes one unit at a time
+    (with --quantize, quantizing as it goes), so the peak is about one block, not the model;
+    the eager load of the same folder holds all of it (the measure can tell them apart)."""
+    import json
+
+    from conftest import make_tiny_tokenizer
+
+    from mlx_edgelora.loading import load_model
+
+    shape = dict(num_hidden_layers=8, hidden_size=256, intermediate_size=1024)
+    model, cfg = build_tiny_model("llama", **shape)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    make_tiny_tokenizer(folder)
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    block = sum(v.nbytes for _, v in tree_flatten(model.model.layers[0].parameters()))
+    del model
+    peaks = {}
+    for lazy in (True, False):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        loaded = load_model(str(folder), quantize, lazy=lazy)
+        if lazy:
+            assert mx.get_active_memory() - base < block / 4  # nothing read yet
+        stream = WeightStream(loaded.model, str(tmp_path))
+        stream.offload(head=True)
+        peaks[lazy] = mx.get_peak_memory() - base
+        with stream.resident(0):  # the first block, as the eager load had it
+            got = dict(tree_flatten(loaded.model.model.layers[0].parameters()))
+            peaks[(lazy, "block0")] = got
+        stream.close()
+        del loaded
+    # eager: every float weight (or, quantized, the whole INT4 model plus the float weights
+    # of the blocks being quantized) at once
+    assert peaks[False] > (0.9 if quantize is None else 0.3) * total
+    assert peaks[True] < 2 * block
+    for k, v in peaks[(True, "block0")].items():
+        assert mx.array_equal(v, peaks[(False, "block0")][k]), k
