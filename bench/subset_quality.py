@@ -461,9 +461,8 @@ def heldout(args) -> dict:
             eval_every=0, eval_batches=-1, save_every=0, activations="ram", overwrite=True,
         )  # fmt: skip
         cfg0 = TrainConfig(**base)
-        data, test_rows = split_val_test(
-            load_dataset(base["data"], load_model(None).tokenizer, cfg0)
-        )
+        pooled = load_dataset(base["data"], load_model(None).tokenizer, cfg0)
+        data, test_rows = split_val_test(pooled, args.eval_rows)
         result["split"] = {
             "documents": data.n_documents, "train_rows": len(data.train_rows),
             "val_rows": len(data.val_rows), "test_rows": len(test_rows),
