@@ -68,7 +68,9 @@ DEFAULTS = dict(
     layers=None,  # blocks to build (None = the full model)
     seq=1024,
     trainable=1.0,  # fraction of trainable (loss-carrying) positions: the LAST ones
-    full_ft=False,  # all weights trainable (FP32 baseline); else LoRA
+    full_ft=False,  # all weights trainable (FP32 baseline); else the adapter
+    adapter="lora",  # lora | lars (methods.py)
+    emulator=None,  # EMLoC: a cached emulator file, or "random:RATIO" (factors of that shape)
     rank=16,
     bits=None,  # 4: nn.quantize(group_size=64, bits=4) the random model
     engine="graph",
@@ -208,6 +210,7 @@ def _trainable(c: dict, model, out: str):
         out=out,
         spill_dir=out,
         rank=c["rank"],
+        adapter=c["adapter"],
         engine=c["engine"],
         activations=c["activations"],
         loss=c["loss"],
@@ -220,13 +223,42 @@ def _trainable(c: dict, model, out: str):
         split_blocks=c["split_blocks"],
         cache_policy=c["cache_policy"],
     ).validate()
+    if c["emulator"]:
+        _install_emulator(model, c["emulator"])
     if c["full_ft"]:
         model.unfreeze()
     else:
-        lora.apply_lora(model, tc)
+        lora.apply_adapter(model, tc)
     quant.prepare_for_training(model)
     mx.eval(model.parameters())
     return tc
+
+
+def _install_emulator(model, spec: str) -> None:
+    """EMLoC's emulator in place of the block linears: a saved one, or for a random-weight
+    shape random factors of the ranks the ratio gives (memory does not depend on values)."""
+    import mlx.core as mx
+
+    from mlx_edgelora import blocks, emulator
+
+    if not spec.startswith("random:"):
+        emulator.install(model, emulator.load(Path(spec)))
+        return
+    ratio, layers = float(spec.split(":", 1)[1]), blocks.layers(model)
+    for i, layer in enumerate(layers):
+        built = {}
+        for key, m in layer.named_modules():
+            last_down = i == len(layers) - 1 and key == "mlp.down_proj"
+            if key.count(".") != 1 or last_down or not hasattr(m, "bits"):
+                continue
+            if (r := emulator.emulator_rank(m, ratio)) is not None:
+                out_dims, in_dims = emulator.linear_shape(m)
+                w_u = mx.random.uniform(-0.05, 0.05, (out_dims, r))
+                w_v = mx.random.uniform(-0.05, 0.05, (r, in_dims))
+                built[f"{blocks.layers_path(model)}.{i}.{key}"] = emulator.make_layer(
+                    w_u, w_v, m.get("bias"), m.bits
+                )
+        emulator.install(model, built)
 
 
 def _loss_head(c: dict, model, tc):

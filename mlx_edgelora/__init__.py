@@ -6,6 +6,9 @@ Public API (what notebooks and scripts use):
     TrainConfig(...)                        -> every option, as on the command line
     train(cfg, loaded=None, data=None)      -> TrainResult (history, val loss, peak memory)
     generate(loaded, prompt, ...)           -> str
+    emloc(cfg, ratio=0.4, ...)              -> EmlocResult (EMLoC: LoRA trained on an
+                                               emulator, corrected for the original model)
+TrainConfig(adapter="lars") trains LARS gates instead of LoRA with the same train().
 """
 
 from importlib import import_module
@@ -19,6 +22,7 @@ _API = {
     "load_dataset": "dataset",
     "train": "trainer",
     "generate": "generate",
+    "emloc": "emloc",
 }
 __all__ = list(_API)
 

@@ -28,6 +28,11 @@ def layers(model: nn.Module) -> list[nn.Module]:
     return family_of(model).layers(model)
 
 
+def layers_path(model: nn.Module) -> str:
+    """Dotted path of the block list in model.parameters() ("model.layers" for most)."""
+    return family_of(model).layers_path(model)
+
+
 def block_forward(
     model: nn.Module,
     i: int,

@@ -69,14 +69,23 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 = off)")
     seed: int = _opt(0, "seed for LoRA init, data split and shuffling")
-    # --- LoRA
-    rank: int = _opt(16, "LoRA rank")
+    # --- adapter: LoRA (default) or LARS
+    adapter: str = _opt(
+        "lora",
+        "lora: a low-rank weight update x A B (mergeable, mlx-lm format); lars: a low-rank, "
+        "input-dependent gate on each linear's input blocks (LARS; cannot be fused)",
+        choices=["lora", "lars"],
+    )
+    rank: int = _opt(16, "LoRA rank (with --adapter lars: the gate's rank)")
     lora_scale: float = _opt(2.0, "LoRA scale (alpha / rank): the update is scale * x A B")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
     lora_keys: list = _opt(
-        DEFAULT_LORA_KEYS, "projections inside each block that get LoRA (dotted paths)"
+        DEFAULT_LORA_KEYS, "projections inside each block that get the adapter (dotted paths)"
     )
-    num_layers: int = _opt(-1, "LoRA on the last N blocks (-1 = all blocks)")
+    num_layers: int = _opt(-1, "the adapter on the last N blocks (-1 = all blocks)")
+    lars_block: int = _opt(
+        32, "--adapter lars: input channels per gate (must divide every adapted input width)"
+    )
     # --- data
     val_fraction: float = _opt(0.1, "fraction of documents held out for validation")
     test: bool = _opt(
@@ -222,7 +231,7 @@ class TrainConfig:
 
     def _check_ranges(self) -> None:
         positive = ["steps", "max_seq_len", "batch_size", "grad_accum", "rank", "subset_k"]
-        positive.append("subset_refresh")
+        positive += ["lars_block", "subset_refresh"]
         for name in positive + ["checkpoint_every", "vocab_chunk"]:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")

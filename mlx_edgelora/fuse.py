@@ -108,10 +108,12 @@ def fuse(
     from mlx_lm.utils import save_config, save_model
 
     from .loading import describe_source, load_model
-    from .lora import load_adapters
+    from .lora import load_adapters, saved_kind
     from .spill import sweep_stale
 
     saved_model, saved_quantize = trained_on(adapter)
+    if refusal := saved_kind(adapter).fuse_refusal:
+        raise UserError(f"--adapter {adapter}: cannot fuse: {refusal}")
     base = model or saved_model
     folder = check_out(out, overwrite, inside=base)
     print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download

@@ -3,11 +3,18 @@
 Technique 1's other half: the base stays INT4/INT8 and frozen, the LoRA A/B matrices are
 float32. We reuse mlx-lm's LoRALinear and adapter files, so `mlx_lm.generate --adapter-path`
 reads what we write.
+
+This module also holds the adapter registry (`--adapter lora|lars`): each kind swaps the
+chosen linears for a module with its own trainable parameters (LoRALinear, lars.LARSLinear),
+so the engine and the trainer never branch on the kind. Every kind is saved the same way
+(trainable parameters + adapter_config.json naming its `fine_tune_type`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,24 +35,75 @@ CONFIG_FILE = "adapter_config.json"
 def adapter_config(cfg: TrainConfig, n_blocks: int) -> dict:
     """The adapter_config.json mlx-lm expects (plus our resolved training config)."""
     num_layers = n_blocks if cfg.num_layers < 0 else min(cfg.num_layers, n_blocks)
+    if cfg.adapter == "lars":
+        from .lars import lars_parameters
+
+        params = {"lars_parameters": lars_parameters(cfg)}
+    else:
+        params = {
+            "lora_parameters": {
+                "rank": cfg.rank,
+                "scale": cfg.lora_scale,
+                "dropout": cfg.lora_dropout,
+                "keys": list(cfg.lora_keys),
+            }
+        }
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": cfg.adapter,
         "num_layers": num_layers,
-        "lora_parameters": {
-            "rank": cfg.rank,
-            "scale": cfg.lora_scale,
-            "dropout": cfg.lora_dropout,
-            "keys": list(cfg.lora_keys),
-        },
+        **params,
         "edgelora": cfg.to_dict(),
     }
 
 
+@dataclass(frozen=True)
+class AdapterKind:
+    """One --adapter choice: how to wrap a model for training and how to load a saved one."""
+
+    apply: Callable[[nn.Module, dict], None]  # (model, adapter_config) -> wrapped, frozen base
+    load: Callable[[nn.Module, Path, dict], None]  # (model, folder, adapter_config)
+    fuse_refusal: str | None = None  # why `fuse` cannot merge it (None: it can)
+
+
+def _kinds() -> dict[str, AdapterKind]:
+    from . import lars  # lars imports this module's neighbours; import it when needed
+
+    return {
+        "lora": AdapterKind(_wrap_lora, _load_lora),
+        "lars": AdapterKind(
+            lambda m, a: lars.wrap(m, a["num_layers"], a["lars_parameters"]),
+            lambda m, f, a: lars.load(m, f, a, ADAPTER_FILE),
+            "a LARS gate depends on the input (x * (1 + alpha (zU)V)), so it cannot be merged "
+            "into W; use the adapter unfused (mlx_edgelora.generate --adapter)",
+        ),
+    }
+
+
+def adapter_kind(name: str, where: str = "--adapter") -> AdapterKind:
+    kinds = _kinds()
+    if name not in kinds:
+        raise UserError(f"{where}: unknown adapter kind '{name}'; use {' or '.join(kinds)}")
+    return kinds[name]
+
+
+def apply_adapter(model: nn.Module, cfg: TrainConfig) -> dict:
+    """Freeze the base and wrap the chosen projections with cfg.adapter; return its config."""
+    from . import blocks  # imported here: blocks -> models -> attention imports this module
+
+    acfg = adapter_config(cfg, len(blocks.layers(model)))
+    _check_keys(model, list(cfg.lora_keys))
+    adapter_kind(cfg.adapter).apply(model, acfg)
+    return acfg
+
+
 def apply_lora(model: nn.Module, cfg: TrainConfig) -> dict:
     """Freeze the base and wrap the chosen projections with float32 LoRA; return its config."""
-    n_blocks = len(model.layers)
-    acfg = adapter_config(cfg, n_blocks)
-    _check_keys(model, acfg["lora_parameters"]["keys"])
+    if cfg.adapter != "lora":
+        raise ValueError(f"apply_lora with adapter={cfg.adapter!r}: use apply_adapter")
+    return apply_adapter(model, cfg)
+
+
+def _wrap_lora(model: nn.Module, acfg: dict) -> None:
     model.freeze()
     linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
     for _, m in model.named_modules():
@@ -53,15 +111,19 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> dict:
             m.lora_a = m.lora_a.astype(mx.float32)
             m.lora_b = m.lora_b.astype(mx.float32)
     mx.eval(model.trainable_parameters())
-    return acfg
 
 
 def _check_keys(model: nn.Module, keys: list[str]) -> None:
-    """Every key must name a linear projection of a block (what LoRA can wrap)."""
-    linear = {
+    """Every key must name a linear projection of a block (what LoRA can wrap: a linear, or
+    a module with mlx-lm's `to_lora` hook, e.g. EMLoC's emulator layer)."""
+    from . import blocks
+
+    modules = blocks.layers(model)[0].named_modules()
+    hooked = {name for name, m in modules if hasattr(m, "to_lora")}
+    linear = hooked | {
         name
-        for name, m in model.layers[0].named_modules()
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+        for name, m in modules
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and name.rsplit(".", 1)[0] not in hooked
     }
     wrong = [k for k in keys if k not in linear]
     if wrong:
@@ -102,7 +164,7 @@ def save_adapters(
 
 
 def read_adapter_config(folder: Path) -> dict:
-    """adapter_config.json, checked for what mlx-lm's loader reads (else a KeyError there)."""
+    """adapter_config.json, checked for what its kind's loader reads (else a KeyError there)."""
     path = folder / CONFIG_FILE
     try:
         acfg = json.loads(path.read_text())
@@ -113,12 +175,20 @@ def read_adapter_config(folder: Path) -> dict:
     kind = acfg.get("fine_tune_type", "lora")
     if kind == "full":
         return acfg
-    params = acfg.get("lora_parameters")
+    section, fields = (
+        ("lars_parameters", ("rank", "block"))
+        if kind == "lars"
+        else (
+            "lora_parameters",
+            ("rank", "scale", "dropout"),
+        )
+    )
+    params = acfg.get(section)
     params = params if isinstance(params, dict) else {}
     values = {"num_layers": acfg.get("num_layers")}
-    values.update({f"lora_parameters.{k}": params.get(k) for k in ("rank", "scale", "dropout")})
+    values.update({f"{section}.{k}": params.get(k) for k in fields})
     bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-    if kind not in ("lora", "dora"):
+    if kind not in ("lora", "dora", "lars"):
         bad.insert(0, f"fine_tune_type {kind!r}")
     if bad:
         raise UserError(
@@ -148,10 +218,23 @@ def check_adapter(folder: str | Path) -> dict:
     return acfg
 
 
+def saved_kind(folder: str | Path) -> AdapterKind:
+    """The AdapterKind that wrote the adapter in `folder` (dora and full load as mlx-lm's)."""
+    kind = check_adapter(folder).get("fine_tune_type", "lora")
+    return _kinds()["lars" if kind == "lars" else "lora"]
+
+
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply a saved adapter (ours or mlx-lm's) to `model` with mlx-lm's own loader."""
+    """Apply a saved adapter (ours, of any kind, or mlx-lm's) to `model`."""
     folder = Path(folder)
-    check_adapter(folder)
+    acfg = check_adapter(folder)
+    saved_kind(folder).load(model, folder, acfg)
+    model.eval()
+    return model
+
+
+def _load_lora(model: nn.Module, folder: Path, acfg: dict) -> None:
+    """mlx-lm's own loader, so what mlx-lm wrote loads as mlx-lm loads it."""
     try:
         _mlx_lm_load_adapters(model, str(folder))
     except ValueError as e:
@@ -159,5 +242,3 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
         raise UserError(f"{folder}: adapter does not fit this model: {detail}{more}") from None
-    model.eval()
-    return model

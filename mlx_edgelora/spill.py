@@ -111,16 +111,25 @@ def _restore_handlers() -> None:
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    """Remove our folders, then do what the previous handler would have done."""
+    """Do what the previous handler would have done, with our folders removed before the
+    process can end.
+
+    A Python handler (e.g. default_int_handler -> KeyboardInterrupt, the trainer's SIGTERM ->
+    Terminated) raises into the program, which still needs its folders: the interrupted run
+    saves a checkpoint from the streamed LoRA/optimizer state, and a notebook may load the
+    streamed weights back. So that case only raises: `close()` in the program's `finally`
+    blocks removes the folders, and atexit is the net. Only a default "terminate" removes
+    them here first.
+    """
     previous = _saved_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+        return
     _run_cleanups()
     _restore_handlers()
-    if callable(previous):  # e.g. signal.default_int_handler -> KeyboardInterrupt
-        previous(signum, frame)
-    elif signum == signal.SIGINT:  # (an ignored signal never reaches here: not installed)
+    if signum == signal.SIGINT:  # (an ignored signal never reaches here: not installed)
         raise KeyboardInterrupt
-    else:  # default action (terminate): re-deliver with the default handler back in place
-        os.kill(os.getpid(), signum)
+    os.kill(os.getpid(), signum)  # default action: re-deliver with the default handler back
 
 
 def _alive(pid: int) -> bool:
@@ -237,7 +246,7 @@ class BoundaryStore:
         ]
         for t in self._threads:
             t.start()
-        self._token = register_cleanup(partial(self._shutdown, 5.0))
+        self._token = register_cleanup(partial(self._shutdown, 20.0))
 
     def __enter__(self) -> BoundaryStore:  # noqa: PYI034  (typing.Self needs 3.11)
         return self
@@ -339,6 +348,8 @@ class BoundaryStore:
             io.data = None  # the in-memory copy goes as soon as the file is there
             io.done.set()
             self._slots.release()
+            if self._aborted.is_set():  # a write that outlived the signal path's wait
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     def _read(self, io: _Io) -> None:
         """Reader thread: wait for the boundary's write, then load it into host memory."""

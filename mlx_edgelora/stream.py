@@ -3,7 +3,7 @@
 Our addition to paper technique 2: with segment checkpointing a block's quantized weights are
 needed only while its segment runs (forward, then recompute + VJP in backward), so a model can
 train in less memory than its own INT4 weights. `offload()` writes each block's frozen
-parameters (quantized weight/scales/biases, biases, norms; never lora_a/lora_b) to
+parameters (quantized weight/scales/biases, biases, norms; never the trainable adapter) to
 `block{i}-attn.safetensors` / `block{i}-mlp.safetensors` (the block's two residual halves,
 blocks.HALVES) and leaves zero-size placeholders in the module: same keys, same module
 structure, same trainable parameters. `resident(i)` loads them back for the duration of a
@@ -42,7 +42,6 @@ from .errors import UserError
 from .files import require_free_space
 from .spill import private_folder, register_cleanup, unregister_cleanup
 
-LORA_NAMES = ("lora_a", "lora_b")
 HEAD = "head"  # the unit holding the embedding and (untied) LM head
 Key = tuple[int, str] | str  # a unit on disk: (block index, half) or HEAD
 
@@ -57,10 +56,9 @@ class StreamStats:
 
 
 def frozen_parameters(layer: nn.Module) -> dict[str, mx.array]:
-    """The block's parameters that training never changes, by dotted name."""
-    return {
-        k: v for k, v in tree_flatten(layer.parameters()) if k.rsplit(".", 1)[-1] not in LORA_NAMES
-    }
+    """The block's parameters that training never changes (not the adapter's), by name."""
+    trainable = {k for k, _ in tree_flatten(layer.trainable_parameters())}
+    return {k: v for k, v in tree_flatten(layer.parameters()) if k not in trainable}
 
 
 class WeightStream:

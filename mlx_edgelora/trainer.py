@@ -35,7 +35,8 @@ from .state import SegmentOptimizer
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
 # (--batch-size may change with the number of ranks: distributed.check_resume.)
-RESUME_KEYS = ["rank", "lora_scale", "lora_keys", "num_layers", "max_seq_len"]
+RESUME_KEYS = ["adapter", "rank", "lora_scale", "lora_keys", "num_layers", "lars_block"]
+RESUME_KEYS += ["max_seq_len"]
 
 
 @dataclass
@@ -257,7 +258,7 @@ def _setup(
             _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
-    adapter_cfg = lora.apply_lora(model, cfg)
+    adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     if world.is_main:
         report.attach_tracker(reporter, cfg.report_to, out, cfg.to_dict())
@@ -289,7 +290,13 @@ def _setup(
     shard = world.shard(batches)
     run = _Run(cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world)
     run.base, run.state, run.train_head = base, state, train_head
-    _start_position(run, batches, resume[0] if resume else None)
+    try:
+        _start_position(run, batches, resume[0] if resume else None)
+    except BaseException:  # e.g. a refused resume: the stream and state folders must not stay
+        step_fn.close()
+        if state is not None:
+            state.close()
+        raise
     if world.is_main:
         _clear_old_run(cfg, out, run.start)
     return run

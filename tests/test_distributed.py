@@ -204,6 +204,7 @@ def test_resume_with_another_global_batch_is_refused_in_one_line(setup, tmp_path
     with pytest.raises(UserError, match="global batch was 2 rank") as e:
         _single(setup["model"], setup["notes"], out, steps=4, resume=True)
     assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("edgelora-*"))  # the refused run's weight stream is gone
     # one process with --batch-size 2 trains the same rows per step: it may continue
     _single(setup["model"], setup["notes"], out, steps=3, batch_size=2, resume=True)
 

@@ -240,11 +240,16 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
     fuse_lora(fused.model, dequantize=True)
     want = np.array(fused.model(mx.array([PROMPT])))
 
-    f16 = export(None, str(adapter), str(tmp_path / "f16"), "f16")
-    exported = load_model(str(f16))
+    f32 = export(None, str(adapter), str(tmp_path / "f32"), "f32")
+    exported = load_model(str(f32))
     np.testing.assert_array_equal(np.array(exported.model(mx.array([PROMPT]))), want)
     assert exported.tokenizer.encode(TEXT) == fused.tokenizer.encode(TEXT)
     assert exported.tokenizer.chat_template == fused.tokenizer.chat_template
+    # F16: merged layers are float16 already (the base's Q4_1 scales are); the Q8_0 embedding
+    # dequantizes to float32 (gguf.py keeps it exact) and rounds to float16 here
+    f16 = logits(export(None, str(adapter), str(tmp_path / "f16"), "f16"))
+    # measured: 0.019 at a largest logit of 30.6; bound 1% of the largest logit
+    assert np.abs(f16 - want).max() < 0.01 * np.abs(want).max()
 
     q41 = export(None, str(adapter), str(tmp_path / "q41"), "q4_1")
     types = {t.name: t.type_name for t in read_header(str(q41)).tensors}

@@ -1,0 +1,149 @@
+"""LARS: a low-rank, input-dependent gate on the input of each frozen linear (no weight update).
+
+Paper: Tenison et al., "Parameter Efficiency Is Not Memory Efficiency" (arXiv 2604.22783),
+as their public code implements it (see /work/shared/methods.md). Per adapted linear, input
+width d, blocks of B input channels (G = d / B gates):
+
+    z = x / sqrt(mean(x^2) + eps)      RMS-normalised input, no learned weight
+    p = (z U) V                        U: [d, r], V: [r, G]   gate logits per block
+    g = 1 + alpha p                    alpha: a trainable scalar
+    y = linear(x * repeat_B(g))        the base linear (quantized or not) stays frozen
+
+Why a custom VJP: autodiff would keep z, zU and p for the backward pass; `lars_gate` keeps
+only x (which the q/k/v or gate/up projections share) and recomputes the rest. `gate_reference`
+is the plain formula it is tested against. The gate depends on the input, so it cannot be
+merged into W: `fuse` refuses a LARS adapter and inference keeps the gate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import blocks
+from .errors import UserError
+
+EPS = 1e-5
+ALPHA_INIT = 0.1  # the authors' init; V ~ N(0, V_STD^2) makes a fresh gate almost 1
+V_STD = 1e-4
+PARAMS = ("lars_u", "lars_v", "lars_alpha")
+
+
+def _normalise(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(z, s): z = s x with s = 1 / sqrt(mean(x^2) + eps) per token."""
+    s = mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + EPS)
+    return x * s, s
+
+
+def _repeat(g: mx.array, block: int) -> mx.array:
+    """[..., G] -> [..., G * block], each gate repeated over its block of channels."""
+    return mx.repeat(g, block, axis=-1)
+
+
+def gate_reference(x: mx.array, u: mx.array, v: mx.array, alpha: mx.array) -> mx.array:
+    """x * repeat(1 + alpha (z U) V): the plain formula (autodiff keeps z, zU, p)."""
+    block = x.shape[-1] // v.shape[-1]
+    z, _ = _normalise(x)
+    return x * _repeat(1 + alpha * ((z @ u) @ v), block)
+
+
+@functools.cache
+def _gate_fn():
+    """The gate as an mx.custom_function whose VJP recomputes z, zU and p from x."""
+
+    @mx.custom_function
+    def gate(x, u, v, alpha):
+        return gate_reference(x, u, v, alpha)
+
+    @gate.vjp
+    def gate_vjp(primals, cotangent, output):
+        x, u, v, alpha = primals
+        d, (r, G) = x.shape[-1], v.shape
+        z, s = _normalise(x)
+        zu = z @ u  # [..., r]
+        p = zu @ v  # [..., G]
+        dg = (x * cotangent).reshape(*x.shape[:-1], G, d // G).sum(-1)  # [..., G]
+        dalpha = (dg * p).sum().reshape(alpha.shape)
+        dp = alpha * dg
+        dv = zu.reshape(-1, r).T @ dp.reshape(-1, G)
+        dzu = dp @ v.T  # [..., r]
+        du = z.reshape(-1, d).T @ dzu.reshape(-1, r)
+        dz = dzu @ u.T  # [..., d]
+        # RMS norm without weight: dx = s dz - x s^3 mean(x dz)
+        dx_norm = s * dz - x * (s**3) * mx.mean(x * dz, axis=-1, keepdims=True)
+        dx = _repeat(1 + alpha * p, d // G) * cotangent + dx_norm
+        return dx, du, dv, dalpha
+
+    return gate
+
+
+def lars_gate(x: mx.array, u: mx.array, v: mx.array, alpha: mx.array) -> mx.array:
+    """The gated input x * repeat(g), differentiable in all four; backward keeps only x."""
+    return _gate_fn()(x, u, v, alpha)
+
+
+class LARSLinear(nn.Module):
+    """A frozen linear (nn.Linear or quantized) behind a trainable LARS gate."""
+
+    def __init__(self, linear: nn.Module, rank: int, block: int):
+        super().__init__()
+        d = _input_dims(linear)
+        self.linear = linear
+        self.block = block
+        bound = 1 / math.sqrt(rank)  # kaiming-uniform(a=sqrt 5) on [d, r]
+        self.lars_u = mx.random.uniform(-bound, bound, (d, rank))
+        self.lars_v = V_STD * mx.random.normal((rank, d // block))
+        self.lars_alpha = mx.array([ALPHA_INIT])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        dtype = x.dtype
+        xt = lars_gate(x.astype(mx.float32), self.lars_u, self.lars_v, self.lars_alpha)
+        return self.linear(xt.astype(dtype))
+
+
+def _input_dims(linear: nn.Module) -> int:
+    if isinstance(linear, nn.QuantizedLinear):
+        return linear.weight.shape[1] * 32 // linear.bits
+    return linear.weight.shape[1]
+
+
+def lars_parameters(cfg) -> dict:
+    return {"rank": cfg.rank, "block": cfg.lars_block, "keys": list(cfg.lora_keys)}
+
+
+def wrap(model: nn.Module, num_layers: int, params: dict) -> None:
+    """Freeze the model and put a LARSLinear around `keys` in its last `num_layers` blocks."""
+    model.freeze()
+    rank, block, keys = params["rank"], params["block"], params["keys"]
+    layers = blocks.layers(model)
+    for layer in layers[len(layers) - num_layers :]:
+        swaps = []
+        for name, module in layer.named_modules():
+            if name in keys:
+                d = _input_dims(module)
+                if d % block:
+                    raise UserError(
+                        f"--lars-block {block}: does not divide the input width {d} of "
+                        f"{name}; choose a divisor of it (e.g. 32)"
+                    )
+                swaps.append((name, LARSLinear(module, rank, block)))
+        layer.update_modules(tree_unflatten(swaps))
+    mx.eval(model.trainable_parameters())
+
+
+def load(model: nn.Module, folder: Path, acfg: dict, weights_file: str) -> None:
+    """Wrap `model` as `acfg` says and load the saved gate weights; every key must fit."""
+    wrap(model, acfg["num_layers"], acfg["lars_parameters"])
+    weights = mx.load(str(folder / weights_file))
+    expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
+    got = {k: v.shape for k, v in weights.items()}
+    if expected != got:
+        diff = sorted(set(expected.items()) ^ set(got.items()))[:1]
+        raise UserError(f"{folder}: LARS adapter does not fit this model (e.g. {diff})")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
