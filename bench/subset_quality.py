@@ -23,6 +23,7 @@ Writes bench/results/subset_quality.json and .md, after every run (partial resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -42,6 +43,7 @@ import numpy as np
 from mlx_edgelora import (
     TrainConfig,
     blocks,
+    engine,
     load_dataset,
     load_model,
     loss,
@@ -268,8 +270,24 @@ def main(argv: list[str] | None = None) -> dict:
         help="predicted-fill subsets renormalize over S (the paper's loss) instead of counting "
         "the rest of the vocabulary as one pseudo-token (--subset-tail, our default)",
     )
+    p.add_argument(
+        "--corpus",
+        help="held-out mode: bundled | licenses (Debian's /usr/share/common-licenses, a document "
+        "folder) | pydoc (Python's own help topics as prompt/completion) | a folder or file; "
+        "trains --variants per --seeds, reports exact validation and test loss",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--eval-rows", type=int, default=0, help="held-out mode: cap val/test rows")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["chunked", "subset-1000", "subset-1000-r8"],
+        help="held-out mode: chunked | subset-K | subset-K-rN (--subset-refresh N)",
+    )
     p.add_argument("--out", default=str(RESULTS / "subset_quality"))
     args = p.parse_args(argv)
+    if args.corpus:
+        return heldout(args)
     t_start, load_start = time.perf_counter(), os.getloadavg()
     specs = run_specs(["full", "chunked", "subset"], args.ks, args.neighbour_ks)
     train_specs = run_specs(args.train_losses, args.ks, args.neighbour_ks)
@@ -368,6 +386,156 @@ def main(argv: list[str] | None = None) -> dict:
             }
             write(result, Path(args.out))  # after every run: partial results survive
     return result
+
+
+# --- held-out mode (issue 21): other corpora, seeds, train / validation / test ---------------
+
+
+def corpus_path(name: str, tmp: str) -> str:
+    """A corpus a user could have, materialized under `tmp` in a format --data reads."""
+    if name == "bundled":
+        return str(DATA)
+    if name == "licenses":  # real documents shipped by Debian; symlinks (GPL -> GPL-3) once
+        folder = Path(tmp) / "licenses"
+        folder.mkdir()
+        seen = set()
+        for f in sorted(Path("/usr/share/common-licenses").iterdir()):
+            if f.resolve() not in seen and f.resolve().is_file():
+                seen.add(f.resolve())
+                (folder / f"{f.name}.txt").write_text(f.resolve().read_text(errors="replace"))
+        return str(folder)
+    if name == "pydoc":  # Python's own help topics (pydoc_data): prompt = topic, completion = text
+        from pydoc_data.topics import topics
+
+        path = Path(tmp) / "pydoc.jsonl"
+        with open(path, "w") as f:
+            for topic, text in sorted(topics.items()):
+                prompt = f"Explain the Python language topic '{topic}'."
+                f.write(json.dumps({"prompt": prompt, "completion": text.strip()}) + "\n")
+        return str(path)
+    return name
+
+
+def variant_cfg(variant: str) -> dict:
+    """'chunked' | 'subset-K' | 'subset-K-rN' -> TrainConfig loss options."""
+    if variant == "chunked":
+        return {"loss": "chunked"}
+    parts = variant.split("-")
+    opts = {"loss": "subset", "subset_k": int(parts[1])}
+    if len(parts) > 2:
+        opts["subset_refresh"] = int(parts[2].lstrip("r"))
+    return opts
+
+
+def split_val_test(data, cap: int = 0):
+    """The trainer's held-out rows (split by document) cut in two contiguous halves: the
+    first is validation (what any tuning may look at), the second the test set reported;
+    `cap` > 0 keeps the first `cap` rows of each (evaluation time on a loaded CPU)."""
+    half = len(data.val_rows) // 2
+    val, test = data.val_rows[:half], data.val_rows[half:]
+    if cap:
+        val, test = val[:cap], test[:cap]
+    return dataclasses.replace(data, val_rows=val), test
+
+
+def exact_loss(model, cfg, rows) -> float:
+    """Mean exact (chunked) CE over every trainable token of `rows`."""
+    head = loss.exact_loss_head(model, cfg)
+    total = count = 0
+    for batch in iter_eval_batches(rows, 1, None):
+        s, n = engine.forward_loss(model, cfg, head, batch)
+        total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+def heldout(args) -> dict:
+    """Train each variant per seed on --corpus; exact validation and test loss of each,
+    relative to exact-CE training with the same seed; mean and spread over seeds."""
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    out = Path(args.out)
+    result = {"settings": vars(args), "loadavg_start": load_start, "mlx": mx.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = dict(
+            data=corpus_path(args.corpus, tmp), steps=args.steps, max_seq_len=args.max_seq_len,
+            lr=args.lr, warmup=max(1, args.steps // 10), val_fraction=args.val_fraction,
+            eval_every=0, eval_batches=-1, save_every=0, activations="ram", overwrite=True,
+        )  # fmt: skip
+        cfg0 = TrainConfig(**base)
+        pooled = load_dataset(base["data"], load_model(None).tokenizer, cfg0)
+        data, test_rows = split_val_test(pooled, args.eval_rows)
+        result["split"] = {
+            "documents": data.n_documents, "train_rows": len(data.train_rows),
+            "val_rows": len(data.val_rows), "test_rows": len(test_rows),
+            "val_tokens": data.trainable_tokens("val"),
+            "test_tokens": int(sum(np.asarray(m[1:]).sum() for _, m in test_rows)),
+        }  # fmt: skip
+        runs = result["runs"] = {}
+        for seed in args.seeds:
+            for variant in args.variants:
+                cfg = TrainConfig(**base, **variant_cfg(variant), seed=seed, out=f"{tmp}/r")
+                loaded = fresh_model()
+                t0 = time.perf_counter()
+                res = train(cfg, loaded=loaded, data=data)
+                steps = [r for r in res.history if "loss" in r]
+                runs.setdefault(variant, {})[str(seed)] = {
+                    "val_exact": res.val_loss,
+                    "test_exact": exact_loss(loaded.model, cfg, test_rows),
+                    "train_loss_last": steps[-1]["loss"],
+                    "approx_steps": sum(not r.get("loss_exact", True) for r in steps),
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+                print(f"{args.corpus} seed {seed} {variant}: {runs[variant][str(seed)]}")
+                del loaded
+                gc.collect()
+                summarize_heldout(result)
+                result["wall_s"] = round(time.perf_counter() - t_start, 1)
+                result["loadavg_end"] = os.getloadavg()
+                write_heldout(result, out)
+    return result
+
+
+def summarize_heldout(result: dict) -> None:
+    """Per variant: relative test / validation loss vs chunked per seed, mean and spread."""
+    ref = result["runs"].get("chunked", {})
+    for seeds in result["runs"].values():
+        for seed, r in seeds.items():
+            if seed in ref:
+                r["test_rel"] = r["test_exact"] / ref[seed]["test_exact"] - 1
+                r["val_rel"] = r["val_exact"] / ref[seed]["val_exact"] - 1
+
+
+def write_heldout(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    s, sp = result["settings"], result["split"]
+    lines = [
+        f"# Subset softmax on held-out data: corpus `{s['corpus']}` (bench/subset_quality.py)",
+        "",
+        f"SmolLM2-135M Q4_1, {s['steps']} steps, seq {s['max_seq_len']}, lr {s['lr']}, seeds "
+        f"{s['seeds']}; {sp['documents']} documents -> {sp['train_rows']} train / "
+        f"{sp['val_rows']} validation / {sp['test_rows']} test rows ({sp['val_tokens']} / "
+        f"{sp['test_tokens']} trainable tokens). Exact (chunked) loss; rel = vs exact-CE "
+        f"training with the same seed. Load average {result['loadavg_start'][0]:.1f} at start; "
+        f"{result.get('wall_s', '')} s so far.",
+        "",
+        "| variant | seed | validation exact | rel | test exact | rel | approx. steps | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, seeds in result["runs"].items():
+        for seed, r in seeds.items():
+            rel = {k: f"{100 * r[k]:+.2f}%" if k in r else "" for k in ("val_rel", "test_rel")}
+            lines.append(
+                f"| {variant} | {seed} | {r['val_exact']:.4f} | {rel['val_rel']} "
+                f"| {r['test_exact']:.4f} | {rel['test_rel']} | {r['approx_steps']} "
+                f"| {r['wall_s']} |"
+            )
+        rels = [r["test_rel"] for r in seeds.values() if "test_rel" in r]
+        if len(rels) > 1 and variant != "chunked":
+            lines.append(
+                f"| {variant} | mean ± sd | | | | {100 * np.mean(rels):+.2f}% ± "
+                f"{100 * np.std(rels, ddof=1):.2f} | | |"
+            )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def quick(args, cfg, batches, specs, load_start, t_start) -> dict:

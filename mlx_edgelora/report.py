@@ -51,8 +51,10 @@ class Reporter:
         """Start the clock before step `first_step` (1-based) so its time counts too."""
         self._first_step, self._t0, self._tokens = first_step - 1, time.perf_counter(), 0
 
-    def step(self, step: int, loss: float, tokens: int, lr: float) -> dict:
-        """Record optimizer step `step` (1-based) and print the progress line."""
+    def step(self, step: int, loss: float, tokens: int, lr: float, exact: bool = True) -> dict:
+        """Record optimizer step `step` (1-based) and print the progress line; `exact` False
+        (an approximate loss head, e.g. --subset-refresh) marks the loss "~" and logs
+        loss_exact: false."""
         if self._first_step is None:
             self.start(step)
         self._tokens += tokens
@@ -61,6 +63,7 @@ class Reporter:
         rec = {
             "step": step,
             "loss": loss,
+            "loss_exact": exact,
             "lr": lr,
             "tokens": tokens,
             "tokens_per_s": self._tokens / max(elapsed, 1e-9),
@@ -68,8 +71,10 @@ class Reporter:
             "elapsed_s": elapsed,
         }
         eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        approx = "" if exact else "~"  # an approximate loss head's value (--subset-refresh)
         line = (
-            f"step {step}/{self.total_steps} | loss {loss:.3f} | {rec['tokens_per_s']:.0f} tok/s"
+            f"step {step}/{self.total_steps} | loss {approx}{loss:.3f}"
+            f" | {rec['tokens_per_s']:.0f} tok/s"
             f" | peak {rec['peak_gb']:.2f} GB | lr {lr:.1e} | ETA {format_duration(eta)}"
         )
         self._print(line, final=step == self.total_steps or step % 10 == 0 or done == 1)

@@ -220,6 +220,7 @@ class _Run:
     state: SegmentOptimizer | None = None  # --stream-state: the trainable state on disk
     selection: Selection = field(default_factory=Selection)
     base: dict = field(default_factory=dict)  # base_identity, saved with each checkpoint
+    train_head: loss.LossHead | None = None  # says whether a step's loss value was exact
 
 
 def _setup(
@@ -292,7 +293,7 @@ def _setup(
         run = _Run(
             cfg, out, model, adapter_cfg, data, opt, shard, step_fn, eval_head, reporter, world
         )
-        run.base, run.state = base, state
+        run.base, run.state, run.train_head = base, state, train_head
         _start_position(run, batches, resume[0] if resume else None)
     except BaseException:
         if step_fn is not None:
@@ -490,7 +491,8 @@ def _loop(run: _Run) -> float | None:
                 what = "the loss" if not math.isfinite(step_loss) else "the gradient norm"
                 raise UserError(_diverged(run, step, what))  # nothing of this step applied
             done, done_data = step, run.batches.state_dict()
-            run.reporter.step(step, step_loss, n_tok, float(run.opt.learning_rate))
+            exact = run.train_head is None or run.train_head.pop_exact()
+            run.reporter.step(step, step_loss, n_tok, float(run.opt.learning_rate), exact)
             if _eval_due(cfg, step):
                 val = _eval(run, step)
                 if run.selection.should_stop(cfg.early_stop):

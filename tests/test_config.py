@@ -53,7 +53,20 @@ def test_booleans_and_choices():
         parse_config(["--loss", "bogus"])
 
 
-@pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--rank", "0"), ("--lr", "-1")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--steps", "0"), ("--rank", "0"), ("--lr", "-1"), ("--subset-refresh", "0")],
+)
 def test_validation_names_the_flag(flag, value):
     with pytest.raises(UserError, match=flag):
         parse_config([flag, value])
+
+
+def test_subset_refresh_needs_the_predicted_subset_loss():
+    cfg = parse_config(["--loss", "subset", "--subset-refresh", "4"])
+    assert cfg.subset_refresh == 4 and parse_config([]).subset_refresh == 1
+    for args in [[], ["--loss", "subset", "--subset-fill", "neighbours"]]:
+        with pytest.raises(UserError, match="--subset-refresh"):
+            parse_config(args + ["--subset-refresh", "4"])
+    with pytest.raises(UserError, match="--subset-refresh"):
+        TrainConfig(loss="subset", subset_refresh=2.5).validate()

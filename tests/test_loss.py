@@ -287,3 +287,84 @@ def test_head_weight_rows_after_only_orders(bits):
     plain = np.array(loss.head_weight_rows(model, rows))
     after = loss.head_weight_rows(model, rows, after=mx.ones((5,)) * 2)
     assert after.dtype == mx.float32 and np.array_equal(np.array(after), plain)
+
+
+def refresh_head(model, k, refresh, tail=True):
+    c = cfg(subset_k=k, subset_tail=tail)
+    c.subset_refresh = refresh
+    return loss.make_loss_head(model, "subset", c)
+
+
+def test_subset_refresh_1_is_todays_predicted_fill_at_every_call():
+    """N = 1: every call scores afresh; value and gradient are those of the scoring pass,
+    S = targets + most expected, and the tail CE (bit for bit the same composition)."""
+    model, _ = build_tiny_model("llama", quantize_bits=4)
+    rng = np.random.default_rng(12)
+    head = refresh_head(model, 40, 1)
+    for _ in range(3):
+        h = mx.array(rng.normal(size=(2, 11, 64)).astype(np.float32))
+        batch = make_batch(rng)
+        got = value_grad(head, h, batch)
+        assert head.pop_exact()
+
+        def today(h, batch=batch):
+            mask = batch.mask.ravel()
+            x = model.model.norm(h.reshape(-1, 64)[mx.array(np.flatnonzero(mask))])
+            t = batch.targets.ravel()[mask]
+            scores = loss.predicted_scores(x, model, 64)
+            s = loss._most_expected(t, scores.mass, 40)
+            assert np.array_equal(s, head.ce.last_subset)
+            return loss.subset_tail_ce(x, t, s, model, scores)
+
+        value, grad = mx.value_and_grad(today)(h)
+        assert got[0] == value.item() and np.array_equal(got[1], np.array(grad))
+
+
+def test_cached_subset_holds_the_targets_has_k_members_and_skips_the_pass(monkeypatch):
+    model, _ = build_tiny_model("qwen2", quantize_bits=4)
+    rng = np.random.default_rng(13)
+    head = refresh_head(model, 30, 3)
+    passes = []
+    scores = loss.predicted_scores
+    monkeypatch.setattr(loss, "predicted_scores", lambda *a: passes.append(1) or scores(*a))
+    exact = []
+    for _ in range(5):
+        h = mx.array(rng.normal(size=(2, 11, 64)).astype(np.float32))
+        batch = make_batch(rng)
+        value, grad = value_grad(head, h, batch)
+        assert np.isfinite(value) and np.isfinite(grad).all()
+        s, t = head.ce.last_subset, batch.targets.ravel()[batch.mask.ravel()]
+        assert np.all(np.diff(s) > 0) and set(t) <= set(s) and len(s) == 30
+        exact.append(head.pop_exact())
+    assert exact == [True, False, False, True, False] and len(passes) == 2
+
+
+def test_cached_tail_is_exact_on_the_single_row_it_was_fitted_on():
+    """The tail offset b is fitted on the scored rows: with one row and the same input, the
+    cached (approximate) call reproduces the exact call's value and gradient."""
+    model, _ = build_tiny_model("llama", quantize_bits=None)
+    rng = np.random.default_rng(14)
+    h = mx.array(rng.normal(size=(1, 1, 64)).astype(np.float32))
+    batch = make_batch(rng, B=1, L=1, frac=1.0)
+    head = refresh_head(model, 40, 2)
+    first = value_grad(head, h, batch)
+    assert head.pop_exact()
+    second = value_grad(head, h, batch)
+    assert not head.pop_exact()
+    assert_close(second[0], first[0], rtol=1e-4)
+    assert_close(second[1], first[1], rtol=1e-4)
+
+
+def test_renormalized_and_neighbour_subsets_are_never_reported_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path))
+    model, _ = build_tiny_model("llama", quantize_bits=4)
+    rng = np.random.default_rng(15)
+    h = mx.array(rng.normal(size=(2, 11, 64)).astype(np.float32))
+    batch = make_batch(rng)
+    for c in [cfg(subset_k=40), cfg(subset_k=40, subset_fill="neighbours")]:
+        head = loss.make_loss_head(model, "subset", c)
+        value_grad(head, h, batch)
+        assert not head.pop_exact()
+    for head in [loss.make_loss_head(model, "chunked", cfg()), refresh_head(model, V, 4)]:
+        value_grad(head, h, batch)
+        assert head.pop_exact() and head.pop_exact()

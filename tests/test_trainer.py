@@ -197,3 +197,17 @@ def test_cli_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     assert f"resumed from step {saved}" in done.stdout
     assert f"step {saved + 3}/{saved + 3}" in done.stdout
     assert not list(tmp_path.glob("edgelora-*")), "the killed run's spill folder was not swept"
+
+
+def test_cached_subset_steps_log_an_approximate_loss(tmp_path, tiny_model_dir, notes):
+    """--subset-refresh 2: steps 1 and 3 score the head (exact loss), step 2 reuses the
+    cache; the log says which, and validation stays exact."""
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model_dir, notes, out, steps=3, eval_every=3, save_every=0)
+    cfg.loss, cfg.subset_k, cfg.subset_refresh = "subset", 40, 2
+    result = train(cfg)
+    steps = [r for r in result.history if "loss" in r]
+    assert [r["loss_exact"] for r in steps] == [True, False, True]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_exact"] for r in logged if "loss" in r] == [True, False, True]
+    assert any("val_loss" in r for r in logged)
