@@ -48,6 +48,7 @@ ROWS = [
     ("llama3b", 1024, 3, 4, []),
     ("llama3b", 2048, 3, 4, ["--no-stream-state"]),
     ("llama3b", 2048, 1, None, []),
+    ("llama3b", 2048, 3, None, []),
 ]
 
 
