@@ -7,15 +7,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import requires_smollm2, write_tiny_model_dir
+from mlx import nn
 from test_fuse import PROMPT, base_plus_adapter_logits, make_adapter
 
 from mlx_edgelora import UserError
 from mlx_edgelora.export import export, main, write_model
-from mlx_edgelora.fuse import fuse
+from mlx_edgelora.fuse import fuse, fuse_lora
 from mlx_edgelora.gguf import _mlx_name, unpermute_rows
 from mlx_edgelora.gguf_header import read_header
 from mlx_edgelora.gguf_write import mlx_blocks, permute_rows
 from mlx_edgelora.loading import load_model
+from mlx_edgelora.lora import load_adapters
 from mlx_edgelora.ollama import modelfile
 
 TEXT = "Bartholomew the starter needs feeding, 3 times a day!"
@@ -25,9 +27,9 @@ def logits(path) -> np.ndarray:
     return np.array(load_model(str(path)).model(mx.array([PROMPT])))
 
 
-def f16_scaled_q4_dir(path, arch):
+def f16_scaled_q4_dir(path, arch, **overrides):
     """A tiny 4-bit group-32 model whose scales/biases are float16, like a Q4_1 GGUF's."""
-    folder = write_tiny_model_dir(path, arch, quantize_bits=4)
+    folder = write_tiny_model_dir(path, arch, quantize_bits=4, **overrides)
     weights = mx.load(str(folder / "model.safetensors"))
     half = {
         k: v.astype(mx.float16) if k.endswith((".scales", ".biases")) else v
@@ -219,8 +221,6 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
     from conftest import smollm2_path
 
     from mlx_edgelora import TrainConfig, train
-    from mlx_edgelora.fuse import fuse_lora
-    from mlx_edgelora.lora import load_adapters
 
     adapter = tmp_path / "adapter"
     cfg = TrainConfig(
@@ -314,8 +314,89 @@ def test_llama3_rope_factors_read_back_as_the_same_scaling():
     assert _llama3_scaling(mx.array(factors), meta, "llama", "x.gguf") == scaling
 
 
-def test_gemma3_is_refused_until_its_layout_is_written(tmp_path):
-    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3")
+# Gemma 3 as llama.cpp can run it: 5 local : 1 global layers, queries scaled by head_dim
+GEMMA_LLAMA_CPP = {"num_hidden_layers": 6, "sliding_window_pattern": 6, "query_pre_attn_scalar": 32}
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_gemma3_merged_export_equals_the_fused_model(tmp_path, model_type):
+    """Norms as 1 + w, the implicit embedding scale and tied head, llama.cpp's keys."""
+    model_dir = f16_scaled_q4_dir(tmp_path / "base", model_type, **GEMMA_LLAMA_CPP)
     adapter = make_adapter(model_dir, tmp_path / "adapter")
-    with pytest.raises(UserError, match="cannot be exported to GGUF yet"):
-        export(str(model_dir), str(adapter), str(tmp_path / "out"))
+    fused = fuse(str(model_dir), str(adapter), str(tmp_path / "fused"), dequantize=True)
+    path = export(str(model_dir), str(adapter), str(tmp_path / "out"), "f16")
+    np.testing.assert_array_equal(logits(path), logits(fused))
+
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    g = "gemma3"
+    want = {  # every {arch}.* key, as convert_hf_to_gguf.py's Gemma3Model writes them
+        f"{g}.context_length": 4096,
+        f"{g}.embedding_length": 96,
+        f"{g}.block_count": 6,
+        f"{g}.feed_forward_length": 128,
+        f"{g}.attention.head_count": 4,
+        f"{g}.attention.head_count_kv": 2,
+        f"{g}.attention.layer_norm_rms_epsilon": pytest.approx(1e-5),
+        f"{g}.attention.key_length": 32,
+        f"{g}.attention.value_length": 32,
+        f"{g}.attention.sliding_window": 6,
+        f"{g}.rope.freq_base": 1e6,
+        f"{g}.rope.freq_base_swa": 1e4,
+        f"{g}.rope.dimension_count": 32,
+    }
+    assert {k: v for k, v in fields.items() if k.startswith(f"{g}.")} == want
+    assert fields["general.architecture"] == g
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # the head is the embedding, as in llama.cpp
+    per_block = {"attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"}
+    assert {f"blk.5.{n}.weight" for n in per_block} <= names
+    # the norms are stored as 1 + w (llama.cpp multiplies by the stored weight)
+    fused_model = load_model(str(fused)).model
+    lm = getattr(fused_model, "language_model", fused_model)
+    stored = {t.name: np.array(t.data) for t in reader.tensors if t.name.endswith("norm.weight")}
+    np.testing.assert_array_equal(
+        stored["blk.2.post_ffw_norm.weight"],
+        1 + np.array(lm.model.layers[2].post_feedforward_layernorm.weight),
+    )
+    np.testing.assert_array_equal(stored["output_norm.weight"], 1 + np.array(lm.model.norm.weight))
+
+
+def test_gemma3_requantized_q8_0_is_close(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3_text", **GEMMA_LLAMA_CPP)
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    path = export(str(model_dir), str(adapter), str(tmp_path / "out"), "q8_0")
+    got, want = logits(path), base_plus_adapter_logits(model_dir, adapter)
+    # A random Gemma amplifies rounding (sqrt(D) embedding scale, four norms per block): MLX's
+    # own affine 8-bit re-quantization moves its logits by ~6% of their range. Q8_0 is
+    # symmetric, so its step is up to twice the affine one: bound 2x MLX's error (measured 1.5x).
+    mlx8 = load_model(str(model_dir))
+    load_adapters(mlx8.model, adapter)
+    fuse_lora(mlx8.model, dequantize=True)
+    nn.quantize(mlx8.model, group_size=32, bits=8)
+    mlx_err = np.abs(np.array(mlx8.model(mx.array([PROMPT]))) - want).max()
+    assert np.abs(got - want).max() < 2 * mlx_err
+
+
+def test_gemma3_lora_gguf_applies_like_llama_cpp(tmp_path):
+    base = tmp_path / "base.gguf"
+    model_dir = write_tiny_model_dir(tmp_path / "tiny", "gemma3_text", **GEMMA_LLAMA_CPP)
+    write_model(load_model(str(model_dir)), base, "f32")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    path = export(None, str(adapter), str(tmp_path / "out"), lora_only=True)
+
+    fields = gguf.GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert fields["adapter.type"].contents() == "lora"
+    assert fields["gemma3.attention.sliding_window"].contents() == 6
+    want = base_plus_adapter_logits(base, adapter)
+    np.testing.assert_allclose(llama_cpp_lora_logits(base, path), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_llama_cpp_cannot_represent_is_refused(tmp_path, capsys):
+    """llama.cpp hard-codes the layer pattern (6) and query scale; other values are refused."""
+    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3_text")  # pattern 2, scalar 20
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    with pytest.raises(UserError, match="sliding_window_pattern = 2: llama.cpp's gemma3"):
+        export(str(model_dir), str(adapter), str(tmp_path / "out"), lora_only=True)
+    assert not (tmp_path / "out").exists()

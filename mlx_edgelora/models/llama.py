@@ -12,6 +12,10 @@ from .base import Family
 class Llama(Family):
     model_types = ("llama", "mistral")
     gguf_arch = "llama"
+    gguf_permute_qk = True  # llama.cpp's converter interleaves Q/K rows for llama only
+
+    def gguf_keys(self, writer, config: dict) -> None:
+        writer.add_vocab_size(config["vocab_size"])
 
     def window(self, model: nn.Module, i: int) -> int | None:
         sliding = self.layers(model)[i].use_sliding
