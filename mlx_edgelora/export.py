@@ -141,7 +141,7 @@ def export(
     """Write model.gguf (or adapter.gguf with `lora_only`) and a Modelfile into `out`."""
     from .files import check_out, make_folder, write_text_atomic
     from .fuse import fuse_lora
-    from .gguf_write import TYPES
+    from .gguf_write import TYPES, arch_of
     from .loading import load_model
     from .lora import load_adapters
     from .ollama import modelfile
@@ -157,17 +157,21 @@ def export(
     gguf_config(loaded)  # refuse a model llama.cpp cannot represent before any work
     load_adapters(loaded.model, adapter)
     make_folder(folder)
+    family, chat = arch_of(loaded.config)[1].family, loaded.tokenizer.chat_template
+    stops = _stops(loaded.tokenizer)
     if lora_only:
         path = write_lora(loaded, acfg, folder / ADAPTER_GGUF)
         base = loaded.source if loaded.kind == "gguf" else "./base.gguf"
-        text = modelfile(base, loaded.tokenizer.chat_template, _stops(loaded.tokenizer), path.name)
+        text, note = modelfile(base, family, chat, stops, path.name)
         if loaded.kind != "gguf":
             text = "# replace ./base.gguf by your GGUF of the base model\n" + text
     else:
         fuse_lora(loaded.model, dequantize=True, rest=False)
         path = write_model(loaded, folder / MODEL_FILE, qtype)
-        text = modelfile(f"./{path.name}", loaded.tokenizer.chat_template, _stops(loaded.tokenizer))
+        text, note = modelfile(f"./{path.name}", family, chat, stops)
     write_text_atomic(folder / MODELFILE, text)
+    if note:
+        print(f"{folder / MODELFILE}: {note}")
     return path
 
 

@@ -18,7 +18,7 @@ from mlx_edgelora.gguf_header import read_header
 from mlx_edgelora.gguf_write import mlx_blocks, permute_rows
 from mlx_edgelora.loading import load_model
 from mlx_edgelora.lora import load_adapters
-from mlx_edgelora.ollama import modelfile
+from mlx_edgelora.ollama import UNTRANSLATED
 
 TEXT = "Bartholomew the starter needs feeding, 3 times a day!"
 
@@ -208,12 +208,6 @@ def test_non_lora_adapter_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_modelfile_without_a_known_template_defers_to_ollama():
-    text = modelfile("./m.gguf", "{{ messages }}", ["</s>"])
-    assert "TEMPLATE" not in text and "# chat template not translated" in text
-    assert text.endswith('PARAMETER stop "</s>"\n')
-
-
 @pytest.mark.slow
 @requires_smollm2
 def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
@@ -319,13 +313,17 @@ GEMMA_LLAMA_CPP = {"num_hidden_layers": 6, "sliding_window_pattern": 6, "query_p
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
-def test_gemma3_merged_export_equals_the_fused_model(tmp_path, model_type):
+def test_gemma3_merged_export_equals_the_fused_model(tmp_path, model_type, capsys):
     """Norms as 1 + w, the implicit embedding scale and tied head, llama.cpp's keys."""
     model_dir = f16_scaled_q4_dir(tmp_path / "base", model_type, **GEMMA_LLAMA_CPP)
     adapter = make_adapter(model_dir, tmp_path / "adapter")
     fused = fuse(str(model_dir), str(adapter), str(tmp_path / "fused"), dequantize=True)
+    capsys.readouterr()
     path = export(str(model_dir), str(adapter), str(tmp_path / "out"), "f16")
     np.testing.assert_array_equal(logits(path), logits(fused))
+    # the tiny tokenizer's ChatML is not a Gemma format: no TEMPLATE, and one line says so
+    assert capsys.readouterr().out == f"{path.parent / 'Modelfile'}: {UNTRANSLATED}\n"
+    assert 'TEMPLATE """' not in (path.parent / "Modelfile").read_text()
 
     reader = gguf.GGUFReader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}

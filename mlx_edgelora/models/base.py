@@ -21,6 +21,15 @@ from ..attention import attention_core, mlp_forward
 
 HALVES = ("attn", "mlp")  # a block's two residual halves, in order
 
+# Ollama TEMPLATEs (Go text/template) of the chat formats the families use, each rendering what
+# the Hugging Face Jinja template renders minus the BOS (llama.cpp adds it). Ollama passes the
+# system prompt both as .System and as a "system" entry of .Messages: rendered once, from .System.
+CHATML = (
+    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
+    "{{ .Content }}<|im_end|>\n{{ end }}{{- end }}<|im_start|>assistant\n"
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -62,6 +71,8 @@ class Family:
     # (None: none), llama.cpp's block tensor names -> ours, a shift added to every norm weight
     # read from a GGUF and subtracted on export (llama.cpp stores Gemma's (1 + w) norms as
     # 1 + w), and whether llama.cpp's converter interleaves the Q/K rows for rotary.
+    # Jinja chat-template marker -> the Ollama TEMPLATE of that format (ollama.py picks one)
+    ollama_templates: dict[str, str] = {"<|im_start|>": CHATML}
     gguf_arch: str | None = None
     gguf_norm_shift = 0.0
     gguf_permute_qk = False

@@ -27,6 +27,16 @@ from ..attention import mlp_forward
 from ..errors import UserError
 from .base import Family
 
+# Gemma's turns (the assistant is "model"); a system prompt opens the first user turn, then a
+# blank line, as the Hugging Face template does (first user turn: entry 0, or 1 after Ollama's
+# "system" entry)
+GEMMA = (
+    '{{- range $i, $_ := .Messages }}{{- if eq .Role "user" }}<start_of_turn>user\n'
+    "{{ if and $.System (le $i 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n"
+    '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+    "{{ end }}{{- end }}<start_of_turn>model\n"
+)
+
 
 def llama_cpp_fixed(hidden: int, heads: int, layers: int, head_dim: int) -> dict:
     """The gemma3_text fields llama.cpp hard-codes rather than reads (llama-model.cpp)."""
@@ -44,6 +54,7 @@ class Gemma3(Family):
         "mlp": ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
     }
     qk_norm = True
+    ollama_templates = {"<start_of_turn>": GEMMA}
     gguf_arch = "gemma3"
     gguf_norm_shift = -1.0  # convert_hf_to_gguf.py writes Gemma 3 norm weights as w + 1
     gguf_block_tensors = {
