@@ -68,7 +68,7 @@ def _model_keys(loaded, config: dict, qtype):
         if loaded.kind == "gguf":
             copy_tokenizer(w, loaded.source)
         else:
-            hf_tokenizer(w, loaded.tokenizer)
+            hf_tokenizer(w, loaded.tokenizer, config["vocab_size"])
 
     return keys
 
