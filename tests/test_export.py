@@ -9,6 +9,7 @@ import pytest
 from conftest import requires_smollm2, write_tiny_model_dir
 from mlx import nn
 from test_fuse import PROMPT, base_plus_adapter_logits, make_adapter
+from test_gemma3_gguf import requires_gemma
 
 from mlx_edgelora import UserError
 from mlx_edgelora.export import export, main, write_model
@@ -132,40 +133,35 @@ def test_tokenizer_and_template_survive_export(tmp_path, arch):
 
 
 def llama_cpp_lora_logits(base_gguf, adapter_gguf) -> np.ndarray:
-    """What llama.cpp computes: W_file + alpha / rank * B A on the file's rows, then our reload.
+    """What llama.cpp computes: W + alpha / rank * B A, with B A in the file's row order.
 
-    Independent of gguf_write: it reads the raw files and follows llama.cpp's convention
-    (a: ne [in, r] = numpy [r, in]; b: ne [r, out] = numpy [out, r]; scale alpha / b.ne[0]).
+    Independent of gguf_write: it reads the adapter file raw and follows llama.cpp's convention
+    (a: ne [in, r] = numpy [r, in]; b: ne [r, out] = numpy [out, r]; scale alpha / b.ne[0]);
+    W is the base as gguf.py loads it (rows un-permuted), so B A is un-permuted the same way.
     """
-    from mlx import nn
     from mlx.utils import tree_unflatten
 
     reader = gguf.GGUFReader(adapter_gguf)
     alpha = float(reader.fields["adapter.lora.alpha"].contents())
     arch = reader.fields["general.architecture"].contents()
     lora = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-    raw = mx.load(str(base_gguf))
     loaded = load_model(str(base_gguf))
     cfg = loaded.config
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     modules = dict(loaded.model.named_modules())
     updates = []
     for name in sorted({n.rsplit(".", 1)[0] for n in lora}):  # 'blk.0.attn_q.weight'
-        w = raw[name]
-        if (scales := name.replace(".weight", ".scales")) in raw:
-            biases, bits = (
-                raw[name.replace(".weight", ".biases")],
-                w.shape[1] // raw[scales].shape[1],  # words per group,
-            )
-            w = mx.dequantize(w, raw[scales], biases, 32, bits)
         a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
-        w = np.array(w.astype(mx.float32)) + alpha / b.shape[1] * (b @ a)
+        delta = alpha / b.shape[1] * (b @ a)
         if arch == "llama" and (part := name.split(".")[2]) in heads:
-            w = np.array(unpermute_rows(mx.array(w), heads[part]))
+            delta = np.array(unpermute_rows(mx.array(delta), heads[part]))
         path = _mlx_name(name, arch, "x").removesuffix(".weight")
         old = modules[path]
+        w = old.weight
+        if "scales" in old:
+            w = mx.dequantize(w, old.scales, old.biases, old.group_size, old.bits, mode=old.mode)
         new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in old)
-        new.weight = mx.array(w)
+        new.weight = mx.array(np.array(w.astype(mx.float32)) + delta)
         if "bias" in old:
             new.bias = old.bias
         updates.append((path, new))
@@ -398,3 +394,53 @@ def test_gemma3_llama_cpp_cannot_represent_is_refused(tmp_path, capsys):
     with pytest.raises(UserError, match="sliding_window_pattern = 2: llama.cpp's gemma3"):
         export(str(model_dir), str(adapter), str(tmp_path / "out"), lora_only=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@requires_gemma
+def test_real_gemma3_exports_both_ways(tmp_path):
+    """Gemma 3 270M (Q4_K_M, --model gemma3-270m): the adapter GGUF carries the base file's own
+    gemma3.* values and, applied as llama.cpp does it, gives base + adapter; the merged Q8_0
+    file keeps the base's tokenizer keys and reloads close to base + adapter."""
+    from mlx_edgelora.gguf import read_gguf
+    from mlx_edgelora.loading import GEMMA3_270M, gemma3_270m_path
+
+    adapter = make_adapter(GEMMA3_270M, tmp_path / "adapter")
+    path = export(None, str(adapter), str(tmp_path / "lora"), lora_only=True)
+    ours = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    _, base, _ = read_gguf(gemma3_270m_path())
+    shared = [k for k in ours if k.startswith("gemma3.") and k in base]
+    assert len(shared) >= 10  # all but rope.dimension_count and rope.freq_base_swa
+    for key in shared:
+        assert ours[key] == pytest.approx(base[key]), key
+    assert ours["gemma3.attention.sliding_window"] == 512
+    assert len(gguf.GGUFReader(path).tensors) == 18 * 7 * 2  # lora_a, lora_b of 7 per block
+    # each projection's update as llama.cpp forms it (alpha / rank * B A) is mlx-lm's
+    # (scale * A B)^T; logits are compared on the tiny models (a 270M model's bfloat16
+    # activations blur a dense-vs-quantized comparison)
+    lora = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+    trained = mx.load(str(adapter / "adapters.safetensors"))
+    for name in {n.rsplit(".", 1)[0] for n in lora}:
+        a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+        key = _mlx_name(name, "gemma3", "x").removesuffix("weight")
+        ours_a, ours_b = (np.array(trained[key + k]) for k in ("lora_a", "lora_b"))
+        update = (2.0 * ours_a @ ours_b).T  # make_adapter's scale 2.0
+        got = ours["adapter.lora.alpha"] / b.shape[1] * b @ a
+        np.testing.assert_allclose(got, update, atol=1e-6)
+    text = (path.parent / "Modelfile").read_text()
+    assert "<start_of_turn>user" in text and 'PARAMETER stop "<end_of_turn>"' in text
+
+    merged = export(None, str(adapter), str(tmp_path / "merged"), "q8_0")
+    _, meta, _ = read_gguf(str(merged))
+    for key in [k for k in base if k.startswith("tokenizer.")]:
+        assert np.array_equal(meta[key], base[key]), key
+    # the merged layers are Q8_0 (symmetric 8-bit): the bound of the tiny Gemma Q8_0 test
+    ref = load_model(GEMMA3_270M)  # one load for both references
+    load_adapters(ref.model, adapter)
+    want = np.array(ref.model(mx.array([PROMPT])))
+    fuse_lora(ref.model, dequantize=True)
+    nn.quantize(ref.model, group_size=32, bits=8)
+    mlx_err = np.abs(np.array(ref.model(mx.array([PROMPT]))) - want).max()
+    got = logits(merged)
+    print(f"merged Q8_0 error {np.abs(got - want).max():.3f}, MLX 8-bit {mlx_err:.3f}")
+    assert np.abs(got - want).max() < 2 * mlx_err
