@@ -9,6 +9,7 @@ import json
 import shutil
 
 import gguf
+import numpy as np
 import pytest
 from conftest import write_tiny_model_dir
 from test_fuse import make_adapter
@@ -105,3 +106,31 @@ def test_sentencepiece_tokenizer_json_without_its_model_is_refused(tmp_path):
     adapter = make_adapter(model_dir, tmp_path / "adapter")
     with pytest.raises(UserError, match="without tokenizer.model; copy the model's"):
         export(str(model_dir), str(adapter), str(tmp_path / "out"), "f16")
+
+
+def test_copy_tokenizer_keeps_values_and_types_of_a_k_quant_file(tmp_path):
+    """The tokenizer keys of a base whose tensors MLX's reader cannot load (Q5_0, as in
+    Gemma 3 270M's Q4_K_M file) are copied unchanged, each with its value type."""
+    from mlx_edgelora.gguf_vocab import copy_tokenizer
+
+    Q = gguf.GGMLQuantizationType
+    src, out = tmp_path / "k.gguf", tmp_path / "copy.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "▁a"])
+    w.add_token_scores([0.0, 0.0, 0.0, -1.5])
+    w.add_token_types([2, 3, 3, 1])
+    w.add_bos_token_id(1)
+    w.add_add_bos_token(True)
+    w.add_chat_template("{{ messages }}")
+    raw = np.zeros(gguf.quant_shape_to_byte_shape((1, 256), Q.Q5_0), np.uint8)
+    w.add_tensor("token_embd.weight", raw, raw_dtype=Q.Q5_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    w = gguf.GGUFWriter(str(out), "llama")
+    copy_tokenizer(w, str(src))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.close()
+    old, new = gguf.GGUFReader(src).fields, gguf.GGUFReader(out).fields
+    keys = [k for k in old if k.startswith("tokenizer.")]
+    assert len(keys) == 7 and all(new[k].contents() == old[k].contents() for k in keys)
+    assert all(new[k].types == old[k].types for k in keys)
