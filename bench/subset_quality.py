@@ -288,6 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
         "fastest on this CPU; the loss is engine-invariant, tests/test_engine.py)",
     )
     p.add_argument(
+        "--merge",
+        nargs="*",
+        default=[],
+        help="with --report: also take the rows of these .json results (same settings; e.g. "
+        "other seeds run in parallel with another --out)",
+    )
+    p.add_argument(
         "--report",
         action="store_true",
         help="held-out mode: only rewrite the .md summary from the cached .json rows",
@@ -478,6 +485,12 @@ def heldout(args) -> dict:
     cached = cached_runs(out, result["settings"])
     if args.report:
         result = json.loads(out.with_suffix(".json").read_text())
+        for other in args.merge:  # rows of parallel invocations (other seeds), same settings
+            for variant, seeds in cached_runs(Path(other), result["settings"]).items():
+                result["runs"].setdefault(variant, {}).update(seeds)
+        seeds = {int(s) for r in result["runs"].values() for s in r}
+        result["settings"]["seeds"] = sorted(seeds)
+        result["merged"] = args.merge
         summarize_heldout(result)
         write_heldout(result, out)
         return result
@@ -532,7 +545,7 @@ SAME = ("corpus", "steps", "max_seq_len", "lr", "val_fraction", "eval_rows", "va
 def cached_runs(out: Path, settings: dict) -> dict:
     """Rows of an earlier invocation with the same settings (a killed bench resumes); the
     settings are those the rows depend on, so the engine may differ (engine-invariant)."""
-    path = out.with_suffix(".json")
+    path = out.with_suffix(".json") if out.suffix != ".json" else out
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
