@@ -141,3 +141,19 @@ def test_subset_samples_flag_is_checked():
     with pytest.raises(UserError, match="--subset-samples applies to"):
         TrainConfig(loss="subset", subset_k=100, subset_samples=10).validate()
     TrainConfig(loss="subset", subset_fill="sampled", subset_k=100, subset_refresh=4).validate()
+
+
+def test_memory_plan_counts_the_sampled_fills_scoring_pass():
+    """The sampled fill runs the predicted fill's scoring pass over vocabulary tiles: the
+    planner gives it the same loss-head term (it once planned only k columns)."""
+    from mlx_edgelora import plan
+
+    shape = SimpleNamespace(V=262144, D=640)
+    opts = dict(loss="subset", subset_k=983, vocab_chunk=8192)
+    sampled = plan._loss_head_gb(shape, 512, TrainConfig(subset_fill="sampled", **opts))
+    predicted = plan._loss_head_gb(shape, 512, TrainConfig(subset_fill="predicted", **opts))
+    assert (
+        sampled
+        == predicted
+        > plan._loss_head_gb(shape, 512, TrainConfig(subset_fill="neighbours", **opts))
+    )
