@@ -14,7 +14,9 @@ held-out exact loss 0.13% above exact training (renormalized: +5.1%) on the bund
 but +2.2% after 60 steps on an outside FAQ set (issue 21): not a general quality claim. The
 scoring pass costs about what the exact loss does; `--subset-refresh N` (PredictedSubset)
 runs it only every N calls, the calls in between cost only the k-row head
-(bench/results/subset_cost.md) and report an approximate loss value. Our exact alternative,
+(bench/results/subset_cost.md) and report an approximate loss value; `--subset-fill sampled`
+(subset_sampled.py) replaces their one-direction tail model by importance-sampled negatives.
+Our exact alternative,
 `chunked`, is a vocabulary-chunked log-sum-exp with its own VJP (as in Cut Cross-Entropy):
 the forward keeps only one [rows, chunk] block of logits alive and stores just the per-row
 LSE; the backward recomputes each block's softmax. A quantized head is dequantized one chunk
