@@ -178,6 +178,17 @@ class TrainConfig:
         "global-norm clipping (default: on with --stream-weights; costs a write and a read of "
         "the state per step)",
     )
+    dtype: str = _opt(
+        "auto",
+        "dtype of the frozen float weights (resident and streamed), the segment boundaries "
+        "(RAM and spill files) and the activations; norm statistics, softmax, the loss, the "
+        "LoRA weights and the optimizer state stay float32. auto follows the model (bfloat16 "
+        "for mlx-community INT4 folders, float32 for GGUF files) and on a CPU, whose "
+        "half-precision matmuls have no BLAS, computes in float32 while storing in the "
+        "model's dtype; bfloat16 or float16 computes in it everywhere (float16 refuses an "
+        "overflow); float32 is the full-precision reference",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
     # --- loss head (techniques 3 and 4)
     loss: str = _opt(
         "chunked",

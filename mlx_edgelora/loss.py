@@ -357,7 +357,9 @@ class LossHead:
                 f"of {self.vocab_size}; use the tokenizer that belongs to the model"
             )
         rows = h.reshape(-1, h.shape[-1])[mx.array(idx.astype(np.int32))]  # [N, D]
-        x = final_norm(self.model)(rows).astype(mx.float32)  # RMSNorm is per row: exact
+        # RMSNorm is per row: exact. In float32 whatever h's dtype (--dtype): the head's
+        # logits can be large, where bfloat16 would be off by whole units
+        x = final_norm(self.model)(rows.astype(mx.float32)).astype(mx.float32)
         value = self.ce(x, targets)
         self.all_exact &= self._exact()
         return value

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, engine, files, lora, loss, plan, quant, report
+from . import checkpoint, distributed, engine, files, lora, loss, plan, precision, quant, report
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -258,6 +258,8 @@ def _setup(
             _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
+    prec = precision.resolve(cfg.dtype, loaded.dtype or precision.model_dtype(model))
+    precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
     adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     if world.is_main:
@@ -269,8 +271,9 @@ def _setup(
             f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
         )
     memory_plan = plan.estimate(
-        model, cfg, data.trainable_fraction(), data.token_bytes(), ranks=world.size
+        model, cfg, data.trainable_fraction(), data.token_bytes(), world.size, prec
     )
+    reporter.info(prec.describe())
     reporter.info(memory_plan.describe())
     plan.check_budget(memory_plan, cfg)
     if world.is_main:
@@ -286,7 +289,7 @@ def _setup(
         state = SegmentOptimizer(model, opt, cfg.grad_clip, cfg.spill_dir, cfg.out)
     step_fn = None
     try:  # a failure from here on (full disk at offload, refused resume) leaves no folder
-        step_fn = engine.make_step(model, cfg, train_head, state)
+        step_fn = engine.make_step(model, cfg, train_head, state, prec)
         if world.size > 1:
             step_fn.grad_hook = world.reduce  # each segment's gradients summed over ranks
         shard = world.shard(batches)
@@ -419,6 +422,8 @@ def train(
                     if keep_model:
                         run.state.restore()
                     run.state.close()
+                if keep_model:  # the float32 model load_model gives, for generate
+                    precision.cast_weights(run.model, mx.float32)
                 run.reporter.close()
     finally:
         world.close()
