@@ -30,6 +30,7 @@ from mlx_edgelora.loading import load_model
 from mlx_edgelora.precision import Precision
 from mlx_edgelora.report import Reporter
 from mlx_edgelora.state import ADAPTERS, OPTIMIZER
+from mlx_edgelora.stream import WeightStream
 from mlx_edgelora.trainer import train
 
 BF16 = Precision(mx.bfloat16, mx.bfloat16, "test")
@@ -152,6 +153,20 @@ def test_plan_counts_boundaries_and_activations_by_the_dtype():
     assert auto.parts[key] == pytest.approx(fp32.parts[key] / 2)
     assert half.parts["segment recompute"] < fp32.parts["segment recompute"]
     assert auto.parts["segment recompute"] == fp32.parts["segment recompute"]  # fp32 compute
+
+
+def test_streamed_weight_files_hold_the_storage_dtype(tmp_path):
+    written = {}
+    for dt in (mx.float32, mx.bfloat16):
+        model = make_model("llama", None)  # float linears: the weights that can halve
+        precision.cast_weights(model, dt)
+        with WeightStream(model, str(tmp_path / str(dt)), str(tmp_path)) as stream:
+            stream.offload(head=True)
+            written[dt] = stream.stats.bytes_written
+            files = list(stream.folder.iterdir())
+            tensors = [v for f in files for v in mx.load(str(f)).values()]
+            assert {v.dtype for v in tensors} == {dt}
+    assert written[mx.bfloat16] == written[mx.float32] // 2
 
 
 def test_weights_are_cast_but_scales_and_lora_are_not():
