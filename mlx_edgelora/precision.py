@@ -2,13 +2,13 @@
 
 Why two dtypes: half precision halves the bytes of everything the memory engine (technique 2)
 holds per token (the segment boundaries in RAM or spilled to disk, the recompute's
-activations) and of the frozen float weights, resident or streamed. But MLX's CPU backend has
-no BLAS for bfloat16/float16 (a 2048x576 @ 576x1536 matmul: 50-60 ms in float32, 1.1-1.5 s
-in bfloat16, 1.6-2.6 s in float16, measured under load; bench/results/dtype.md), so on a CPU
-`auto` keeps the memory-halving *storage* (weights, boundaries, spill and stream files in
-the model's dtype) and *computes* in float32, and on a GPU (Metal, CUDA) it computes in the
-model's dtype too. An explicit `--dtype bfloat16|float16` computes in it everywhere; on a
-CPU its matmuls then run as float32 BLAS on the exactly upcast operands (quant.matmul).
+activations) and of the frozen float weights, resident or streamed. But MLX's CPU backend
+has no BLAS for bfloat16/float16 (its half matmuls are 20-40x slower:
+bench/results/dtype.md), so on a CPU `auto` keeps the memory-halving *storage* (weights,
+boundaries, spill and stream files in the model's dtype) and *computes* in float32, and on a
+GPU (Metal, CUDA) it computes in the model's dtype too. An explicit `--dtype bfloat16` or
+`float16` computes in it everywhere; on a CPU its matmuls then run as float32 BLAS on the
+exactly upcast operands (quant.matmul).
 
 What stays float32 whatever the dtype: norm statistics (mx.fast.rms_norm accumulates in
 float32), attention's softmax and log-sum-exp (attention.py), the final norm, the logits, the
