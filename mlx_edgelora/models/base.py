@@ -67,12 +67,12 @@ class Family:
         "mlp": ("post_attention_layernorm", "mlp"),
     }
     qk_norm = False  # per-head RMSNorm of queries and keys before RoPE (attn.q_norm/k_norm)
+    # Jinja chat-template marker -> the Ollama TEMPLATE of that format (ollama.py picks one)
+    ollama_templates: dict[str, str] = {"<|im_start|>": CHATML}
     # Hooks for gguf.py (read) and gguf_write.py (export): the GGUF `general.architecture`
     # (None: none), llama.cpp's block tensor names -> ours, a shift added to every norm weight
     # read from a GGUF and subtracted on export (llama.cpp stores Gemma's (1 + w) norms as
     # 1 + w), and whether llama.cpp's converter interleaves the Q/K rows for rotary.
-    # Jinja chat-template marker -> the Ollama TEMPLATE of that format (ollama.py picks one)
-    ollama_templates: dict[str, str] = {"<|im_start|>": CHATML}
     gguf_arch: str | None = None
     gguf_norm_shift = 0.0
     gguf_permute_qk = False
