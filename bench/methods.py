@@ -220,30 +220,33 @@ def _derive(r: dict) -> None:
     r["derivation"] = f"peak(2 blocks) + {LLAMA_FULL - 2} x {per / 2**20:.1f} MB resident per block"
 
 
-def memory(results: dict, shape: str, methods: list[str], redo: bool, time_steps: int) -> None:
-    """Run the part's cells not yet in results; smollm2 (timed) holds TIMING_LOCK per length."""
+def memory(results: dict, shape: str, args) -> None:
+    """Run the part's cells not yet in results; smollm2 (timed) holds TIMING_LOCK per length
+    unless --memory-only (then its times are marked as taken without the lock)."""
     import fcntl
 
-    key = f"memory_{shape}"
-    plan = [(m, c) for m, c in _plan(shape, time_steps) if m in methods]
+    key, methods, redo = f"memory_{shape}", args.methods, args.redo
+    timed = shape == "smollm2" and not args.memory_only
+    seqs = args.seqs or [512, 2048]
+    plan = [(m, c) for m, c in _plan(shape, args.time_steps) if m in methods and c["seq"] in seqs]
     done = {json.dumps(x["config"], sort_keys=True) for x in results.get(key, [])}
     todo = [(m, c) for m, c in plan if redo or json.dumps(c, sort_keys=True) not in done]
     os.environ["BENCH_LOCK_HELD"] = "1"  # cells.py: no lock of its own (ours, or none)
     for seq in sorted({c["seq"] for _, c in todo}):
-        with open(TIMING_LOCK if shape == "smollm2" else os.devnull) as lock:
-            if shape == "smollm2":
+        with open(TIMING_LOCK if timed else os.devnull) as lock:
+            if timed:
                 print(f"waiting for {TIMING_LOCK} ...", flush=True)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             for m, c in [(m, c) for m, c in todo if c["seq"] == seq]:
-                _run_cell(results, key, m, c)
+                _run_cell(results, key, m, c, timed)
 
 
-def _run_cell(results: dict, key: str, m: str, c: dict) -> None:
+def _run_cell(results: dict, key: str, m: str, c: dict, timed: bool) -> None:
     if m == "emloc" and not c["emulator"]:
         print("no emulator file yet: run --parts quality first", file=sys.stderr)
         return
     r = cells.run_cell(c, timeout=2400)
-    r["method"] = m
+    r["method"], r["timing_lock"] = m, timed
     if c["shape"] == "llama3b" and r["status"] == "ok":
         _derive(r)
     show = ("method", "status", "peak_gb", "step_times_s", "loadavg", "derived_full_depth_gb")
@@ -298,7 +301,8 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
     return [_row(head), _row(["---"] * len(head)), *map(_row, rows), ""]
 
 
-QUALITY_HEAD = ["method", "lr", "valid loss", "test loss", "training peak GB", "wall s"]
+QUALITY_HEAD = ["method", "lr", "valid loss", "test loss", "training peak GB"]
+QUALITY_HEAD += ["wall s (under load, start loadavg)"]
 EMLOC_HEAD = ["lr", "stage", "valid loss", "test loss"]
 EMLOC_STAGES = [
     ("emulator_alone", "emulator alone (no LoRA)"),
@@ -307,10 +311,10 @@ EMLOC_STAGES = [
     ("heldout", "corrected merge (the adapter EMLoC writes)"),
 ]
 MEMORY_HEAD = ["method", "tokens", "streamed weights", "peak GB (measured)"]
-MEMORY_HEAD += ["derived full depth GB", "resident GB", "step s", "loadavg (1 min)"]
+MEMORY_HEAD += ["derived full depth GB", "resident GB", "step s", "timing lock", "loadavg (1 min)"]
 MEMORY_TITLES = {
-    "memory_smollm2": "Steps of SmolLM2, trainer defaults (Table 1 exact row), timed under "
-    "the shared timing lock, methods interleaved",
+    "memory_smollm2": "Steps of SmolLM2, trainer defaults (Table 1 exact row), methods "
+    "interleaved; step s is comparable only for rows timed under the timing lock",
     "memory_llama3b": "One step, Llama-3.2-3B shape, 2K tokens, INT4: 2 blocks measured, "
     "28 derived (memory only: step s measured under load, not comparable)",
 }
@@ -325,7 +329,8 @@ def _quality_md(q: list[dict]) -> list[str]:
         "",
         f"Base model: valid {_f(base.get('base_val'))}, test {_f(base.get('base_test'))}. "
         "Each method's learning rate is picked on valid (lowest valid loss); its test loss is "
-        "the result. EMLoC's row is its corrected merge, the adapter it writes.",
+        "the result. EMLoC's row is its corrected merge, the adapter it writes. "
+        f"Rows of 256 tokens: {base.get('rows')} (small: differences under ~0.1 are noise).",
         "",
     ]
     best = {}
@@ -338,7 +343,7 @@ def _quality_md(q: list[dict]) -> list[str]:
     lines += ["### Picked on valid", "", *_table(QUALITY_HEAD[:4], rows)]
     rows = [
         [r["method"], f"{r['lr']:g}", _f(r.get("heldout_val")), _f(r.get("heldout_test"))]
-        + [_f(r.get("peak_gb")), r.get("wall_s")]
+        + [_f(r.get("peak_gb")), f"{r.get('wall_s')} ({r['loadavg_at_start'][0]:.0f})"]
         for r in sorted(q, key=lambda r: (r["method"], r["lr"]))
     ]
     lines += ["### Every run", "", *_table(QUALITY_HEAD, rows)]
@@ -356,7 +361,7 @@ def _quality_md(q: list[dict]) -> list[str]:
 def _memory_row(r: dict) -> list:
     c = r["config"]
     if r["status"] != "ok":
-        return [r["method"], c["seq"], c["stream_weights"], r["status"], "", "", "", ""]
+        return [r["method"], c["seq"], c["stream_weights"], r["status"], "", "", "", "", ""]
     times = "/".join(f"{t:g}" for t in r.get("step_times_s", [r["step_s"]]))
     return [
         r["method"],
@@ -366,6 +371,7 @@ def _memory_row(r: dict) -> list:
         _f(r.get("derived_full_depth_gb")),
         f"{r['resident_gb']:.3f}",
         times,
+        "yes" if r.get("timing_lock") else "no (under load)",
         r["loadavg"][0],
     ]
 
@@ -373,6 +379,7 @@ def _memory_row(r: dict) -> list:
 def markdown(res: dict) -> str:
     lines = ["# LoRA vs LARS vs EMLoC (bench/methods.py)", "", "Commands:", ""]
     lines += [f"    {c}" for c in res.get("commands", [])] + [""]
+    lines += [f"- {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     q = [r for r in res.get("quality", []) if r["status"] == "ok" and "heldout_val" in r]
     if q:
         lines += _quality_md(q)
@@ -392,6 +399,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="training steps of each quality run")
     p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     p.add_argument("--time-steps", type=int, default=2, help="steps of each smollm2 cell")
+    p.add_argument("--memory-only", action="store_true", help="smollm2 without the timing lock")
+    p.add_argument("--seqs", type=int, nargs="+", help="smollm2: only these lengths (512 2048)")
     p.add_argument("--methods", nargs="+", default=METHODS, help="methods to run")
     p.add_argument("--skip-base", action="store_true", help="do not score the base model")
     p.add_argument("--redo", action="store_true", help="measure runs already in the json")
@@ -409,7 +418,7 @@ def main() -> None:
             quality(args, results)
         for shape in ("smollm2", "llama3b"):
             if shape in args.parts:
-                memory(results, shape, args.methods, args.redo, args.time_steps)
+                memory(results, shape, args)
     save(results, "commands")
 
 
