@@ -10,8 +10,12 @@ width d, blocks of B input channels (G = d / B gates):
     y = linear(x * repeat_B(g))        the base linear (quantized or not) stays frozen
 
 Why a custom VJP: autodiff would keep z, zU and p for the backward pass; `lars_gate` keeps
-only x (which the q/k/v or gate/up projections share) and recomputes the rest. `gate_reference`
-is the plain formula it is tested against. The gate depends on the input, so it cannot be
+only x (which the q/k/v or gate/up projections share) and recomputes the rest. Both passes are
+written so that no [..., d] temporary is built beyond the gated input and dx: zU = s (x U),
+mean(x dz) = (zU . dzU) / (s d), block sums as batched dot products, gating by broadcasting, and
+one compiled elementwise pass for dx (MLX evaluates the whole backward at once, so temporaries
+of q, k and v would otherwise be alive together). `gate_reference` is the plain formula it is
+tested against. The gate depends on the input, so it cannot be
 merged into W: `fuse` refuses a LARS adapter and inference keeps the gate.
 """
 
