@@ -55,6 +55,18 @@ class Shape:
             "mlp.down_proj": self.I + self.D,
         }
 
+    def input_widths(self) -> dict[str, int]:
+        """in features of each adaptable projection (a LARS gate's width), by dotted name."""
+        return {
+            "self_attn.q_proj": self.D,
+            "self_attn.k_proj": self.D,
+            "self_attn.v_proj": self.D,
+            "self_attn.o_proj": self.q,
+            "mlp.gate_proj": self.D,
+            "mlp.up_proj": self.D,
+            "mlp.down_proj": self.I,
+        }
+
 
 class Family:
     """One architecture family: the Llama layout; subclasses override what differs."""
