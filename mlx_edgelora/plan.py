@@ -114,8 +114,8 @@ def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
-    if cfg.loss == "subset" and cfg.subset_fill == "predicted":
-        c = max(c, tile)  # its no-gradient scoring pass runs over vocabulary tiles
+    if cfg.loss == "subset" and cfg.subset_fill in ("predicted", "sampled"):
+        c = max(c, tile)  # their no-gradient scoring pass runs over vocabulary tiles
     w_rows = c if cfg.loss == "subset" else tile  # the full head's kernel dequantizes tiles too
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 / GB
 

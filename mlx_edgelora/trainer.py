@@ -221,6 +221,7 @@ class _Run:
     selection: Selection = field(default_factory=Selection)
     base: dict = field(default_factory=dict)  # base_identity, saved with each checkpoint
     train_head: loss.LossHead | None = None  # says whether a step's loss value was exact
+    head_state: dict | None = None  # train_head's running state after the last applied step
 
 
 def _setup(
@@ -319,6 +320,9 @@ def _start_position(run: _Run, batches: BatchIterator, folder: Path | None) -> N
         batches.load_state_dict(saved["data"])
         position = [saved["step"], batches.epoch, batches.position]
         run.selection = Selection.from_state(saved.get("selection"))
+        if run.train_head is not None:  # rank 0's head; other ranks' heads rescore at first
+            run.train_head.load_state_dict(saved.get("loss_head"))
+            run.head_state = saved.get("loss_head")
     mine = distributed.fingerprint(batches)
     with world.collective("setup", max(cfg.dist_timeout, distributed.SETUP_PATIENCE)):
         opt = run.opt if cfg.resume else None
@@ -350,6 +354,7 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
     state = {"config": run.cfg.to_dict(), "data": data_state, "base": run.base}
     state["selection"] = run.selection.state_dict()
     state["world_size"] = run.world.size  # resume: distributed.check_resume
+    state["loss_head"] = run.head_state  # e.g. --subset-refresh's cached pass
     checkpoint.save(run.out, step, run.model, run.opt, state, run.state)
     try:
         if not run.cfg.keep_best:  # else adapters.safetensors is the best one, from _eval
@@ -497,6 +502,7 @@ def _loop(run: _Run) -> float | None:
                 raise UserError(_diverged(run, step, what))  # nothing of this step applied
             done, done_data = step, run.batches.state_dict()
             exact = run.train_head is None or run.train_head.pop_exact()
+            run.head_state = None if run.train_head is None else run.train_head.state_dict()
             run.reporter.step(step, step_loss, n_tok, float(run.opt.learning_rate), exact)
             if _eval_due(cfg, step):
                 val = _eval(run, step)
