@@ -124,12 +124,25 @@ state.close()
 """
 
 
-def load_row(shape: str, lazy: bool) -> dict:
+# Real GGUF files measured by --load-only besides the random folders: the --model value.
+GGUF_MODELS = {"smollm2-gguf": None, "gemma3-270m-gguf": "gemma3-270m"}
+
+
+def _model_arg(shape: str) -> str:
+    """--model for a load-only row: a real GGUF (GGUF_MODELS) or a random folder."""
+    if shape not in GGUF_MODELS:
+        return str(build(shape))
+    from mlx_edgelora.loading import default_model_path
+
+    return GGUF_MODELS[shape] or default_model_path()
+
+
+def load_row(shape: str, lazy: bool, label: str = "") -> dict:
     """Max RSS of loading `shape` and offloading it (no step), lazily or eagerly."""
-    folder = build(shape)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+    model = _model_arg(shape)
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent / ".models") as tmp:
         p = subprocess.run(
-            ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-c", LOAD_ONLY, str(folder), tmp]
+            ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-c", LOAD_ONLY, model, tmp]
             + ["lazy" if lazy else "eager"],
             capture_output=True,
             text=True,
@@ -141,10 +154,11 @@ def load_row(shape: str, lazy: bool) -> dict:
     peak, active = map(float, found.groups())
     rss = int(re.search(r"maxrss_kb (\d+)", p.stderr).group(1)) / 1024**2
     return {
-        "key": f"{shape}:load-only:{'lazy' if lazy else 'eager'}",
+        "key": f"{shape}:load-only:{'lazy' if lazy else 'eager'}{label}",
         "shape": shape,
         "load_only": True,
         "lazy": lazy,
+        "label": label,
         "mlx_peak_gb": round(peak, 3),
         "active_after_offload_gb": round(active, 3),
         "max_rss_gb": round(rss, 3),
@@ -193,11 +207,15 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", help="shape:context[:flag] of the rows to run")
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--load-only", help="shape: measure load + offload only, lazy and eager")
+    ap.add_argument(
+        "--load-only",
+        help="shape, smollm2-gguf or gemma3-270m-gguf: measure load + offload only, lazy and eager",
+    )
+    ap.add_argument("--label", default="", help="appended to a --load-only row's key")
     args = ap.parse_args(argv)
     if args.load_only:
         for lazy in (True, False):
-            result = load_row(args.load_only, lazy)
+            result = load_row(args.load_only, lazy, args.label)
             print(json.dumps(result), flush=True)
             with CACHE.open("a") as f:
                 f.write(json.dumps(result) + "\n")
