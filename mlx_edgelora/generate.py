@@ -117,6 +117,7 @@ def load_for_generation(
         load_adapters(loaded.model, adapter)
     if stream_weights:
         quant.prepare_for_training(loaded.model)  # before offload: it replaces modules
+        loaded.model.freeze()  # the stream moves frozen weights (the adapter's too, here)
         weights = WeightStream(loaded.model, tempfile.gettempdir())  # removed at exit
         weights.offload(head=True)
         weights.serve()  # the served modules keep `weights` alive with the model
