@@ -15,6 +15,9 @@ the inputs and in the loss segment. For a 3B model they are the largest single w
 
 The caller must evaluate everything that uses block i before leaving `resident(i)`: a lazy
 graph still referencing the weights keeps them alive (and is wrong to evaluate after eviction).
+`serve()` does that for code that calls the model whole (mlx-lm's generation, for
+`generate --stream-weights`): each block, and the embedding / head, reads its unit for its own
+call and evaluates its output and KV cache before the unit goes.
 Measured reads (Linux CPU box, random 4-bit weights with fp32 scales; warm = page cache,
 cold = evicted with POSIX_FADV_DONTNEED): SmolLM2-135M block (2.7 MB) 2 ms warm / 12 ms cold;
 Llama-3.2-3B-shaped block (63 MB) 21 ms warm / 74 ms cold (0.85 GB/s). That is far below one
