@@ -95,26 +95,35 @@ def load_gguf(path: str, lazy_dir: Path | None = None) -> GGUFModel:
                 f"{path}: tensor 'token_embd.weight' has {config['vocab_size']} rows but the "
                 f"tokenizer has {n_tokens} tokens; the file is inconsistent, re-convert it"
             )
-        if lazy_dir is not None:
-            require_free_space(
-                lazy_dir,
-                sum(i.nbytes for i in infos.values()),
-                f"converting {Path(path).name} one block at a time",
-                "free disk space or set TMPDIR (or --spill-dir) to a bigger disk",
-            )
-        weights, mapped = {}, Counter()
-        for unit, names in _units(infos).items():
-            part = {}
-            for name in names:
-                part.update(_convert(f, name, infos[name], arch, config, mapped))
-            weights.update(part if lazy_dir is None else _to_lazy(part, lazy_dir / unit))
-            del part
+        weights, mapped = _read_weights(f, infos, arch, config, lazy_dir)
     shapes = {_mlx_name(n, arch, path): i.shape for n, i in infos.items() if n != ROPE_FREQS}
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
     if quantization := quantization_config(weights):
         config["quantization"] = quantization
     report = ", ".join(f"{kind} x{n} -> {how}" for (kind, how), n in sorted(mapped.items()))
     return GGUFModel(weights, config, build_tokenizer(meta, path), shapes, report)
+
+
+def _read_weights(
+    f: BinaryIO, infos: dict[str, TensorInfo], arch: str, config: dict, lazy_dir: Path | None
+) -> tuple[dict[str, mx.array], Counter]:
+    """Every tensor converted, unit by unit (lazily from `lazy_dir` if given); the mapping
+    counts by (GGUF type, how it was mapped)."""
+    if lazy_dir is not None:
+        require_free_space(
+            lazy_dir,
+            sum(i.nbytes for i in infos.values()),
+            f"converting {Path(f.name).name} one block at a time",
+            "free disk space or set TMPDIR to a folder on a bigger disk",
+        )
+    weights, mapped = {}, Counter()
+    for unit, names in _units(infos).items():
+        part = {}
+        for name in names:
+            part.update(_convert(f, name, infos[name], arch, config, mapped))
+        weights.update(part if lazy_dir is None else _to_lazy(part, lazy_dir / unit))
+        del part
+    return weights, mapped
 
 
 def _units(infos: dict[str, TensorInfo]) -> dict[str, list[str]]:
@@ -155,7 +164,7 @@ def _to_lazy(part: dict[str, mx.array], stem: Path) -> dict[str, mx.array]:
     except (OSError, RuntimeError) as e:
         raise UserError(
             f"{stem.parent}: cannot write converted weights ({str(e).splitlines()[0]}); "
-            "free disk space or set TMPDIR (or --spill-dir) to a bigger disk"
+            "free disk space or set TMPDIR to a folder on a bigger disk"
         ) from None
     lazy = mx.load(str(path))  # reads nothing until evaluated
     path.unlink()

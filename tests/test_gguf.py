@@ -428,3 +428,25 @@ def test_lazy_gguf_load_holds_one_block_and_equals_the_eager_load(tmp_path, monk
     for k, v in params[True].items():
         assert v.dtype == params[False][k].dtype and mx.array_equal(v, params[False][k]), k
     assert list(scratch.iterdir()) == []  # the converted files are gone
+
+
+def test_lazy_gguf_load_on_a_full_disk_is_refused_up_front(tmp_path, monkeypatch):
+    """The per-unit files need the model's bytes in $TMPDIR: refused before any is written."""
+    import shutil
+    import tempfile
+
+    model, cfg = build_tiny_model("llama")
+    tensors = {
+        k: (F32, w.astype(np.float32).tobytes(), w.shape)
+        for k, w in gguf_tensors(model, cfg).items()
+    }
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tensors, gguf_metadata(cfg, tmp_path / "tok"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(UserError, match="TMPDIR") as err:
+        load_model(str(path), lazy=True)
+    assert "\n" not in str(err.value)
+    assert list(scratch.iterdir()) == []
