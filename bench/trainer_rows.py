@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -184,13 +185,12 @@ save_adapters(model, sys.argv[2], apply_lora(model, cfg))
 """
 
 
-def path_rows(shape: str, root: Path, label: str) -> list[dict]:
+def path_rows(shape: str, root: Path, label: str, only: str | None = None) -> Iterator[dict]:
     """Max RSS of fuse and generate (resident and --stream-weights) on `shape` at full depth,
     each its own CLI process, with the package at `root`. (Not export: its numpy Q8_0
     re-quantization of a 3B model takes too long here; tests/test_export.py checks its peak.)"""
     folder = _model_arg(shape)
     env = {**os.environ, "PYTHONPATH": str(root)}
-    rows = []
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent / ".models") as tmp:
         adapter = Path(tmp) / "adapter"
         subprocess.run([PY, "-c", MAKE_ADAPTER, folder, str(adapter)], env=env, check=True)
@@ -200,6 +200,8 @@ def path_rows(shape: str, root: Path, label: str) -> list[dict]:
         }
         runs["generate --stream-weights"] = runs["generate"] + ["--stream-weights"]
         for name, args in runs.items():
+            if only and name != only:
+                continue
             t0 = time.time()
             p = subprocess.run(
                 ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-m", *args, "--model", folder],
@@ -213,19 +215,15 @@ def path_rows(shape: str, root: Path, label: str) -> list[dict]:
                 raise RuntimeError(f"{args}: {p.stderr[-2000:]}")
             rss = int(re.search(r"maxrss_kb (\d+)", p.stderr).group(1)) / 1024**2
             shutil.rmtree(f"{tmp}/fused", ignore_errors=True)
-            rows.append(
-                {
-                    "key": f"{shape}:path:{name}{label}",
-                    "shape": shape,
-                    "path": name,
-                    "label": label,
-                    "max_rss_gb": round(rss, 3),
-                    "wall_s_under_load": round(time.time() - t0, 1),
-                    "load_average": os.getloadavg()[0],
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+            yield {
+                "key": f"{shape}:path:{name}{label}",
+                "shape": shape,
+                "path": name,
+                "label": label,
+                "max_rss_gb": round(rss, 3),
+                "wall_s_under_load": round(time.time() - t0, 1),
+                "load_average": os.getloadavg()[0],
+            }
 
 
 def report() -> None:
@@ -285,7 +283,7 @@ def report() -> None:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", help="shape:context[:flag] of the rows to run")
+    ap.add_argument("--only", help="shape:context[:flag] of the rows to run (--paths: a command)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument(
         "--load-only",
@@ -297,8 +295,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--root", default=str(ROOT), help="--paths: the package checkout to run")
     args = ap.parse_args(argv)
     if args.paths:
-        with CACHE.open("a") as f:
-            for result in path_rows(args.paths, Path(args.root), args.label):
+        for result in path_rows(args.paths, Path(args.root), args.label, args.only):
+            print(json.dumps(result), flush=True)
+            with CACHE.open("a") as f:
                 f.write(json.dumps(result) + "\n")
     elif args.load_only:
         for lazy in (True, False):
