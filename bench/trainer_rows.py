@@ -120,6 +120,9 @@ lora.apply_lora(model, cfg)
 quant.prepare_for_training(model)
 state = SegmentOptimizer(model, make_optimizer(cfg), cfg.grad_clip, None, cfg.out)
 step = engine.make_step(model, cfg, loss.make_loss_head(model, cfg.loss, cfg), state)
+if sys.argv[5:] == ["save"]:  # the trainer's checkpoint save, from the streamed state
+    from pathlib import Path
+    state.save_checkpoint(Path(sys.argv[2]))
 print("peak_gb", mx.get_peak_memory() / 2**30, "active_gb", mx.get_active_memory() / 2**30)
 step.close(restore=False)
 state.close()
@@ -141,13 +144,16 @@ def _model_arg(shape: str) -> str:
     return GGUF_MODELS[shape] or default_model_path()
 
 
-def load_row(shape: str, lazy: bool, label: str = "", quantize: int = 0) -> dict:
+def load_row(
+    shape: str, lazy: bool, label: str = "", quantize: int = 0, save: bool = False
+) -> dict:
     """Max RSS of loading `shape` and offloading it (no step), lazily or eagerly."""
     model = _model_arg(shape)
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent / ".models") as tmp:
         p = subprocess.run(
             ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-c", LOAD_ONLY, model, tmp]
-            + ["lazy" if lazy else "eager", str(quantize)],
+            + ["lazy" if lazy else "eager", str(quantize)]
+            + (["save"] if save else []),
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -159,7 +165,9 @@ def load_row(shape: str, lazy: bool, label: str = "", quantize: int = 0) -> dict
     rss = int(re.search(r"maxrss_kb (\d+)", p.stderr).group(1)) / 1024**2
     return {
         "key": f"{shape}:load-only:{'lazy' if lazy else 'eager'}{label}"
-        + (f":quantize{quantize}" if quantize else ""),
+        + (f":quantize{quantize}" if quantize else "")
+        + (":save" if save else ""),
+        "save": save,
         "quantize": quantize or None,
         "shape": shape,
         "load_only": True,
@@ -259,6 +267,7 @@ def report() -> None:
     for r in loads:
         how = "lazy (streamed)" if r["lazy"] else "eager"
         how += f", --quantize {r['quantize']}" if r.get("quantize") else ""
+        how += ", then a checkpoint save" if r.get("save") else ""
         how += " (code before GGUF streaming)" if r.get("label") == ":before" else ""
         md.append(
             f"| {r['shape']} | {how} | "
@@ -291,6 +300,7 @@ def main(argv: list[str]) -> None:
     )
     ap.add_argument("--label", default="", help="appended to a --load-only row's key")
     ap.add_argument("--quantize", type=int, default=0, help="--load-only with --quantize N")
+    ap.add_argument("--save", action="store_true", help="--load-only, lazy, + a checkpoint save")
     ap.add_argument("--paths", help="shape: max RSS of fuse and generate (full depth)")
     ap.add_argument("--root", default=str(ROOT), help="--paths: the package checkout to run")
     args = ap.parse_args(argv)
@@ -300,8 +310,8 @@ def main(argv: list[str]) -> None:
             with CACHE.open("a") as f:
                 f.write(json.dumps(result) + "\n")
     elif args.load_only:
-        for lazy in (True, False):
-            result = load_row(args.load_only, lazy, args.label, args.quantize)
+        for lazy in (True,) if args.save else (True, False):
+            result = load_row(args.load_only, lazy, args.label, args.quantize, args.save)
             print(json.dumps(result), flush=True)
             with CACHE.open("a") as f:
                 f.write(json.dumps(result) + "\n")
