@@ -2,9 +2,11 @@
 
 Why: the embedded default model (SmolLM2-135M-Instruct Q4_1) and most community models ship
 as llama.cpp GGUF files. gguf_header.py reads and checks the header (never trusting a length),
-the tensor bytes are memory-mapped, gguf_quants.py turns each tensor into MLX arrays
-(quantized blocks stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the
-tokenizer. Here: tensor names -> mlx-lm names and the norm shift, both from the model family's
+each tensor's bytes are read on their own (a memory map's touched pages would stay in the
+process's resident memory), gguf_quants.py turns each tensor into MLX arrays (quantized blocks
+stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the tokenizer. With weight
+streaming the tensors are converted one block at a time and handed over lazily
+(`load_gguf(lazy_dir=...)`), so the whole model is never resident. Here: tensor names -> mlx-lm names and the norm shift, both from the model family's
 GGUF hooks (models/), llama.cpp's Q/K row permutation undone (llama arch only; its converter
 does not permute qwen2/qwen3/gemma3), the mlx-lm config from the metadata, and the check that
 the tensors fit the model the metadata describes.
