@@ -104,12 +104,22 @@ def check_file(path: Path, entries: list, required_keys: list[str]) -> None:
         raise UserError(f"{path}: metadata keys {missing} missing after writing; please report")
 
 
-def write_model(loaded, path: Path, qtype: str) -> Path:
-    """A loaded model without LoRA layers (fused or plain) -> GGUF at `path`, checked."""
+def write_model(loaded, path: Path, qtype: str, donate: bool = False) -> Path:
+    """A loaded model without LoRA layers (fused or plain) -> GGUF at `path`, checked.
+
+    `donate`: the model gives up its weights once the tensors to write are listed, so with a
+    lazily loaded model each tensor is read, merged, converted, written and released in turn
+    (the whole model is never resident); the model is empty afterwards.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
     from .gguf_write import TYPES, model_entries, write_gguf
 
     arch, config = gguf_config(loaded)
     entries = list(model_entries(loaded.model, config, TYPES[qtype]))
+    if donate:
+        loaded.model.update(tree_map(lambda _: mx.array([]), loaded.model.parameters()))
     write_gguf(path, arch, _model_keys(loaded, config, TYPES[qtype]), entries)
     check_file(
         path, entries, ["tokenizer.ggml.model", "tokenizer.ggml.tokens", f"{arch}.block_count"]
@@ -153,7 +163,7 @@ def export(
     saved = saved if isinstance(saved, dict) else {}
     base = model or saved.get("model")
     folder = check_out(out, overwrite, inside=base)
-    loaded = load_model(base, quantize or saved.get("quantize"))
+    loaded = load_model(base, quantize or saved.get("quantize"), lazy=True)  # read as written
     gguf_config(loaded)  # refuse a model llama.cpp cannot represent before any work
     load_adapters(loaded.model, adapter)
     make_folder(folder)
@@ -167,7 +177,7 @@ def export(
             text = "# replace ./base.gguf by your GGUF of the base model\n" + text
     else:
         fuse_lora(loaded.model, dequantize=True, rest=False)
-        path = write_model(loaded, folder / MODEL_FILE, qtype)
+        path = write_model(loaded, folder / MODEL_FILE, qtype, donate=True)
         text, note = modelfile(f"./{path.name}", family, chat, stops)
     write_text_atomic(folder / MODELFILE, text)
     if note:

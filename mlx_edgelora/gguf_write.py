@@ -195,9 +195,10 @@ def _quantized_entry(name: str, module: nn.Module, qtype: Q, perm: int | None) -
     exact = exact_block_type(module)
     rows, cols = module.weight.shape[0], module.weight.shape[1] * 32 // module.bits
     if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and exact is not None:
+        arrays = [module.weight, module.scales, module.biases]  # not the module: it may let go
 
         def make() -> np.ndarray:
-            parts = [module.weight, module.scales, module.biases]
+            parts = arrays
             if perm:
                 parts = [mx.array(permute_rows(np.array(p), perm)) for p in parts]
             return mlx_blocks(*parts, exact)
@@ -313,6 +314,7 @@ def _write(w: gguf.GGUFWriter, keys: Callable[[gguf.GGUFWriter], None], entries:
         w.write_ti_data_to_file()
         for e in entries:
             w.write_tensor_data(np.ascontiguousarray(e.make()))
+            e.make = None  # its arrays (evaluated now) go: one tensor in memory at a time
             mx.clear_cache()
     finally:
         w.close()
