@@ -98,15 +98,43 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, *qparams = primals
-        dx = None
-        for r0, r1 in _row_tiles(qparams[1].shape[0], x.shape[-1]):
-            wf = deq(_tile(qparams, r0, r1, cotangent if dx is None else dx))
-            part = cotangent[..., r0:r1] @ wf
-            dx = part if dx is None else dx + part
+        dx = _tiled_input_grad(cotangent, tuple(qparams), fmt, x.shape[-1])
         frozen = [mx.zeros_like(a) for a in qparams]  # lazy, never evaluated
         return (dx, *frozen)
 
     return f
+
+
+def _tiled_input_grad(dy, qparams: tuple, fmt: tuple, in_dims: int, start=None) -> mx.array:
+    """start + dy @ W for a quantized W [out, in]: W's row tiles are dequantized one at a time,
+    each after the previous partial sum, into one running sum (no per-tile [.., in] terms
+    kept)."""
+    w, scales, *biases = qparams
+    dx = start
+    for r0, r1 in _row_tiles(scales.shape[0], in_dims):
+        tile = _tile(qparams, r0, r1, dy if dx is None else dx)
+        wf = dequantize(tile[0], tile[1], tile[2] if biases else None, *fmt)
+        part = dy[..., r0:r1] @ wf
+        dx = part if dx is None else dx + part
+    return dx
+
+
+def linear_input_grad(linear: nn.Module, dy: mx.array, start: mx.array | None = None):
+    """start + dL/dx of a frozen linear's x @ W.T (its bias has no say), for a float
+    nn.Linear or a quantized one: the backend's fused kernel on GPU, row tiles on CPU."""
+    if "scales" not in linear:
+        dx = dy @ linear["weight"].astype(dy.dtype)
+        return dx if start is None else start + dx
+    w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
+    fmt = _format(linear)
+    if fused_available() or type(linear) is nn.QuantizedLinear:  # as its forward runs
+        dx = mx.quantized_matmul(
+            dy, w, scales, biases, transpose=False, group_size=fmt[0], bits=fmt[1], mode=fmt[2]
+        )
+        return dx if start is None else start + dx
+    qparams = (w, scales) if biases is None else (w, scales, biases)
+    in_dims = w.shape[1] * 32 // fmt[1]
+    return _tiled_input_grad(dy.astype(mx.float32), qparams, fmt, in_dims, start)
 
 
 def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
@@ -158,10 +186,14 @@ def _swapped(module: nn.Module) -> nn.Module | None:
 
 
 def prepare_for_training(model: nn.Module) -> int:
-    """Swap quantized modules (also inside LoRALinear) for backend-aware ones; return count.
+    """Swap quantized modules (also inside LoRALinear) for backend-aware ones, and LoRALinear
+    for fused_lora's FusedLoRALinear (its lean VJP); return the count of quantized swaps.
 
-    Works before or after LoRA is applied; calling it twice is a no-op.
+    Works before or after LoRA is applied (LoRA applied later keeps mlx-lm's VJP until this
+    runs again); calling it twice is a no-op.
     """
+    from .fused_lora import use_fused_vjp
+
     swaps = []
     for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
         new = _swapped(module)
@@ -169,4 +201,5 @@ def prepare_for_training(model: nn.Module) -> int:
             swaps.append((path, new))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
+    use_fused_vjp(model)
     return len(swaps)
