@@ -3,9 +3,10 @@
 Why: autodiff of mlx-lm's LoRALinear keeps x·A from the forward and builds dL/dx from
 separate [.., in] terms (the frozen base's, with its own partial sums over W's row tiles, and
 the LoRA path's), each its own buffer, before adding them. Here the backward keeps only x,
-recomputes x·A (MeSP's trick: [.., r] is cheap to redo), and grows dL/dx as one running sum
-that starts from the LoRA term and adds W's row tiles one dequantized tile at a time
-(quant.linear_input_grad), so at most one float tile of W exists. The forward is LoRALinear's
+recomputes x·A (MeSP's trick: [.., r] is cheap to redo), and builds dL/dx column block by
+column block, each block the base's term (one dequantized column tile of W) plus the LoRA
+term (quant.linear_input_grad), so dL/dx is the only [.., in] array and at most one float
+tile of W exists. The forward is LoRALinear's
 own formula. `lora_linear_reference` is the plain formula the tests compare with.
 
 `FusedLoRALinear` is mlx-lm's LoRALinear with this call; `use_fused_vjp(model)` swaps it in
@@ -39,10 +40,11 @@ def lora_linear(x: mx.array, base: nn.Module, a: mx.array, b: mx.array, scale: f
         x, a, b = primals
         dy = cotangents[0]
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [N, in], [N, out]
-        g = (scale * dy2) @ b.T  # [N, r]: dL/d(x a)
+        # scale applied to [N, r] and [r, out] products, never to an [N, out] copy of dy
+        g = (dy2 @ b.T) * scale  # [N, r]: dL/d(x a)
         da = x2.T @ g  # [in, r]
-        db = (x2 @ a).T @ (scale * dy2)  # [r, out], x·A recomputed
-        dx = linear_input_grad(base, dy2, start=g @ a.T)
+        db = ((x2 @ a).T @ dy2) * scale  # [r, out], x·A recomputed
+        dx = linear_input_grad(base, dy2, low_rank=(g, a))
         return dx.reshape(x.shape).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
     fn.vjp(vjp)

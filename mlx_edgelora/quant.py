@@ -105,36 +105,51 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
     return f
 
 
-def _tiled_input_grad(dy, qparams: tuple, fmt: tuple, in_dims: int, start=None) -> mx.array:
-    """start + dy @ W for a quantized W [out, in]: W's row tiles are dequantized one at a time,
-    each after the previous partial sum, into one running sum (no per-tile [.., in] terms
-    kept)."""
+def _col_tiles(out_dims: int, in_dims: int, group_size: int) -> list[tuple[int, int]]:
+    """Column ranges of W (whole quantization groups) whose float32 copy is <= TILE_BYTES."""
+    cols = max(1, TILE_BYTES // (4 * out_dims) // group_size) * group_size
+    return [(c, min(c + cols, in_dims)) for c in range(0, in_dims, cols)]
+
+
+def _tiled_input_grad(dy, qparams: tuple, fmt: tuple, in_dims: int, low_rank=None) -> mx.array:
+    """dy @ W (+ g @ a.T with low_rank = (g, a)) for a quantized W [out, in], by column tiles:
+    each tile of W (whole groups) is dequantized after the previous tile's result, and gives
+    its own columns of dx, so dx is one [.., in] array (its parts, then their concatenation)
+    and at most one float tile of W exists; row tiles would add an [.., in] term per tile."""
     w, scales, *biases = qparams
-    dx = start
-    for r0, r1 in _row_tiles(scales.shape[0], in_dims):
-        tile = _tile(qparams, r0, r1, dy if dx is None else dx)
-        wf = dequantize(tile[0], tile[1], tile[2] if biases else None, *fmt)
-        part = dy[..., r0:r1] @ wf
-        dx = part if dx is None else dx + part
-    return dx
+    group_size, bits, _ = fmt
+    parts: list[mx.array] = []
+    for c0, c1 in _col_tiles(scales.shape[0], in_dims, group_size):
+        after = parts[-1] if parts else dy
+        p = slice(c0 * bits // 32, c1 * bits // 32)  # packed uint32 columns
+        g = slice(c0 // group_size, c1 // group_size)  # scale/bias columns
+        tile = [mx.depends(a[:, s], after) for a, s in zip(qparams, (p, g, g))]
+        wf = dequantize(tile[0], tile[1], tile[2] if biases else None, *fmt)  # [out, c1-c0]
+        if low_rank is None:
+            parts.append(dy @ wf)
+        else:
+            parts.append(mx.addmm(low_rank[0] @ low_rank[1][c0:c1].T, dy, wf))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
-def linear_input_grad(linear: nn.Module, dy: mx.array, start: mx.array | None = None):
-    """start + dL/dx of a frozen linear's x @ W.T (its bias has no say), for a float
-    nn.Linear or a quantized one: the backend's fused kernel on GPU, row tiles on CPU."""
+def linear_input_grad(linear: nn.Module, dy: mx.array, low_rank=None) -> mx.array:
+    """dL/dx of a frozen linear's x @ W.T (its bias has no say), plus g @ a.T with
+    low_rank = (g, a) (a LoRA path's dL/dx), for a float nn.Linear or a quantized one: the
+    backend's fused kernel on GPU, column tiles on CPU."""
+    extra = None if low_rank is None else low_rank[0] @ low_rank[1].T
     if "scales" not in linear:
-        dx = dy @ linear["weight"].astype(dy.dtype)
-        return dx if start is None else start + dx
+        w = linear["weight"].astype(dy.dtype)
+        return dy @ w if extra is None else mx.addmm(extra, dy, w)
     w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
     fmt = _format(linear)
     if fused_available() or type(linear) is nn.QuantizedLinear:  # as its forward runs
         dx = mx.quantized_matmul(
             dy, w, scales, biases, transpose=False, group_size=fmt[0], bits=fmt[1], mode=fmt[2]
         )
-        return dx if start is None else start + dx
+        return dx if extra is None else dx + extra
     qparams = (w, scales) if biases is None else (w, scales, biases)
     in_dims = w.shape[1] * 32 // fmt[1]
-    return _tiled_input_grad(dy.astype(mx.float32), qparams, fmt, in_dims, start)
+    return _tiled_input_grad(dy.astype(mx.float32), qparams, fmt, in_dims, low_rank)
 
 
 def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:

@@ -39,7 +39,7 @@ def grads(fn, x, m, dy):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("base", ["float", "4bit", "8bit", "4bit-prepared", "8bit-prepared"])
 def test_fused_vjp_matches_autodiff(base, bias, monkeypatch):
-    monkeypatch.setattr(quant, "TILE_BYTES", 40 * 96 * 4)  # two row tiles of W
+    monkeypatch.setattr(quant, "TILE_BYTES", 40 * 96 * 4)  # three column tiles of W
     m = make_lora(base, bias)
     x, dy = mx.random.normal((2, 7, 96)), mx.random.normal((2, 7, 80))
 
