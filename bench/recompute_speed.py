@@ -45,10 +45,12 @@ def main() -> None:
     p.add_argument("--after", type=Path, default=HERE)
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="steps per cell; the best is kept")
+    p.add_argument("--name", default="recompute_speed", help="results/NAME.{json,md}")
     a = p.parse_args()
     rows = []
     for seq in a.seqs:
-        c = cells.config(shape="smollm2", seq=seq, steps=2, **table1.ROW_OPTS["exact"])
+        c = cells.config(shape="smollm2", seq=seq, steps=a.steps, **table1.ROW_OPTS["exact"])
         for rep in range(a.reps):
             for label, root in (("before", a.before), ("after", a.after)):
                 r = run_child(root, c)
@@ -57,8 +59,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "recompute_speed.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "recompute_speed.md").write_text(markdown(rows))
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{a.name}.md").write_text(markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:

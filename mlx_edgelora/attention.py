@@ -6,8 +6,9 @@ Paper: "Going beyond the paper" (long-context layer recompute), serving techniqu
 Why: MLX's fused attention has no fused backward, so autodiff of `layer(x, "causal")`
 holds [B, H, L, L] scores and probabilities; autodiff of the MLP holds every token's
 [intermediate] activations. Here attention is FlashAttention-2 style (online softmax forward
-saving only O and the log-sum-exp; backward recomputes scores tile by tile), and the MLP has
-a custom VJP that recomputes one token chunk at a time. Both sit next to a plain reference.
+saving only O and the log-sum-exp; backward recomputes scores tile by tile), and the MLP
+(with its half's norms) has a custom VJP that recomputes one token chunk at a time
+(tokenwise.py). Both sit next to a plain reference.
 `mx.depends` chains the tiles so that MLX's evaluator finishes one tile (and frees its
 scores) before starting the next; without it, tiles feeding two accumulators stay alive.
 Sliding-window layers (Gemma 3's local layers, Mistral's `layer_types`) mask keys older than
