@@ -58,9 +58,13 @@ def main() -> None:
                 row.update(peak_gb=r["peak_gb"], loadavg=r["loadavg"])
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                write(a.name, rows)  # after every cell: a run cut short keeps what it measured
+
+
+def write(name: str, rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / f"{a.name}.md").write_text(markdown(rows))
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -72,10 +76,13 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for seq in dict.fromkeys(r["seq"] for r in rows):
-        best = {
-            v: min(r["step_s"] for r in rows if r["seq"] == seq and r["variant"] == v)
+        times = {
+            v: [r["step_s"] for r in rows if (r["seq"], r["variant"]) == (seq, v)]
             for v in ("before", "after")
         }
+        if not all(times.values()):
+            continue
+        best = {v: min(t) for v, t in times.items()}
         loads = [r["loadavg"][0] for r in rows if r["seq"] == seq]
         lines.append(
             f"| {seq} | {best['before']} | {best['after']} | "
