@@ -20,12 +20,16 @@ from .config import TrainConfig
 from .errors import UserError
 from .loss import vocab_tile
 from .models import Shape
+from .precision import Precision
 
 GB = 1024**3
 F32 = 4
 # Floats kept per token by one block's autodiff graph (inputs of norms, projections, LoRA,
 # residuals), as multiples of the hidden size D, the KV width and the MLP width I; the
-# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest.
+# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest. The same holds
+# for LARS: its gate's VJP keeps only the projection's input x (lars.py), which these count
+# already; it drops LoRA's r-wide x A, and its [.., d] temporaries (the gated input, dz, dx)
+# live no longer than LoRA's own (tests/test_plan.py measures both).
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
@@ -59,10 +63,16 @@ def _frozen_bytes(module: nn.Module) -> int:
 
 
 def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:
-    """fp32 bytes of the LoRA weights the config will create (whether applied yet or not)."""
-    io = s.lora_io()
+    """fp32 bytes of the adapter weights the config will create (whether applied yet or not):
+    LoRA A [in, r] + B [r, out]; LARS U [in, r] + V [r, in / block] + alpha per projection."""
     n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
-    return n * cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys) * F32
+    if cfg.adapter == "lars":
+        widths = [s.input_widths().get(k, s.D) for k in cfg.lora_keys]
+        per_block = sum(cfg.rank * (d + d // cfg.lars_block) + 1 for d in widths)
+    else:
+        io = s.lora_io()
+        per_block = cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys)
+    return n * per_block * F32
 
 
 def _segment_blocks(cfg: TrainConfig) -> int:
@@ -79,28 +89,33 @@ def _weights_gb(model: nn.Module, cfg: TrainConfig) -> float:
     return total / GB
 
 
-def _half_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
-    """Bytes each half of one block's autodiff graph holds for `tokens` tokens."""
+def _half_activations(
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+) -> dict:
+    """Bytes each half of one block's autodiff graph holds for `tokens` tokens, with
+    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32)."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
     return {
-        "attn": tokens * (ATTN_PER_D * s.D + ACT_PER_KV * s.kv) * F32 + scores,
-        "mlp": tokens * (ACT_PER_D - ATTN_PER_D) * s.D * F32 + mlp_rows * ACT_PER_I * s.I * F32,
+        "attn": tokens * (ATTN_PER_D * s.D + ACT_PER_KV * s.kv) * act + scores,
+        "mlp": tokens * (ACT_PER_D - ATTN_PER_D) * s.D * act + mlp_rows * ACT_PER_I * s.I * act,
     }
 
 
-def _block_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
+def _block_activations(
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+) -> float:
     """Bytes one block's autodiff graph holds for `tokens` tokens."""
-    return sum(_half_activations(s, tokens, cfg, chunked).values())
+    return sum(_half_activations(s, tokens, cfg, chunked, act).values())
 
 
-def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig) -> float:
+def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32) -> float:
     """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
-        return k * _block_activations(s, tokens, cfg, True)
-    big, small = sorted(_half_activations(s, tokens, cfg, True).values(), reverse=True)
+        return k * _block_activations(s, tokens, cfg, True, act)
+    big, small = sorted(_half_activations(s, tokens, cfg, True, act).values(), reverse=True)
     return -(-k // 2) * big + k // 2 * small
 
 
@@ -108,8 +123,8 @@ def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
-    if cfg.loss == "subset" and cfg.subset_fill == "predicted":
-        c = max(c, tile)  # its no-gradient scoring pass runs over vocabulary tiles
+    if cfg.loss == "subset" and cfg.subset_fill in ("predicted", "sampled"):
+        c = max(c, tile)  # their no-gradient scoring pass runs over vocabulary tiles
     w_rows = c if cfg.loss == "subset" else tile  # the full head's kernel dequantizes tiles too
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 / GB
 
@@ -120,17 +135,22 @@ def estimate(
     trainable_fraction: float = 1.0,
     token_bytes: int = 0,
     ranks: int = 1,
+    precision: Precision | None = None,
 ) -> MemoryPlan:
     """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`, on each of
     `ranks` data-parallel processes (each holds the whole model and its own micro-batch).
 
     `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
     the whole run; on a Mac it shares the same unified memory as the step.
+    `precision` (--dtype): boundaries count in its storage dtype, activations in its compute
+    dtype (default float32 for both); the weights are counted as the model holds them.
     """
+    precision = precision or Precision()
+    act = precision.compute.size
     s = blocks.shape(model)
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
-    boundary = tokens * s.D * F32
+    boundary = tokens * s.D * precision.storage.size
     parts = {"weights (resident)": _weights_gb(model, cfg)}
     parts["LoRA + optimizer"] = _lora_bytes(cfg, s) * OPT_COPIES / GB
     if cfg.stream_state and cfg.engine == "segments":  # state.py: a segment's units at a time
@@ -138,13 +158,13 @@ def estimate(
         per_block = _lora_bytes(cfg, s) / max(n, 1)
         parts["LoRA + optimizer"] = per_block * _segment_blocks(cfg) * STREAMED_OPT_COPIES / GB
     if cfg.engine == "graph":
-        parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False) / GB
+        parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False, act) / GB
     else:
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         n_seg = -(-n_units // cfg.checkpoint_every)
         kept = n_seg if cfg.activations == "ram" else 3  # disk: in flight + prefetched
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
-        parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
+        parts["segment recompute"] = _segment_activations(s, tokens, cfg, act) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
     if token_bytes:
         parts["token store"] = token_bytes / GB
