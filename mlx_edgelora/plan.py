@@ -1,8 +1,8 @@
-"""The memory plan: an up-front estimate of a training step's peak, checked against a budget.
+"""The memory plan: an up-front estimate of a training step's peak (and its disk use).
 
 Why: on a laptop an out-of-memory step takes the whole machine down (swap storm), so the
 trainer estimates the peak from the model's shapes and the options before it starts, prints
-it, and refuses to start above `--memory-budget-gb`, naming the option that would help most.
+it, and the planner (planner.py) picks the configuration to run from these estimates.
 The per-token constants below were fitted to `mx.get_peak_memory()` measurements of
 SmolLM2-135M and tiny models on MLX's CPU backend (see tests/test_plan.py); the estimate is
 meant to be within ~30%, not exact.
@@ -17,7 +17,6 @@ from mlx.utils import tree_flatten
 
 from . import blocks
 from .config import TrainConfig
-from .errors import UserError
 from .loss import vocab_tile
 from .models import Shape
 
@@ -53,6 +52,22 @@ class MemoryPlan:
         return "\n".join([head, *rows, f"  {'total':<22} {self.total_gb:7.3f} GB"])
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the plan needs from a model, measured once (the planner estimates many configs)."""
+
+    shape: Shape
+    frozen: int  # bytes of every frozen parameter
+    block_frozen: tuple[int, ...]  # bytes of each block's frozen parameters
+
+
+def sizes(model: nn.Module | ModelSizes) -> ModelSizes:
+    if isinstance(model, ModelSizes):
+        return model
+    per_block = tuple(_frozen_bytes(layer) for layer in blocks.layers(model))
+    return ModelSizes(blocks.shape(model), _frozen_bytes(model), per_block)
+
+
 def _frozen_bytes(module: nn.Module) -> int:
     trainable = {k for k, _ in tree_flatten(module.trainable_parameters())}
     return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k not in trainable)
@@ -71,11 +86,10 @@ def _segment_blocks(cfg: TrainConfig) -> int:
     return k // 2 + 1 if cfg.split_blocks else k
 
 
-def _weights_gb(model: nn.Module, cfg: TrainConfig) -> float:
-    total = _frozen_bytes(model)
+def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
+    total = m.frozen
     if cfg.stream_weights and cfg.engine == "segments":
-        per_block = [_frozen_bytes(layer) for layer in blocks.layers(model)]
-        total = total - sum(per_block) + _segment_blocks(cfg) * max(per_block)
+        total = total - sum(m.block_frozen) + _segment_blocks(cfg) * max(m.block_frozen)
     return total / GB
 
 
@@ -115,23 +129,25 @@ def _loss_head_gb(s: Shape, rows: int, cfg: TrainConfig) -> float:
 
 
 def estimate(
-    model: nn.Module,
+    model: nn.Module | ModelSizes,
     cfg: TrainConfig,
     trainable_fraction: float = 1.0,
     token_bytes: int = 0,
     ranks: int = 1,
 ) -> MemoryPlan:
-    """Estimate the peak of one step for `model` (LoRA applied or not) under `cfg`, on each of
-    `ranks` data-parallel processes (each holds the whole model and its own micro-batch).
+    """Estimate the peak of one step for `model` (LoRA applied or not; or its `sizes`) under
+    `cfg`, on each of `ranks` data-parallel processes (each holds the whole model and its own
+    micro-batch).
 
     `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
     the whole run; on a Mac it shares the same unified memory as the step.
     """
-    s = blocks.shape(model)
+    m = sizes(model)
+    s = m.shape
     tokens = cfg.batch_size * cfg.max_seq_len
     rows = max(1, int(tokens * trainable_fraction))
     boundary = tokens * s.D * F32
-    parts = {"weights (resident)": _weights_gb(model, cfg)}
+    parts = {"weights (resident)": _weights_gb(m, cfg)}
     parts["LoRA + optimizer"] = _lora_bytes(cfg, s) * OPT_COPIES / GB
     if cfg.stream_state and cfg.engine == "segments":  # state.py: a segment's units at a time
         n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
@@ -145,6 +161,8 @@ def estimate(
         kept = n_seg if cfg.activations == "ram" else 3  # disk: in flight + prefetched
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
         parts["segment recompute"] = _segment_activations(s, tokens, cfg) / GB
+        if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
+            parts["last segment (cached)"] = _segment_activations(s, tokens, cfg) / GB
     parts["loss head"] = _loss_head_gb(s, rows, cfg)
     if token_bytes:
         parts["token store"] = token_bytes / GB
@@ -157,22 +175,19 @@ def estimate(
     return MemoryPlan(parts, ranks, batch)
 
 
-def check_budget(plan: MemoryPlan, cfg: TrainConfig) -> None:
-    """Refuse a run whose plan exceeds --memory-budget-gb, naming the biggest lever."""
-    if cfg.memory_budget_gb is None or plan.total_gb <= cfg.memory_budget_gb:
-        return
-    biggest = max(plan.parts, key=plan.parts.get)
-    advice = {
-        "weights (resident)": "--stream-weights or --quantize 4",
-        "activations": "--engine segments",
-        "segment boundaries": "--activations disk or a larger --checkpoint-every",
-        "segment recompute": "smaller --attn-chunk/--mlp-chunk or --checkpoint-every 1",
-        "loss head": "--loss subset or a smaller --vocab-chunk",
-        "LoRA + optimizer": "--stream-state, a smaller --rank or fewer --lora-keys",
-        "token store": "less --data",
-    }.get(biggest, "a smaller --max-seq-len")
-    raise UserError(
-        f"--memory-budget-gb {cfg.memory_budget_gb}: planned peak is {plan.total_gb:.2f} GB "
-        f"(largest part: {biggest}, {plan.parts[biggest]:.2f} GB); try {advice} or a smaller "
-        "--max-seq-len"
-    )
+def disk_bytes(model: nn.Module | ModelSizes, cfg: TrainConfig) -> int:
+    """Bytes a run keeps on the --spill-dir disk (default: beside --out): spilled boundaries,
+    streamed frozen weights and streamed LoRA state (the stores each check their own share
+    as they start; the planner checks the sum before anything is written)."""
+    if cfg.engine != "segments":
+        return 0
+    m = sizes(model)
+    s, total = m.shape, 0
+    if cfg.activations == "disk":
+        n_units = s.n_layers * (2 if cfg.split_blocks else 1)
+        total += -(-n_units // cfg.checkpoint_every) * cfg.batch_size * cfg.max_seq_len * s.D * F32
+    if cfg.stream_weights:
+        total += m.frozen  # every block, and the embedding/head
+    if cfg.stream_state:
+        total += 5 * _lora_bytes(cfg, s)  # weights, m, v, gradient sum, a file being replaced
+    return total
