@@ -315,7 +315,7 @@ def write_report() -> None:
             f"{r['ratio']:.2f} |"
         )
     (RESULTS / "plan_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[: 9 + len(summary)]))
+    print("\n".join(lines[: 11 + len(summary)]))
 
 
 if __name__ == "__main__":
