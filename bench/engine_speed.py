@@ -184,6 +184,40 @@ def report() -> dict:
     return out
 
 
+# configuration -> the (option, value) pairs it toggles, as planner.SPEED keys them
+OPTIONS = {
+    "activations ram": [("activations", "ram")],
+    "no stream weights": [("stream_weights", False)],
+    "no stream state": [("stream_state", False)],
+    "no split blocks": [("split_blocks", False)],
+    "checkpoint-every 2": [("checkpoint_every", 2)],
+    "checkpoint-every 4": [("checkpoint_every", 4)],
+    "cache last": [("cache_policy", "last")],
+    "attn/mlp chunk 1024": [("attn_chunk", 1024), ("mlp_chunk", 1024)],
+    "vocab chunk 32768": [("vocab_chunk", 32768)],
+}
+
+
+def speed_table(rep: dict) -> dict:
+    """planner.SPEED from the report: per context, each option value's factor (a joint toggle
+    of k options gives each the k-th root; no stream weights also turns state streaming off,
+    so its factor is divided by no stream state's where that was measured)."""
+    table: dict = {}
+    for seq, d in rep.items():
+        rel = d["relative_to_all_on"]
+        t: dict = {}
+        for name, pairs in OPTIONS.items():
+            if name not in rel:
+                continue
+            f = rel[name] ** (1 / len(pairs))
+            if name == "no stream weights" and "no stream state" in rel:
+                f /= rel["no stream state"]
+            for k, v in pairs:
+                t.setdefault(k, {})[v] = round(f, 3)
+        table[int(seq)] = t
+    return table
+
+
 def markdown(rep: dict) -> str:
     lines = [
         "# Step time per engine configuration, SmolLM2-135M (Q4_1), batch 1",
@@ -195,7 +229,8 @@ def markdown(rep: dict) -> str:
     ]
     for seq, d in rep.items():
         lines += [
-            f"## {seq} tokens, {d['layers']} of SmolLM2's 30 blocks ({d['runs']} runs, "
+            f"## {seq} tokens, {'/'.join(map(str, d['layers']))} of SmolLM2's 30 blocks "
+            f"({d['runs']} runs, "
             f"load average {d['loadavg_range'][0]:.1f}-{d['loadavg_range'][1]:.1f})",
             "",
             f"all on vs graph: **{d['all_on_vs_graph']}x** (target <= 1.4x at 2048)",
@@ -227,6 +262,7 @@ def main() -> None:
         (RESULTS / "engine_speed.json").write_text(json.dumps(rep, indent=2))
         (RESULTS / "engine_speed.md").write_text(markdown(rep))
         print(markdown(rep))
+        print("planner.SPEED =", speed_table(rep))
     elif a.all:
         for seq in (512, 2048):
             for g in range(len(groups(seq))):

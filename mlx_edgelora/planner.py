@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from mlx import nn
 
@@ -49,16 +50,22 @@ SPACE: dict[str, list] = {
 }
 
 # Step time of each option value relative to the defaults (all techniques on), by context
-# (tokens per micro-batch); a candidate's relative step time is the product over its options
-# (a value missing here counts as 1). Calibrated from bench/results/engine_speed.json
-# (bench/engine_speed.py: SmolLM2-135M, one technique toggled at a time, interleaved in one
-# process, measured under load on a shared 2-core CPU): each factor is that configuration's
-# median step time over the all-on one's. attn_chunk and mlp_chunk were toggled together;
-# each carries the square root of the joint ratio. stream_weights off also turns state
-# streaming off in that run, so its factor is the ratio of the two.
+# (tokens per micro-batch; the nearest context's table is used); a candidate's relative step
+# time is the product over its options, and a value missing here counts as 1 (then the
+# smaller plan wins the tie). Data from bench/results/engine_speed.json, written by
+# bench/engine_speed.py --report (which prints this table): SmolLM2-135M, one technique
+# toggled at a time, interleaved with the all-on configuration in one process; each factor is
+# that configuration's median step time over the all-on one's. Measured under heavy load
+# (load average ~40 on a shared 2-core CPU, 1-3 rounds, 512 tokens only): the factors are
+# within that noise of 1 except whole blocks (no split) being faster; re-run the bench on an
+# idle machine (a Mac), at 2048 too, and paste its table here.
 SPEED: dict[int, dict[str, dict]] = {
-    512: {},
-    2048: {},
+    512: {
+        "activations": {"ram": 1.05},
+        "stream_weights": {False: 1.132},
+        "stream_state": {False: 0.976},
+        "split_blocks": {False: 0.874},
+    },
 }
 
 
@@ -112,7 +119,7 @@ def _rate(m: ModelSizes, cfg: TrainConfig, fraction: float, token_bytes: int, ra
     return Candidate(cfg, p, relative_speed(cfg), plan.disk_bytes(m, cfg))
 
 
-def flags(cfg: TrainConfig, base: TrainConfig | None = None) -> str:
+def flags(cfg: TrainConfig, base: TrainConfig | None = None, none: str = "(the defaults)") -> str:
     """`cfg`'s SPACE options as flags (only those differing from `base`, if given)."""
     out = []
     for k in SPACE:
@@ -121,7 +128,7 @@ def flags(cfg: TrainConfig, base: TrainConfig | None = None) -> str:
             continue
         name = k.replace("_", "-")
         out.append(f"--{name}" if v is True else f"--no-{name}" if v is False else f"--{name} {v}")
-    return " ".join(out) or "(the defaults)"
+    return " ".join(out) or none
 
 
 def choose(
@@ -141,7 +148,7 @@ def choose(
         cfg = replace(cfg, given=tuple({*cfg.given, *SPACE}))
     budget, source = _budget(cfg)
     folder = spill_parent(cfg.spill_dir, cfg.out)
-    free_disk = shutil.disk_usage(folder).free
+    free_disk = shutil.disk_usage(_existing(folder)).free
 
     def rate(c: TrainConfig) -> Candidate:
         return _rate(m, c, trainable_fraction, token_bytes, ranks)
@@ -169,6 +176,14 @@ def choose(
     return fitting[0].cfg, fitting[0].plan, _describe(cfg, fitting, len(rated), budget, source)
 
 
+def _existing(folder: Path) -> Path:
+    """`folder` or its nearest existing parent (--spill-dir is created when the run starts)."""
+    folder = folder.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
 def _budget(cfg: TrainConfig) -> tuple[float, str]:
     if cfg.memory_budget_gb is not None:
         return cfg.memory_budget_gb, "--memory-budget-gb"
@@ -179,16 +194,18 @@ def _budget(cfg: TrainConfig) -> tuple[float, str]:
 
 
 def _describe(cfg: TrainConfig, fitting: list[Candidate], n: int, budget: float, source: str):
-    free = [f"--{k.replace('_', '-')}" for k in SPACE if not cfg.is_given(k)]
+    segments = cfg.engine == "segments"  # the graph engine has no memory options
+    free = [f"--{k.replace('_', '-')}" for k in SPACE if segments and not cfg.is_given(k)]
     kept = [f"--{k.replace('_', '-')}" for k in SPACE if cfg.is_given(k)]
     best = fitting[0]
+    defaults = replace(cfg, **{k: values[0] for k, values in SPACE.items()})
     lines = [
         f"planner: budget {budget:.2f} GB ({source}); choosing {' '.join(free) or 'nothing'}"
         + (f" (kept as set: {' '.join(kept)})" if kept else ""),
         f"  {len(fitting)} of {n} candidates fit; the fastest (step time relative to the "
         "defaults, planned peak):",
-        *(f"    {c.speed:5.2f}x {c.peak:7.3f} GB  {flags(c.cfg)}" for c in fitting[:3]),
-        f"  chosen: {flags(best.cfg, cfg)}: planned peak {best.peak:.3f} GB, "
+        *(f"    {c.speed:5.2f}x {c.peak:7.3f} GB  {flags(c.cfg, defaults)}" for c in fitting[:3]),
+        f"  chosen: {flags(best.cfg, cfg, 'no change')}: planned peak {best.peak:.3f} GB, "
         f"{best.speed:.2f}x the defaults' step time",
     ]
     return "\n".join(lines)
@@ -203,7 +220,7 @@ def _nothing_fits(rate, cfg: TrainConfig, budget: float, source: str) -> str:
     freed = min((rate(c) for c in candidates(cfg, keep_given=False)), key=lambda c: c.peak)
     what = (
         f"{head}: no configuration fits (the smallest planned peak is {smallest.peak:.2f} GB, "
-        f"with {flags(smallest.cfg, cfg)})"
+        f"with {flags(smallest.cfg, cfg, 'the options as set')})"
     )
     if freed.peak <= budget:
         return f"{what}; {flags(freed.cfg, cfg)} fits ({freed.peak:.2f} GB)"

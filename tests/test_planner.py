@@ -135,6 +135,11 @@ def test_a_disk_too_small_is_refused_up_front(tmp_path, sizes, monkeypatch):
     assert plan.disk_bytes(sizes, chosen) == 0
 
 
+def test_a_spill_dir_not_created_yet_is_measured_on_its_parent(tmp_path, sizes):
+    cfg = _cfg(tmp_path, "--spill-dir", str(tmp_path / "not" / "yet"))
+    assert planner.choose(sizes, cfg)[0] == cfg
+
+
 def test_the_trainer_runs_the_planners_choice(tmp_path, tiny_model_dir):
     notes = tmp_path / "notes"
     notes.mkdir()
