@@ -43,6 +43,20 @@ EXTRA_SHAPES = {
         max_position_embeddings=32768,
     ),
 }
+EXTRA_SHAPES["llama1b"] = dict(  # Llama-3.2-1B
+    model_type="llama",
+    hidden_size=2048,
+    num_hidden_layers=16,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+)
 ALL_SHAPES = {**SHAPES, **EXTRA_SHAPES}
 QUANT = {"group_size": 64, "bits": 4}
 
@@ -59,11 +73,14 @@ def _bf16(module: nn.Module) -> None:
     module.update(tree_unflatten(cast))
 
 
-def build(shape: str, layers: int | None = None, cache: Path = CACHE) -> Path:
-    """The folder of `shape` (with only `layers` blocks if given), built if missing."""
+def build(
+    shape: str, layers: int | None = None, cache: Path = CACHE, quantize: bool = True
+) -> Path:
+    """The folder of `shape` (with only `layers` blocks if given), built if missing;
+    `quantize=False`: every weight bf16 (what `--quantize` at load starts from), "-bf16"."""
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    folder = cache / (f"{shape}-L{layers}" if layers else shape)
+    folder = cache / ((f"{shape}-L{layers}" if layers else shape) + ("" if quantize else "-bf16"))
     if (folder / "config.json").is_file():
         return folder
     cfg = dict(ALL_SHAPES[shape])
@@ -77,17 +94,20 @@ def build(shape: str, layers: int | None = None, cache: Path = CACHE) -> Path:
     emb.weight = mx.random.uniform(-0.05, 0.05, emb.weight.shape)
     for layer in model.model.layers:  # one block's float weights at a time
         mx.eval(layer.parameters())
-        nn.quantize(layer, **QUANT)
+        if quantize:
+            nn.quantize(layer, **QUANT)
         _bf16(layer)
         mx.eval(layer.parameters())
-    nn.quantize(model, **QUANT, class_predicate=lambda _, m: isinstance(m, nn.Embedding))
+    if quantize:
+        nn.quantize(model, **QUANT, class_predicate=lambda _, m: isinstance(m, nn.Embedding))
     _bf16(model.model.embed_tokens)
     _bf16(model.model.norm)
     mx.eval(model.parameters())
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_model(tmp, model)
-    save_config({**cfg, "quantization": QUANT, "torch_dtype": "bfloat16"}, tmp / "config.json")
+    quant = {"quantization": QUANT} if quantize else {}
+    save_config({**cfg, **quant, "torch_dtype": "bfloat16"}, tmp / "config.json")
     _save_tokenizer(tmp)
     tmp.rename(folder)
     return folder

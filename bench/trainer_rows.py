@@ -27,10 +27,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -113,24 +115,45 @@ from mlx_edgelora.loading import load_model
 from mlx_edgelora.state import SegmentOptimizer
 from mlx_edgelora.trainer import make_optimizer
 cfg = TrainConfig(model=sys.argv[1], out=sys.argv[2]).validate()
-model = load_model(cfg.model, lazy=sys.argv[3] == "lazy").model
+model = load_model(cfg.model, int(sys.argv[4]) or None, lazy=sys.argv[3] == "lazy").model
 lora.apply_lora(model, cfg)
 quant.prepare_for_training(model)
 state = SegmentOptimizer(model, make_optimizer(cfg), cfg.grad_clip, None, cfg.out)
 step = engine.make_step(model, cfg, loss.make_loss_head(model, cfg.loss, cfg), state)
+if sys.argv[5:] == ["save"]:  # the trainer's checkpoint save, from the streamed state
+    from pathlib import Path
+    state.save_checkpoint(Path(sys.argv[2]))
 print("peak_gb", mx.get_peak_memory() / 2**30, "active_gb", mx.get_active_memory() / 2**30)
 step.close(restore=False)
 state.close()
 """
 
 
-def load_row(shape: str, lazy: bool) -> dict:
+# Real GGUF files measured by --load-only besides the random folders: the --model value.
+GGUF_MODELS = {"smollm2-gguf": None, "gemma3-270m-gguf": "gemma3-270m"}
+
+
+def _model_arg(shape: str) -> str:
+    """--model for a load-only row: a real GGUF (GGUF_MODELS) or a random folder."""
+    if shape.endswith("-bf16"):  # a float folder, for --quantize at load
+        return str(build(shape.removesuffix("-bf16"), quantize=False))
+    if shape not in GGUF_MODELS:
+        return str(build(shape))
+    from mlx_edgelora.loading import default_model_path
+
+    return GGUF_MODELS[shape] or default_model_path()
+
+
+def load_row(
+    shape: str, lazy: bool, label: str = "", quantize: int = 0, save: bool = False
+) -> dict:
     """Max RSS of loading `shape` and offloading it (no step), lazily or eagerly."""
-    folder = build(shape)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+    model = _model_arg(shape)
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent / ".models") as tmp:
         p = subprocess.run(
-            ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-c", LOAD_ONLY, str(folder), tmp]
-            + ["lazy" if lazy else "eager"],
+            ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-c", LOAD_ONLY, model, tmp]
+            + ["lazy" if lazy else "eager", str(quantize)]
+            + (["save"] if save else []),
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -141,26 +164,89 @@ def load_row(shape: str, lazy: bool) -> dict:
     peak, active = map(float, found.groups())
     rss = int(re.search(r"maxrss_kb (\d+)", p.stderr).group(1)) / 1024**2
     return {
-        "key": f"{shape}:load-only:{'lazy' if lazy else 'eager'}",
+        "key": f"{shape}:load-only:{'lazy' if lazy else 'eager'}{label}"
+        + (f":quantize{quantize}" if quantize else "")
+        + (":save" if save else ""),
+        "save": save,
+        "quantize": quantize or None,
         "shape": shape,
         "load_only": True,
         "lazy": lazy,
+        "label": label,
         "mlx_peak_gb": round(peak, 3),
         "active_after_offload_gb": round(active, 3),
         "max_rss_gb": round(rss, 3),
     }
 
 
+# An adapter for the path rows: LoRA on the lazily loaded model (lora_b zero: the merge runs
+# all the same), saved without ever evaluating the base.
+MAKE_ADAPTER = """
+import sys
+import mlx_edgelora
+from mlx_edgelora.config import TrainConfig
+from mlx_edgelora.loading import load_model
+from mlx_edgelora.lora import apply_lora, save_adapters
+cfg = TrainConfig(model=sys.argv[1], out=sys.argv[2]).validate()
+model = load_model(cfg.model, lazy=True).model
+save_adapters(model, sys.argv[2], apply_lora(model, cfg))
+"""
+
+
+def path_rows(shape: str, root: Path, label: str, only: str | None = None) -> Iterator[dict]:
+    """Max RSS of fuse and generate (resident and --stream-weights) on `shape` at full depth,
+    each its own CLI process, with the package at `root`. (Not export: its numpy Q8_0
+    re-quantization of a 3B model takes too long here; tests/test_export.py checks its peak.)"""
+    folder = _model_arg(shape)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent / ".models") as tmp:
+        adapter = Path(tmp) / "adapter"
+        subprocess.run([PY, "-c", MAKE_ADAPTER, folder, str(adapter)], env=env, check=True)
+        runs = {
+            "fuse": ["mlx_edgelora.fuse", "--adapter", str(adapter), "--out", f"{tmp}/fused"],
+            "generate": ["mlx_edgelora.generate", "--prompt", "hi", "--raw", "--max-tokens", "2"],
+        }
+        runs["generate --stream-weights"] = runs["generate"] + ["--stream-weights"]
+        for name, args in runs.items():
+            if only and name != only:
+                continue
+            t0 = time.time()
+            p = subprocess.run(
+                ["/usr/bin/time", "-f", "maxrss_kb %M", PY, "-m", *args, "--model", folder],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if p.returncode != 0:
+                if "--stream-weights" in args and "unrecognized" in p.stderr:
+                    continue  # the code before streaming has no such flag
+                raise RuntimeError(f"{args}: {p.stderr[-2000:]}")
+            rss = int(re.search(r"maxrss_kb (\d+)", p.stderr).group(1)) / 1024**2
+            shutil.rmtree(f"{tmp}/fused", ignore_errors=True)
+            yield {
+                "key": f"{shape}:path:{name}{label}",
+                "shape": shape,
+                "path": name,
+                "label": label,
+                "max_rss_gb": round(rss, 3),
+                "wall_s_under_load": round(time.time() - t0, 1),
+                "load_average": os.getloadavg()[0],
+            }
+
+
 def report() -> None:
     rows = [json.loads(x) for x in CACHE.read_text().splitlines()] if CACHE.exists() else []
     loads = [r for r in rows if r.get("load_only")]
-    rows = [r for r in rows if not r.get("load_only")]
+    paths = [r for r in rows if r.get("path")]
+    rows = [r for r in rows if not r.get("load_only") and not r.get("path")]
     floor = {
         "import mlx_edgelora": round(max_rss_gb("import mlx_edgelora"), 3),
         "import mlx_edgelora.trainer": round(max_rss_gb("import mlx_edgelora.trainer"), 3),
     }
     (RESULTS / "trainer_rows.json").write_text(
-        json.dumps({"rss_floor_gb": floor, "rows": rows, "load_only": loads}, indent=2)
+        json.dumps(
+            {"rss_floor_gb": floor, "rows": rows, "load_only": loads, "paths": paths}, indent=2
+        )
     )
     md = [
         "| model (random INT4, bf16 scales) | context | steps | depth | flags | reported peak "
@@ -179,9 +265,24 @@ def report() -> None:
     md += ["| model | load | mlx peak (GB) | active after offload (GB) | max RSS (GB) |"]
     md += ["|---|---|---|---|---|"]
     for r in loads:
+        how = "lazy (streamed)" if r["lazy"] else "eager"
+        how += f", --quantize {r['quantize']}" if r.get("quantize") else ""
+        how += ", then a checkpoint save" if r.get("save") else ""
+        how += " (code before GGUF streaming)" if r.get("label") == ":before" else ""
         md.append(
-            f"| {r['shape']} | {'lazy (streamed)' if r['lazy'] else 'eager (before)'} | "
+            f"| {r['shape']} | {how} | "
             f"{r['mlx_peak_gb']:.3f} | {r['active_after_offload_gb']:.3f} | {r['max_rss_gb']:.2f} |"
+        )
+    md += ["", "Other paths, full depth, each its own process (max RSS from start to exit):", ""]
+    md += [
+        "| model | command | code | max RSS (GB) | wall s (under load) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in paths:
+        code = "before streaming" if r["label"] == ":before" else "streamed"
+        md.append(
+            f"| {r['shape']} | {r['path']} | {code} | {r['max_rss_gb']:.2f} | "
+            f"{r['wall_s_under_load']:.0f} |"
         )
     md.append("")
     md += [f'RSS floor, `python -c "{k}"`: {v:.3f} GB' for k, v in floor.items()]
@@ -191,13 +292,26 @@ def report() -> None:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", help="shape:context[:flag] of the rows to run")
+    ap.add_argument("--only", help="shape:context[:flag] of the rows to run (--paths: a command)")
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--load-only", help="shape: measure load + offload only, lazy and eager")
+    ap.add_argument(
+        "--load-only",
+        help="shape, smollm2-gguf or gemma3-270m-gguf: measure load + offload only, lazy and eager",
+    )
+    ap.add_argument("--label", default="", help="appended to a --load-only row's key")
+    ap.add_argument("--quantize", type=int, default=0, help="--load-only with --quantize N")
+    ap.add_argument("--save", action="store_true", help="--load-only, lazy, + a checkpoint save")
+    ap.add_argument("--paths", help="shape: max RSS of fuse and generate (full depth)")
+    ap.add_argument("--root", default=str(ROOT), help="--paths: the package checkout to run")
     args = ap.parse_args(argv)
-    if args.load_only:
-        for lazy in (True, False):
-            result = load_row(args.load_only, lazy)
+    if args.paths:
+        for result in path_rows(args.paths, Path(args.root), args.label, args.only):
+            print(json.dumps(result), flush=True)
+            with CACHE.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    elif args.load_only:
+        for lazy in (True,) if args.save else (True, False):
+            result = load_row(args.load_only, lazy, args.label, args.quantize, args.save)
             print(json.dumps(result), flush=True)
             with CACHE.open("a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
 from .lora import has_active_dropout
+from .quant import fused_available, matmul
 
 # ----------------------------------------------------------------------------- attention
 
@@ -35,7 +36,12 @@ def attention_core(
     L = q.shape[2]
     if chunk <= 0 or chunk >= L:
         mask = "causal" if window is None or window >= L else window_mask(L, window)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if q.dtype == mx.float32 or fused_available():
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        # CPU, half precision: MLX's fallback would run half matmuls without BLAS
+        f32 = (a.astype(mx.float32) for a in (q, k, v))
+        o = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
+        return o.astype(q.dtype)
     return chunked_attention(q, k, v, scale, chunk, window)
 
 
@@ -124,7 +130,7 @@ def _scores(qi: mx.array, kj: mx.array, qs: Span, ks: Span, rep: int, scale: flo
     The scale is applied to the tile, not to q: a scaled copy of q would be one more
     [B, H, L, hd] tensor alive for the whole pass.
     """
-    s = (qi @ kj.swapaxes(-1, -2)).astype(mx.float32) * scale
+    s = matmul(qi, kj.swapaxes(-1, -2), mx.float32) * scale
     after = ks[1] - 1 > qs[0]  # some key is after some query (diagonal tiles)
     outside = window is not None and qs[1] - 1 - ks[0] >= window  # some pair out of window
     if after or outside:
@@ -136,7 +142,7 @@ def _scores(qi: mx.array, kj: mx.array, qs: Span, ks: Span, rep: int, scale: flo
 
 def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array, mx.array]:
     """Online-softmax forward, query chunk outer, tiles outside the window skipped; saves
-    only o and lse."""
+    only o and lse. Scores, softmax and the output accumulate in float32 whatever q's dtype."""
     H, kv = q.shape[1], k.shape[1]
     spans = _spans(q.shape[2], chunk)
     outs, lses = [], []
@@ -154,13 +160,13 @@ def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array,
             t = _scores(qi, k[:, :, ks:ke], spans[i], spans[j], H // kv, scale, window)
             m_new = t.max(axis=-1) if m is None else mx.maximum(m, t.max(axis=-1))
             p = mx.exp(t - m_new[..., None])
-            pv = p.astype(v.dtype) @ v[:, :, ks:ke]
+            pv = matmul(p.astype(v.dtype), v[:, :, ks:ke], mx.float32)
             if acc is None:
                 l, acc = p.sum(axis=-1), pv
             else:
                 alpha = mx.exp(m - m_new)
                 l = alpha * l + p.sum(axis=-1)
-                acc = alpha[..., None].astype(acc.dtype) * acc + pv
+                acc = alpha[..., None] * acc + pv
             m = m_new
         outs.append((acc / l[..., None]).astype(q.dtype))
         lses.append(m + mx.log(l))
@@ -169,7 +175,7 @@ def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array,
 
 def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int, window):
     """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile (the
-    tiles the forward skipped contribute nothing)."""
+    tiles the forward skipped contribute nothing); dq, dk, dv accumulate in float32."""
     H, kv, rep = q.shape[1], k.shape[1], q.shape[1] // k.shape[1]
     spans = _spans(q.shape[2], chunk)
     # D = rowsum(dO * O) - dlse, so that dS = P * (dP - D) also carries lse's cotangent
@@ -187,15 +193,16 @@ def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int, window)
                 qi = mx.depends(qi, last)
             t = _scores(qi, kj, spans[i], spans[j], rep, scale, window)
             p = mx.exp(t - lse_i[..., None])
-            ds = p * ((doi @ vj.swapaxes(-1, -2)).astype(mx.float32) - d_i[..., None])
+            ds = p * (matmul(doi, vj.swapaxes(-1, -2), mx.float32) - d_i[..., None])
             p, ds = p.astype(q.dtype), (ds * scale).astype(q.dtype)  # d(scores) / d(q k^T)
-            dv = _acc(dv, p.swapaxes(-1, -2) @ doi)  # sums over the rep query heads
-            dk = _acc(dk, ds.swapaxes(-1, -2) @ qi)
-            dq[i] = _acc(dq[i], ds @ kj)
+            dv = _acc(dv, matmul(p.swapaxes(-1, -2), doi, mx.float32))  # sums over rep heads
+            dk = _acc(dk, matmul(ds.swapaxes(-1, -2), qi, mx.float32))
+            dq[i] = _acc(dq[i], matmul(ds, kj, mx.float32))
             last = [dv, dk, dq[i]]
         dks.append(dk)
         dvs.append(dv)
-    return _unrows(dq, H), mx.concatenate(dks, axis=2), mx.concatenate(dvs, axis=2)
+    dk, dv = mx.concatenate(dks, axis=2), mx.concatenate(dvs, axis=2)
+    return _unrows(dq, H).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _acc(total: mx.array | None, term: mx.array) -> mx.array:

@@ -178,6 +178,17 @@ class TrainConfig:
         "global-norm clipping (default: on with --stream-weights; costs a write and a read of "
         "the state per step)",
     )
+    dtype: str = _opt(
+        "auto",
+        "dtype of the frozen float weights (resident and streamed), the segment boundaries "
+        "(RAM and spill files) and the activations; norm statistics, softmax, the loss, the "
+        "LoRA weights and the optimizer state stay float32. auto follows the model (bfloat16 "
+        "for mlx-community INT4 folders, float32 for GGUF files) and on a CPU, whose "
+        "half-precision matmuls have no BLAS, computes in float32 while storing in the "
+        "model's dtype; bfloat16 or float16 computes in it everywhere (float16 refuses an "
+        "overflow); float32 is the full-precision reference",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
     # --- loss head (techniques 3 and 4)
     loss: str = _opt(
         "chunked",
@@ -190,8 +201,11 @@ class TrainConfig:
         "predicted",
         "how --loss subset fills S beyond the targets: predicted = the tokens the model "
         "expects most this step (two no-gradient passes over the head); neighbours = "
-        "the targets' nearest LM-head rows (the paper's; one-time table, less accurate)",
-        choices=["predicted", "neighbours"],
+        "the targets' nearest LM-head rows (the paper's; one-time table, less accurate); "
+        "sampled = the predicted fill at each scoring pass, in between the cached most "
+        "expected tokens plus --subset-samples importance-sampled negatives (sampled softmax "
+        "with the log expected-count correction)",
+        choices=["predicted", "neighbours", "sampled"],
     )
     subset_tail: bool = _opt(
         True,
@@ -202,9 +216,15 @@ class TrainConfig:
     )
     subset_refresh: int = _opt(
         1,
-        "with --subset-fill predicted: run the scoring pass over the whole head only every N "
+        "with --subset-fill predicted or sampled: run the scoring pass over the whole head "
+        "only every N "
         "micro-batches and reuse its ranking and tail statistics in between (cheaper; those "
         "steps' training loss is approximate and logged as such; validation stays exact)",
+    )
+    subset_samples: int = _opt(
+        0,
+        "with --subset-fill sampled: how many of the k rows are drawn negatives "
+        "(0 = k / 2); the rest are the targets and the cached most expected tokens",
     )
     vocab_chunk: int = _opt(8192, "vocabulary chunk for the chunked exact loss")
     # --- planning
@@ -280,9 +300,22 @@ class TrainConfig:
             )
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive (got {self.epochs})")
-        if self.subset_refresh > 1 and (self.loss, self.subset_fill) != ("subset", "predicted"):
+        scored = self.loss == "subset" and self.subset_fill in ("predicted", "sampled")
+        if self.subset_refresh > 1 and not scored:
             raise UserError(
-                "--subset-refresh applies to --loss subset --subset-fill predicted only; "
+                "--subset-refresh applies to --loss subset --subset-fill predicted or sampled "
+                "only; drop it or set both"
+            )
+        if self.subset_samples < 0 or (
+            self.subset_samples and self.subset_samples >= self.subset_k
+        ):
+            raise UserError(
+                f"--subset-samples must be in [0, --subset-k) (got {self.subset_samples} with "
+                f"--subset-k {self.subset_k}); 0 = half of k"
+            )
+        if self.subset_samples and (self.loss, self.subset_fill) != ("subset", "sampled"):
+            raise UserError(
+                "--subset-samples applies to --loss subset --subset-fill sampled only; "
                 "drop it or set both"
             )
         if self.early_stop and not self.eval_every:

@@ -34,6 +34,12 @@ Selective caching (`cache_policy`), what to keep from the forward instead of rec
   (logits over trainable rows, vocabulary chunks) then adds to one segment's recompute peak.
   Worth it with few segments (large checkpoint_every) or when the head is cheap.
 
+Precision (`--dtype`, precision.py): the embedding's output is cast to the compute dtype;
+each boundary is rounded to the storage dtype before it is stored *and* before the forward
+goes on from it, so the recompute starts from exactly what the forward ran on; the backward
+recomputes from the stored boundary cast back to the compute dtype, so dL/dh between segments
+is in the compute dtype. With float16 every segment's output is checked for overflow.
+
 Spill files are removed on every exit: the BoundaryStore lives in a `with` for the step
 (normal end and exceptions), and spill.py's SIGINT/SIGTERM/atexit hooks cover signals.
 """
@@ -52,6 +58,7 @@ from . import blocks
 from .config import TrainConfig
 from .errors import UserError
 from .lora import has_active_dropout
+from .precision import Precision, check_finite
 from .spill import BoundaryStore
 from .state import SegmentOptimizer
 from .stream import HEAD, WeightStream
@@ -59,13 +66,20 @@ from .stream import HEAD, WeightStream
 GradHook = Callable[[int, dict], dict]  # (segment index, its gradient tree) -> tree to keep
 
 
-def make_step(model: nn.Module, cfg: TrainConfig, loss_head, state: SegmentOptimizer | None = None):
+def make_step(
+    model: nn.Module,
+    cfg: TrainConfig,
+    loss_head,
+    state: SegmentOptimizer | None = None,
+    precision: Precision | None = None,
+):
     """The training step the config asks for (see the module docstring)."""
+    precision = precision or Precision()
     if cfg.engine == "graph":
         if state is not None:
             raise UserError("--stream-state: needs --engine segments; drop one of them")
-        return GraphStep(model, cfg, loss_head)
-    return SegmentStep(model, cfg, loss_head, state)
+        return GraphStep(model, cfg, loss_head, precision)
+    return SegmentStep(model, cfg, loss_head, state, precision)
 
 
 def forward_loss(
@@ -75,15 +89,19 @@ def forward_loss(
     batch,
     stream: WeightStream | None = None,
     state: SegmentOptimizer | None = None,
+    precision: Precision | None = None,
 ):
     """(loss_sum, n_tokens) of a batch without gradients, evaluated block by block."""
+    precision = precision or Precision()
     with _resident(stream, [], head=True):
-        h = blocks.embed(model, mx.array(batch.inputs))
+        h = blocks.embed(model, mx.array(batch.inputs)).astype(precision.compute)
         mx.eval(h)
     for i in range(len(blocks.layers(model))):
         with _resident(stream, [(i, blocks.HALVES)], state=state):
             h = blocks.block_forward(model, i, h, cfg.attn_chunk, cfg.mlp_chunk)
             mx.eval(h)
+        if precision.checks_overflow:
+            check_finite(h, f"after block {i}")
     with _resident(stream, [], head=True):
         loss = head(h, batch)
         mx.eval(loss)
@@ -124,14 +142,17 @@ def _resident(
 class GraphStep:
     """Reference step: one autodiff graph over the whole model (plain mlx-lm blocks)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_head):
+    def __init__(
+        self, model: nn.Module, cfg: TrainConfig, loss_head, precision: Precision | None = None
+    ):
         if cfg.stream_weights:
             raise UserError("--stream-weights: needs --engine segments; drop one of them")
         self.model, self.cfg = model, cfg
+        self.precision = precision or Precision()
         self.grad_hook: GradHook | None = None
 
         def loss_fn(inputs: mx.array, batch) -> mx.array:
-            h = blocks.embed(model, inputs)
+            h = blocks.embed(model, inputs).astype(self.precision.compute)
             for i in range(len(blocks.layers(model))):
                 h = blocks.block_call(model, i, h)
             return loss_head(h, batch)
@@ -147,7 +168,7 @@ class GraphStep:
         return loss.item(), int(batch.mask.sum()), grads
 
     def forward_loss(self, head, batch) -> tuple[float, int]:
-        return forward_loss(self.model, self.cfg, head, batch)
+        return forward_loss(self.model, self.cfg, head, batch, precision=self.precision)
 
     def close(self, restore: bool = True) -> None:
         """Nothing to release (same interface as SegmentStep)."""
@@ -157,10 +178,16 @@ class SegmentStep:
     """Segment-wise forward, per-segment VJP backward; boundaries in RAM or on disk."""
 
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, loss_head, state: SegmentOptimizer | None = None
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        loss_head,
+        state: SegmentOptimizer | None = None,
+        precision: Precision | None = None,
     ):
         blocks.check_trainable_in_blocks(model)
         self.model, self.cfg, self.loss_head, self.state = model, cfg, loss_head, state
+        self.precision = precision or Precision()
         self.grad_hook: GradHook | None = None
         us, k = units(len(blocks.layers(model)), cfg.split_blocks), cfg.checkpoint_every
         self.segments = [us[s : s + k] for s in range(0, len(us), k)]
@@ -186,7 +213,9 @@ class SegmentStep:
         return loss, int(batch.mask.sum()), blocks.model_tree(self.model, grads)
 
     def forward_loss(self, head, batch) -> tuple[float, int]:
-        return forward_loss(self.model, self.cfg, head, batch, self.stream, self.state)
+        return forward_loss(
+            self.model, self.cfg, head, batch, self.stream, self.state, self.precision
+        )
 
     def close(self, restore: bool = True) -> None:
         """Remove the weight-stream folder; `restore` first loads the blocks back for good."""
@@ -197,16 +226,23 @@ class SegmentStep:
             self.stream = None
 
     def _forward(self, store: BoundaryStore, inputs: mx.array, n_ckpt: int) -> mx.array:
-        """Run segments 0..n_ckpt-1 without autodiff, storing each one's input."""
+        """Run segments 0..n_ckpt-1 without autodiff, storing each one's input (rounded to
+        the storage dtype, and the forward goes on from that rounded input)."""
+        p = self.precision
         with _resident(self.stream, [], head=True):
-            h = blocks.embed(self.model, inputs)
+            h = blocks.embed(self.model, inputs).astype(p.compute)
             mx.eval(h)
-        store.check_space(h.nbytes * n_ckpt)
+        store.check_space(h.size * p.storage.size * n_ckpt)
         for j in range(n_ckpt):
-            store.put(j, h)
+            stored = h.astype(p.storage)
+            mx.eval(stored)  # else a RAM boundary would keep the compute-dtype h alive
+            store.put(j, stored)
             with _resident(self.stream, self.segments[j], state=self.state):
-                h = self._run(self.segments[j], h)
+                h = self._run(self.segments[j], stored.astype(p.compute))
                 mx.eval(h)
+            del stored
+            if p.checks_overflow:
+                check_finite(h, f"after segment {j} (blocks {self.segments[j][0][0]}-)")
         return h
 
     def _loss_and_vjp(self, h, batch, n_ckpt: int, grads: list[dict]):
@@ -225,7 +261,7 @@ class SegmentStep:
     def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
         """Recompute segments n_ckpt-1..0 under VJP; fill their LoRA gradients."""
         for j in reversed(range(n_ckpt)):
-            x = store.get(j)
+            x = store.get(j).astype(self.precision.compute)
             if j > 0:
                 store.prefetch(j - 1)
             us = self.segments[j]

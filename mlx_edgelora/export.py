@@ -45,7 +45,16 @@ def _stops(tokenizer) -> list[str]:
     return [tokenizer.convert_ids_to_tokens(i) for i in sorted(tokenizer.eos_token_ids)]
 
 
-def _model_keys(loaded, qtype, arch: str):
+def gguf_config(loaded) -> tuple[str, dict]:
+    """(GGUF architecture, the hyper-parameters to write), or a UserError for a model llama.cpp
+    cannot represent: the family decides (models/, Family.gguf_config)."""
+    from .gguf_write import arch_of
+
+    arch, info = arch_of(loaded.config)
+    return arch, info.family.gguf_config(loaded.model, loaded.config)
+
+
+def _model_keys(loaded, config: dict, qtype):
     import gguf
 
     from .gguf_vocab import copy_tokenizer, hf_tokenizer
@@ -55,16 +64,16 @@ def _model_keys(loaded, qtype, arch: str):
         w.add_name(f"{Path(loaded.source).stem}-edgelora")
         w.add_file_type(FILE_TYPES[qtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_hparams(w, loaded.config, arch)
+        add_hparams(w, config)
         if loaded.kind == "gguf":
             copy_tokenizer(w, loaded.source)
         else:
-            hf_tokenizer(w, loaded.tokenizer)
+            hf_tokenizer(w, loaded.tokenizer, config["vocab_size"])
 
     return keys
 
 
-def _lora_keys(loaded, acfg: dict, arch: str):
+def _lora_keys(acfg: dict, config: dict):
     import gguf
 
     from .gguf_write import add_hparams
@@ -76,7 +85,7 @@ def _lora_keys(loaded, acfg: dict, arch: str):
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         # llama.cpp scales B A x by alpha / rank, mlx-lm by `scale`: alpha = scale * rank
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora["scale"]) * lora["rank"])
-        add_hparams(w, loaded.config, arch)
+        add_hparams(w, config)
 
     return keys
 
@@ -95,13 +104,23 @@ def check_file(path: Path, entries: list, required_keys: list[str]) -> None:
         raise UserError(f"{path}: metadata keys {missing} missing after writing; please report")
 
 
-def write_model(loaded, path: Path, qtype: str) -> Path:
-    """A loaded model without LoRA layers (fused or plain) -> GGUF at `path`, checked."""
-    from .gguf_write import TYPES, arch_of, model_entries, write_gguf
+def write_model(loaded, path: Path, qtype: str, donate: bool = False) -> Path:
+    """A loaded model without LoRA layers (fused or plain) -> GGUF at `path`, checked.
 
-    arch, _ = arch_of(loaded.config)
-    entries = list(model_entries(loaded.model, loaded.config, TYPES[qtype]))
-    write_gguf(path, arch, _model_keys(loaded, TYPES[qtype], arch), entries)
+    `donate`: the model gives up its weights once the tensors to write are listed, so with a
+    lazily loaded model each tensor is read, merged, converted, written and released in turn
+    (the whole model is never resident); the model is empty afterwards.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from .gguf_write import TYPES, model_entries, write_gguf
+
+    arch, config = gguf_config(loaded)
+    entries = list(model_entries(loaded.model, config, TYPES[qtype]))
+    if donate:
+        loaded.model.update(tree_map(lambda _: mx.array([]), loaded.model.parameters()))
+    write_gguf(path, arch, _model_keys(loaded, config, TYPES[qtype]), entries)
     check_file(
         path, entries, ["tokenizer.ggml.model", "tokenizer.ggml.tokens", f"{arch}.block_count"]
     )
@@ -110,11 +129,11 @@ def write_model(loaded, path: Path, qtype: str) -> Path:
 
 def write_lora(loaded, acfg: dict, path: Path) -> Path:
     """The LoRA layers of a loaded model -> llama.cpp adapter GGUF at `path`, checked."""
-    from .gguf_write import arch_of, lora_entries, write_gguf
+    from .gguf_write import lora_entries, write_gguf
 
-    arch, _ = arch_of(loaded.config)
-    entries = list(lora_entries(loaded.model, loaded.config))
-    write_gguf(path, arch, _lora_keys(loaded, acfg, arch), entries)
+    arch, config = gguf_config(loaded)
+    entries = list(lora_entries(loaded.model, config))
+    write_gguf(path, arch, _lora_keys(acfg, config), entries)
     need = ["general.type", "adapter.type", "adapter.lora.alpha", f"{arch}.block_count"]
     check_file(path, entries, need)
     return path
@@ -144,21 +163,25 @@ def export(
     saved = saved if isinstance(saved, dict) else {}
     base = model or saved.get("model")
     folder = check_out(out, overwrite, inside=base)
-    loaded = load_model(base, quantize or saved.get("quantize"))
-    arch_of(loaded.config)  # refuse an unsupported family before any work
+    loaded = load_model(base, quantize or saved.get("quantize"), lazy=True)  # read as written
+    gguf_config(loaded)  # refuse a model llama.cpp cannot represent before any work
     load_adapters(loaded.model, adapter)
     make_folder(folder)
+    family, chat = arch_of(loaded.config)[1].family, loaded.tokenizer.chat_template
+    stops = _stops(loaded.tokenizer)
     if lora_only:
         path = write_lora(loaded, acfg, folder / ADAPTER_GGUF)
         base = loaded.source if loaded.kind == "gguf" else "./base.gguf"
-        text = modelfile(base, loaded.tokenizer.chat_template, _stops(loaded.tokenizer), path.name)
+        text, note = modelfile(base, family, chat, stops, path.name)
         if loaded.kind != "gguf":
             text = "# replace ./base.gguf by your GGUF of the base model\n" + text
     else:
         fuse_lora(loaded.model, dequantize=True, rest=False)
-        path = write_model(loaded, folder / MODEL_FILE, qtype)
-        text = modelfile(f"./{path.name}", loaded.tokenizer.chat_template, _stops(loaded.tokenizer))
+        path = write_model(loaded, folder / MODEL_FILE, qtype, donate=True)
+        text, note = modelfile(f"./{path.name}", family, chat, stops)
     write_text_atomic(folder / MODELFILE, text)
+    if note:
+        print(f"{folder / MODELFILE}: {note}")
     return path
 
 

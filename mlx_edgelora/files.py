@@ -11,7 +11,7 @@ already own. Each of these jobs is done once, here:
   a second run on the same folder stops with the holder's pid instead of interleaving.
 - `require_free_space`: fail before writing, not halfway through with a full disk.
 - `write_safetensors`: a safetensors file written one tensor in memory at a time (the
-  streamed trainable state's checkpoints and adapter, state.py).
+  streamed trainable state's checkpoints and adapter, state.py; a fused model, fuse.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,16 @@ import numpy as np
 from .errors import UserError
 
 LOCK_FILE = ".edgelora.lock"  # inside --out; never counts as the user's content
-_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.uint64: "U64", mx.int64: "I64"}
+_DTYPES = {
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint64: "U64",
+    mx.int64: "I64",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.uint8: "U8",
+}
 SPACE_MARGIN = 1.2  # free space required = estimate x margin (file-system overhead, slack)
 
 
@@ -189,4 +198,5 @@ def write_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for k in list(tensors):
-            f.write(np.asarray(tensors.pop(k)).tobytes())
+            v = tensors.pop(k)
+            f.write(np.asarray(v.view(mx.uint16) if v.dtype == mx.bfloat16 else v).tobytes())

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import UserError
-from .files import check_out, make_folder
+from .files import check_out, make_folder, write_safetensors
 
 # Files a previous fuse wrote: a stale shard of ours left beside new ones would be loaded too.
 _OUR_FILES = ["model*.safetensors", "model.safetensors.index.json", "config.json"]
@@ -93,6 +93,41 @@ def trained_on(adapter: str | Path) -> tuple[str | None, int | None]:
     return saved.get("model"), saved.get("quantize")
 
 
+def save_weights(folder: Path, model) -> None:
+    """mlx-lm's shards and index (`mlx_lm.utils.save_model`'s layout), one tensor at a time.
+
+    Why not save_model: it evaluates a whole shard (up to 5 GB) at once. Here the model is
+    lazy (loaded from its files, fused, re-quantized as a graph) and gives up its references
+    first, so each tensor is read, merged, quantized, written and released before the next:
+    the whole model is never resident.
+    """
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.utils import get_total_parameters, make_shards
+
+    weights = dict(tree_flatten(model.parameters()))
+    index = {
+        "metadata": {
+            "total_size": sum(v.nbytes for v in weights.values()),
+            "total_parameters": get_total_parameters(model),
+        },
+        "weight_map": {},
+    }
+    model.update(tree_map(lambda _: mx.array([]), model.parameters()))  # only `weights` holds
+    shards = make_shards(weights)
+    weights.clear()
+    name = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    for i in range(len(shards)):
+        shard, shards[i] = shards[i], None
+        file = name.format(i + 1, len(shards))
+        index["weight_map"].update(dict.fromkeys(shard, file))
+        write_safetensors(folder / file, shard)  # consumes the shard tensor by tensor
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
 def fuse(
     model: str | None,
     adapter: str,
@@ -105,7 +140,7 @@ def fuse(
 
     `model` / `quantize` None: the base the adapter was trained on, quantized as it was.
     """
-    from mlx_lm.utils import save_config, save_model
+    from mlx_lm.utils import save_config
 
     from .loading import describe_source, load_model
     from .lora import load_adapters, saved_kind
@@ -117,7 +152,7 @@ def fuse(
     base = model or saved_model
     folder = check_out(out, overwrite, inside=base)
     print(f"fuse: base model: {describe_source(base)}", file=sys.stderr)  # before any download
-    loaded = load_model(base, quantize or saved_quantize)
+    loaded = load_model(base, quantize or saved_quantize, lazy=True)  # read as written
     load_adapters(loaded.model, adapter)
     fuse_lora(loaded.model, dequantize)
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization_config",)}
@@ -132,7 +167,7 @@ def fuse(
     tmp = folder.with_name(f"{prefix}{os.getpid()}-tmp")  # beside --out: same disk, renames
     try:
         make_folder(tmp)
-        save_model(tmp, loaded.model)
+        save_weights(tmp, loaded.model)
         save_config(config, tmp / "config.json")
         loaded.tokenizer.save_pretrained(str(tmp))
         install(tmp, folder)

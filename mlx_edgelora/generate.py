@@ -93,16 +93,34 @@ def chat_loop(loaded, read: TextIO, write: TextIO, **sampling) -> int:
     return turns
 
 
-def load_for_generation(model: str | None, adapter: str | None = None):
-    """Load a model (and optionally an adapter) ready for fast generation on this backend."""
+def load_for_generation(
+    model: str | None, adapter: str | None = None, stream_weights: bool = False
+):
+    """Load a model (and optionally an adapter) ready for fast generation on this backend.
+
+    `stream_weights`: the frozen weights go from the model's file to per-unit files in the
+    temp folder one unit at a time and are read back for each call that uses them (stream.py
+    `serve`): memory holds one block (or the embedding / head), the LoRA weights and the KV
+    cache, never the whole model; every token reads the whole model from disk, so it is slow.
+    """
+    import tempfile
+
+    from . import quant
     from .loading import load_model
     from .lora import check_adapter, load_adapters
+    from .stream import WeightStream
 
     if adapter:
         check_adapter(adapter)
-    loaded = load_model(model)
+    loaded = load_model(model, lazy=stream_weights)
     if adapter:
         load_adapters(loaded.model, adapter)
+    if stream_weights:
+        quant.prepare_for_training(loaded.model)  # before offload: it replaces modules
+        loaded.model.freeze()  # the stream moves frozen weights (the adapter's too, here)
+        weights = WeightStream(loaded.model, tempfile.gettempdir())  # removed at exit
+        weights.offload(head=True)
+        weights.serve()  # the served modules keep `weights` alive with the model
     return loaded
 
 
@@ -117,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--raw", action="store_true", help="plain continuation, no chat template")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="keep one block of weights in memory at a time (read from disk for every token: "
+        "slow; for a model that does not fit in memory)",
+    )
     args = p.parse_args(argv)
     sampling = dict(max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, top_p=args.top_p)
     try:
@@ -124,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("pass either --prompt TEXT or --chat")
         if not 0 < args.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
-        loaded = load_for_generation(args.model, args.adapter)
+        loaded = load_for_generation(args.model, args.adapter, args.stream_weights)
         if args.chat:
             chat_loop(loaded, sys.stdin, sys.stdout, **sampling)
             return 0

@@ -2,11 +2,14 @@
 
 Why: the embedded default model (SmolLM2-135M-Instruct Q4_1) and most community models ship
 as llama.cpp GGUF files. gguf_header.py reads and checks the header (never trusting a length),
-the tensor bytes are memory-mapped, gguf_quants.py turns each tensor into MLX arrays
-(quantized blocks stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the
-tokenizer. Here: tensor names -> mlx-lm names and the norm shift, both from the model family's
-GGUF hooks (models/), llama.cpp's Q/K row permutation undone (llama arch only; its converter
-does not permute qwen2/qwen3/gemma3), the mlx-lm config from the metadata, and the check that
+each tensor's bytes are read on their own (a memory map's touched pages would stay in the
+process's resident memory), gguf_quants.py turns each tensor into MLX arrays (quantized blocks
+stay quantized: paper technique 1), gguf_tokenizer.py rebuilds the tokenizer. With weight
+streaming the tensors are converted one block at a time and handed over lazily
+(`load_gguf(lazy_dir=...)`), so the whole model is never resident. Here: tensor names ->
+mlx-lm names and the norm shift, both from the model family's GGUF hooks (models/), llama.cpp's
+Q/K row permutation undone (where the family says its converter permutes: llama only), the
+mlx-lm config from the metadata, and the check that
 the tensors fit the model the metadata describes.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +28,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import models
 from .errors import UserError
+from .files import require_free_space
 from .gguf_header import GGML_TYPES, read_header
 from .gguf_quants import GROUP, TYPES, convert
 from .gguf_tokenizer import build_tokenizer, meta_value
@@ -31,6 +37,7 @@ FAMILIES = {f.gguf_arch: f for f in models.FAMILIES.values() if f.gguf_arch}
 ARCHITECTURES = tuple(sorted(FAMILIES))
 GROUP_SIZE = GROUP
 
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope factors: folded into the config, not a weight
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -44,13 +51,17 @@ class TensorInfo:
 
 def read_gguf(path: str) -> tuple[np.ndarray, dict, dict[str, TensorInfo]]:
     """(the file as a read-only uint8 memory map, metadata, tensor table), header checked."""
+    metadata, infos = _table(path)
+    return np.memmap(path, dtype=np.uint8, mode="r"), metadata, infos
+
+
+def _table(path: str) -> tuple[dict, dict[str, TensorInfo]]:
     header = read_header(path, arrays=True)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     infos = {
         t.name: TensorInfo(t.type_id, t.dims[::-1], header.data_offset + t.offset, t.nbytes)
         for t in header.tensors
     }
-    return data, header.metadata, infos
+    return header.metadata, infos
 
 
 @dataclass
@@ -62,9 +73,16 @@ class GGUFModel:
     report: str  # how each tensor type was mapped, with counts
 
 
-def load_gguf(path: str) -> GGUFModel:
-    """Read a llama / qwen2 / qwen3 / gemma3 GGUF into mlx-lm names, config and tokenizer."""
-    data, meta, infos = read_gguf(path)
+def load_gguf(path: str, lazy_dir: Path | None = None) -> GGUFModel:
+    """Read a llama / qwen2 / qwen3 / gemma3 GGUF into mlx-lm names, config and tokenizer.
+
+    `lazy_dir`: never hold the whole model (stream.py). Each unit (a block, or the
+    embedding / norm / head) is converted, written to a safetensors file there and loaded back
+    lazily (mx.load reads a tensor only when it is evaluated), then released; the file is
+    unlinked at once (an open lazy load keeps reading its inode; the disk space goes when the
+    arrays are evaluated or dropped). Without it every tensor is converted into memory.
+    """
+    meta, infos = _table(path)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(
@@ -72,37 +90,88 @@ def load_gguf(path: str) -> GGUFModel:
             + ", ".join(ARCHITECTURES)
         )
     _check_types(infos, path)
-    shift = FAMILIES[arch].gguf_norm_shift
-    config = model_config(meta, infos, data, path)
-    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
-    if n_tokens > config["vocab_size"]:
-        raise UserError(
-            f"{path}: tensor 'token_embd.weight' has {config['vocab_size']} rows but the "
-            f"tokenizer has {n_tokens} tokens; the file is inconsistent, re-convert it"
-        )
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    weights, shapes, mapped = {}, {}, Counter()
-    for name, info in infos.items():
-        if name == "rope_freqs.weight":  # llama3 rope factors, folded into the config
-            continue
-        key = _mlx_name(name, arch, path)
-        # The embedding lookup dequantizes in the scales' dtype: float32 keeps it exact.
-        parts, how = convert(info.kind, _bytes(data, info), info.shape, name == "token_embd.weight")
-        mapped[(TYPES[info.kind].name, how)] += 1
-        if shift and name.endswith("norm.weight"):  # Gemma: llama.cpp stores 1 + w
-            parts["weight"] = parts["weight"].astype(mx.float32) + shift
-        module = key.rsplit(".", 1)[0]
-        proj = module.rsplit(".", 1)[-1]
-        for suffix, w in parts.items():
-            if arch == "llama" and proj in heads:  # llama.cpp stores Q/K rows interleaved
-                w = unpermute_rows(w, heads[proj])
-            weights[key if suffix == "weight" else f"{module}.{suffix}"] = w
-        shapes[key] = info.shape
+    with open(path, "rb") as f:
+        config = model_config(meta, infos, f, path)
+        n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
+        if n_tokens > config["vocab_size"]:
+            raise UserError(
+                f"{path}: tensor 'token_embd.weight' has {config['vocab_size']} rows but the "
+                f"tokenizer has {n_tokens} tokens; the file is inconsistent, re-convert it"
+            )
+        weights, mapped = _read_weights(f, infos, arch, config, lazy_dir)
+    shapes = {_mlx_name(n, arch, path): i.shape for n, i in infos.items() if n != ROPE_FREQS}
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
     if quantization := quantization_config(weights):
         config["quantization"] = quantization
     report = ", ".join(f"{kind} x{n} -> {how}" for (kind, how), n in sorted(mapped.items()))
     return GGUFModel(weights, config, build_tokenizer(meta, path), shapes, report)
+
+
+def _read_weights(
+    f: BinaryIO, infos: dict[str, TensorInfo], arch: str, config: dict, lazy_dir: Path | None
+) -> tuple[dict[str, mx.array], Counter]:
+    """Every tensor converted, unit by unit (lazily from `lazy_dir` if given); the mapping
+    counts by (GGUF type, how it was mapped)."""
+    if lazy_dir is not None:
+        require_free_space(
+            lazy_dir,
+            sum(i.nbytes for i in infos.values()),
+            f"converting {Path(f.name).name} one block at a time",
+            "free disk space or set TMPDIR to a folder on a bigger disk",
+        )
+    weights, mapped = {}, Counter()
+    for unit, names in _units(infos).items():
+        part = {}
+        for name in names:
+            part.update(_convert(f, name, infos[name], arch, config, mapped))
+        weights.update(part if lazy_dir is None else _to_lazy(part, lazy_dir / unit))
+        del part
+    return weights, mapped
+
+
+def _units(infos: dict[str, TensorInfo]) -> dict[str, list[str]]:
+    """GGUF tensor names grouped by stream unit: 'blk.N' per block, 'top' for the rest."""
+    units: dict[str, list[str]] = {}
+    for name in infos:
+        if name != ROPE_FREQS:  # llama3 rope factors, folded into the config
+            unit = ".".join(name.split(".")[:2]) if name.startswith("blk.") else "top"
+            units.setdefault(unit, []).append(name)
+    return units
+
+
+def _convert(f, name: str, info: TensorInfo, arch: str, config: dict, mapped: Counter) -> dict:
+    """One GGUF tensor -> its mlx-lm arrays by name (weight, or weight/scales/biases)."""
+    key = _mlx_name(name, arch, f.name)
+    # The embedding lookup dequantizes in the scales' dtype: float32 keeps it exact.
+    parts, how = convert(info.kind, _bytes(f, info), info.shape, name == "token_embd.weight")
+    mapped[(TYPES[info.kind].name, how)] += 1
+    shift = FAMILIES[arch].gguf_norm_shift
+    if shift and name.endswith("norm.weight"):  # Gemma: llama.cpp stores 1 + w
+        parts["weight"] = parts["weight"].astype(mx.float32) + shift
+    module = key.rsplit(".", 1)[0]
+    proj = module.rsplit(".", 1)[-1]
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    out = {}
+    for suffix, w in parts.items():
+        if FAMILIES[arch].gguf_permute_qk and proj in heads:  # llama.cpp: Q/K rows interleaved
+            w = unpermute_rows(w, heads[proj])
+        out[key if suffix == "weight" else f"{module}.{suffix}"] = w
+    return out
+
+
+def _to_lazy(part: dict[str, mx.array], stem: Path) -> dict[str, mx.array]:
+    """Write one unit's arrays to disk and return lazy loads of them (the file unlinked)."""
+    path = stem.with_suffix(".safetensors")
+    try:
+        mx.save_safetensors(str(path), part)
+    except (OSError, RuntimeError) as e:
+        raise UserError(
+            f"{stem.parent}: cannot write converted weights ({str(e).splitlines()[0]}); "
+            "free disk space or set TMPDIR to a folder on a bigger disk"
+        ) from None
+    lazy = mx.load(str(path))  # reads nothing until evaluated
+    path.unlink()
+    return lazy
 
 
 def _check_types(infos: dict[str, TensorInfo], path: str) -> None:
@@ -116,8 +185,14 @@ def _check_types(infos: dict[str, TensorInfo], path: str) -> None:
             )
 
 
-def _bytes(data: np.ndarray, info: TensorInfo) -> np.ndarray:
-    return data[info.offset : info.offset + info.nbytes]
+def _bytes(f: BinaryIO, info: TensorInfo) -> np.ndarray:
+    """One tensor's bytes read into a fresh buffer: unlike a memory map's pages, they leave
+    the process's resident memory once converted."""
+    buf = np.empty(info.nbytes, dtype=np.uint8)
+    f.seek(info.offset)
+    if f.readinto(buf) != info.nbytes:  # the header check saw the file whole: it shrank since
+        raise UserError(f"{f.name}: truncated while reading; re-download it")
+    return buf
 
 
 def _mlx_name(name: str, arch: str, path: str) -> str:
@@ -175,7 +250,7 @@ def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(rows, *w.shape[3:])
 
 
-def model_config(meta: dict, infos: dict, data: np.ndarray, path: str) -> dict:
+def model_config(meta: dict, infos: dict, f: BinaryIO, path: str) -> dict:
     """The mlx-lm config.json dict for this GGUF's hyper-parameters."""
     arch = meta["general.architecture"]
 
@@ -199,36 +274,18 @@ def model_config(meta: dict, infos: dict, data: np.ndarray, path: str) -> dict:
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": get("context_length", 4096),
         "tie_word_embeddings": "output.weight" not in infos,
-        "rope_scaling": _rope_scaling(meta, infos, data, arch, path),
+        "rope_scaling": _rope_scaling(meta, infos, f, arch, path),
     }
     head_dim = meta_value(meta, f"{arch}.attention.key_length")
     if head_dim or arch == "qwen3":
         config["head_dim"] = head_dim or config["hidden_size"] // heads
-    if arch == "gemma3":
-        config.update(_gemma3_config(config, meta, get))
+    config.update(FAMILIES[arch].gguf_read_config(config, get))
     return config
 
 
-def _gemma3_config(config: dict, meta: dict, get) -> dict:
-    """mlx-lm gemma3_text's extra fields; llama.cpp hard-codes what the GGUF does not store."""
-    head_dim = config.setdefault("head_dim", 256)
-    return {
-        "model_type": "gemma3_text",
-        "sliding_window": get("attention.sliding_window"),
-        "sliding_window_pattern": 6,  # 5 local : 1 global layers (llama.cpp's set_swa_pattern)
-        "rope_local_base_freq": float(meta_value(meta, "gemma3.rope.freq_base_swa", 10000.0)),
-        # llama.cpp: the 62-layer 27B scales queries by hidden/heads, all others by head_dim
-        "query_pre_attn_scalar": (
-            config["hidden_size"] // config["num_attention_heads"]
-            if config["num_hidden_layers"] == 62
-            else head_dim
-        ),
-    }
-
-
-def _rope_scaling(meta: dict, infos: dict, data, arch: str, path: str) -> dict | None:
-    if info := infos.get("rope_freqs.weight"):
-        factors = convert(info.kind, _bytes(data, info), info.shape)[0]["weight"]
+def _rope_scaling(meta: dict, infos: dict, f: BinaryIO, arch: str, path: str) -> dict | None:
+    if info := infos.get(ROPE_FREQS):
+        factors = convert(info.kind, _bytes(f, info), info.shape)[0]["weight"]
         return _llama3_scaling(factors, meta, arch, path)
     kind = meta_value(meta, f"{arch}.rope.scaling.type", "none")
     if kind == "none":

@@ -97,6 +97,8 @@ class Header:
 
     version: int
     metadata: dict = field(default_factory=dict)
+    # key -> (GGUF value type, array element type or None): what a copy needs to write it back
+    value_types: dict = field(default_factory=dict)
     tensors: list[TensorInfo] = field(default_factory=list)
     data_offset: int = 0
 
@@ -173,8 +175,8 @@ def read_header(path: str, arrays: bool = False) -> Header:
         if n_meta * 12 > r.left():  # a key length (8) and a value type (4) at the least
             raise r.fail(f"metadata count {n_meta} does not fit in the file")
         for i in range(n_meta):
-            key, value = _metadata_entry(r, i, arrays)
-            header.metadata[key] = value
+            key, value, types = _metadata_entry(r, i, arrays)
+            header.metadata[key], header.value_types[key] = value, types
         if n_tensors * 24 > r.left():  # name length, n_dims, type, offset at the least
             raise r.fail(f"tensor count {n_tensors} does not fit in the file")
         infos = [_tensor_info(r) for _ in range(n_tensors)]
@@ -199,13 +201,13 @@ def _preamble(r: _Reader) -> int:
     raise r.fail(f"unknown GGUF version {version}")
 
 
-def _metadata_entry(r: _Reader, i: int, arrays: bool = False) -> tuple[str, object]:
+def _metadata_entry(r: _Reader, i: int, arrays: bool = False) -> tuple[str, object, tuple]:
     key = r.string(f"metadata key #{i}")
     kind = r.unpack("I", f"type of {_q(key)}")
     if kind in _SCALARS:
-        return key, r.unpack(_SCALARS[kind], f"value of {_q(key)}")
+        return key, r.unpack(_SCALARS[kind], f"value of {_q(key)}"), (kind, None)
     if kind == _STRING:
-        return key, r.string(f"value of {_q(key)}")
+        return key, r.string(f"value of {_q(key)}"), (kind, None)
     if kind != _ARRAY:
         raise r.fail(f"metadata {_q(key)} has unknown value type {kind}")
     item = r.unpack("I", f"element type of {_q(key)}")
@@ -213,17 +215,18 @@ def _metadata_entry(r: _Reader, i: int, arrays: bool = False) -> tuple[str, obje
     if item in _SCALARS:
         nbytes, what = count * struct.calcsize(_SCALARS[item]), f"array {_q(key)} of {count} values"
         if arrays:
-            return key, np.frombuffer(r.read(nbytes, what), "<" + _SCALARS[item]).copy()
+            values = np.frombuffer(r.read(nbytes, what), "<" + _SCALARS[item]).copy()
+            return key, values, (kind, item)
         r.skip(nbytes, what)
     elif item == _STRING:
         if count * 8 > r.left():
             raise r.fail(f"array {_q(key)} of {count} strings does not fit in the file")
         if arrays:
-            return key, [r.string(f"string #{j} of {_q(key)}") for j in range(count)]
+            return key, [r.string(f"string #{j} of {_q(key)}") for j in range(count)], (kind, item)
         r.skip_strings(count, f"array {_q(key)}")
     else:  # nested arrays: the format allows them, no model uses them, gguflib mis-reads them
         raise r.fail(f"metadata array {_q(key)} has element type {item}")
-    return key, count
+    return key, count, (kind, item)
 
 
 def _tensor_info(r: _Reader) -> tuple[str, list[int], int, int]:

@@ -31,6 +31,7 @@ from .gguf_header import GGML_TYPES
 
 GROUP = 32  # MLX group size of every quantized tensor we produce
 QK_K = 256  # weights per K-quant super-block
+ROWS_BYTES = 1 << 23  # GGUF block bytes decoded at a time by convert()
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,12 @@ def _scale_array(x: np.ndarray, float32: bool) -> mx.array:
 def convert(
     kind: int, raw: np.ndarray, shape: tuple[int, ...], float32_scales: bool = False
 ) -> tuple[dict[str, mx.array], str]:
-    """One tensor's bytes -> ({"weight"} or {"weight", "scales", "biases"}, how it was mapped)."""
+    """One tensor's bytes -> ({"weight"} or {"weight", "scales", "biases"}, how it was mapped).
+
+    A quantized matrix is decoded ROWS_BYTES of blocks at a time into its final arrays, so the
+    decoder's temporaries (codes, float scales, a re-quantization's float32 copy) stay small
+    next to the result even for a 262K-row embedding.
+    """
     t = TYPES[kind]
     if kind in FLOATS:
         w = mx.array(raw.view(FLOATS[kind]).reshape(shape))
@@ -219,18 +225,37 @@ def convert(
     if len(shape) != 2:  # rare (quantized vectors): plain float
         return {"weight": mx.array(dequantize(kind, blocks).reshape(shape))}, "float"
     rows = shape[0]
+    by_row = blocks.reshape(rows, -1, t.nbytes)  # [rows, blocks per row, bytes per block]
+    step = max(1, ROWS_BYTES // (by_row.shape[1] * t.nbytes))
+    out = None
+    for s in range(0, rows, step):
+        parts = _convert_rows(t, by_row[s : s + step], shape[1])
+        if out is None:  # [rows, ...] arrays of the pieces' widths and dtypes
+            out = [np.empty((rows, *a.shape[1:]), a.dtype) for a in parts[:3]]
+        for whole, piece in zip(out, parts[:3]):
+            whole[s : s + step] = piece
+    bits = parts[3]
+    float32_scales = float32_scales or bool(t.requant_bits)
+    how = f"re-quantized to {bits}-bit g{GROUP}" if t.requant_bits else f"{bits}-bit g{GROUP} exact"
+    weight = mx.array(out.pop(0))
+    return {
+        "weight": weight,
+        "scales": _scale_array(out.pop(0), float32_scales),
+        "biases": _scale_array(out.pop(0), float32_scales),
+    }, how
+
+
+def _convert_rows(t: GGMLType, blocks: np.ndarray, cols: int) -> tuple:
+    """[r, blocks per row, bytes] -> (packed codes [r, .], scales [r, cols/32],
+    biases [r, cols/32], bits)."""
+    r = len(blocks)
+    blocks = blocks.reshape(-1, t.nbytes)
     if t.requant_bits:
-        bits, float32_scales = t.requant_bits, True
-        q, scale, bias = requantize(t.decode(blocks).reshape(shape), bits)
-        how = f"re-quantized to {bits}-bit g{GROUP}"
+        bits = t.requant_bits
+        q, scale, bias = requantize(t.decode(blocks).reshape(r, cols), bits)
     else:
         q, scale, bias, bits = t.decode(blocks)
-        how = f"{bits}-bit g{GROUP} exact"
-    return {
-        "weight": mx.array(pack(q.reshape(rows, -1), bits)),
-        "scales": _scale_array(scale.reshape(rows, -1), float32_scales),
-        "biases": _scale_array(bias.reshape(rows, -1), float32_scales),
-    }, how
+    return pack(q.reshape(r, -1), bits), scale.reshape(r, -1), bias.reshape(r, -1), bits
 
 
 def requantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

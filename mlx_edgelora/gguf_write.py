@@ -2,7 +2,9 @@
 
 Why: the inverse of gguf.py, so a trained result leaves in the format those tools read.
 Tensor names invert gguf.py's table; Q/K rows of the llama architecture are permuted back to
-llama.cpp's rotary-interleaved order (its converter permutes them; we undo that on load).
+llama.cpp's rotary-interleaved order (its converter permutes them; we undo that on load);
+norms get the family's shift back (Gemma: 1 + w). What a family writes beyond the common
+keys, and what it cannot represent, is its own (models/: gguf_config, gguf_keys).
 Quantized MLX weights that are already a GGUF block format (4-bit group 32 -> Q4_1, or Q4_0
 when bias = -8 * scale; 8-bit group 32 with bias = -128 * scale -> Q8_0; scales exact in
 float16) are copied block for block; every other weight is quantized with the `gguf`
@@ -24,7 +26,7 @@ from mlx import nn
 from .errors import UserError
 from .files import atomic_path
 from .gguf import _TOP  # the load-side names this file inverts
-from .models import lookup
+from .models import Family, lookup
 
 Q = gguf.GGMLQuantizationType
 _GGUF_NAME = {v: k for k, v in _TOP.items()}
@@ -33,18 +35,12 @@ TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q
 FILE_TYPES = {Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7, Q.BF16: 32}
 
 
-# llama.cpp's converter interleaves Q/K rows for rotary only for these GGUF architectures.
-PERMUTED_QK = {"llama"}
-# Families whose GGUF layout needs more than a name table (e.g. Gemma 3 stores norms as 1 + w).
-NOT_YET = {"gemma3"}
-
-
 @dataclass(frozen=True)
 class Arch:
     """What the writer needs of a family: read off its registry entry (models/)."""
 
     name: str  # GGUF general.architecture
-    permute_qk: bool
+    family: Family
     block_names: dict  # mlx-lm block path -> llama.cpp tensor name
 
 
@@ -52,14 +48,15 @@ def arch_of(config: dict) -> tuple[str, Arch]:
     """The GGUF architecture of an mlx-lm config, from the family registry."""
     family = lookup(config.get("model_type"), "model")
     name = family.gguf_arch
-    if name is None or name in NOT_YET:
+    if name is None:
         raise UserError(f"model type '{config.get('model_type')}' cannot be exported to GGUF yet")
     names = {ours: theirs for theirs, ours in family.gguf_block_tensors.items()}
-    return name, Arch(name, name in PERMUTED_QK, names)
+    return name, Arch(name, family, names)
 
 
-def gguf_name(module: str, arch: Arch) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'blk.3.attn_q'."""
+def gguf_name(module: str, arch: Arch, prefix: str = "") -> str:
+    """'model.layers.3.self_attn.q_proj' -> 'blk.3.attn_q' (`prefix`: the text model's path)."""
+    module = module.removeprefix(prefix)
     if module in _GGUF_NAME:
         return _GGUF_NAME[module]
     parts = module.split(".")
@@ -79,8 +76,8 @@ def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 # --- hyper-parameters --------------------------------------------------------------------
 
 
-def add_hparams(w: gguf.GGUFWriter, config: dict, name: str) -> None:
-    """{arch}.* keys as llama.cpp's converter writes them (llama, qwen2, qwen3)."""
+def add_hparams(w: gguf.GGUFWriter, config: dict) -> None:
+    """{arch}.* keys as llama.cpp's converter writes them: the common ones, then the family's."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     w.add_context_length(config.get("max_position_embeddings", 4096))
@@ -92,11 +89,9 @@ def add_hparams(w: gguf.GGUFWriter, config: dict, name: str) -> None:
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config.get("rope_theta", 10000.0))
     w.add_rope_dimension_count(head_dim)
-    if head_dim != config["hidden_size"] // heads:
+    if config.get("head_dim"):  # as the converter: whenever the config names it
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if name == "llama":
-        w.add_vocab_size(config["vocab_size"])
     scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -104,6 +99,7 @@ def add_hparams(w: gguf.GGUFWriter, config: dict, name: str) -> None:
         w.add_rope_scaling_factor(scaling["factor"])
     elif kind not in (None, "default", "llama3"):  # llama3: a rope_freqs tensor, see below
         raise UserError(f"rope scaling '{kind}' cannot be exported to GGUF yet")
+    arch_of(config)[1].family.gguf_keys(w, config)
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray | None:
@@ -199,9 +195,10 @@ def _quantized_entry(name: str, module: nn.Module, qtype: Q, perm: int | None) -
     exact = exact_block_type(module)
     rows, cols = module.weight.shape[0], module.weight.shape[1] * 32 // module.bits
     if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and exact is not None:
+        arrays = [module.weight, module.scales, module.biases]  # not the module: it may let go
 
         def make() -> np.ndarray:
-            parts = [module.weight, module.scales, module.biases]
+            parts = arrays
             if perm:
                 parts = [mx.array(permute_rows(np.array(p), perm)) for p in parts]
             return mlx_blocks(*parts, exact)
@@ -213,27 +210,42 @@ def _quantized_entry(name: str, module: nn.Module, qtype: Q, perm: int | None) -
     return _float_entry(name, dense, qtype, perm)
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """An RMSNorm: mlx's, or a family's own (Gemma's computes with 1 + w): a lone 1-D weight."""
+    if isinstance(module, nn.RMSNorm):
+        return True
+    own = module.parameters()
+    return not module.children() and list(own) == ["weight"] and own["weight"].ndim == 1
+
+
+_WEIGHTS = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+
+
+def _heads(config: dict) -> dict[str, int]:
+    """Heads per permuted projection (llama.cpp's Q/K row interleave)."""
+    q = config["num_attention_heads"]
+    return {"attn_q": q, "attn_k": config.get("num_key_value_heads") or q}
+
+
 def model_entries(model: nn.Module, config: dict, qtype: Q) -> Iterator[Entry]:
     """Every tensor of an mlx-lm model (no LoRA left in it) as GGUF entries, in model order."""
-    name, arch = arch_of(config)
-    heads = {
-        "attn_q": config["num_attention_heads"],
-        "attn_k": config.get("num_key_value_heads", config["num_attention_heads"]),
-    }
+    _, arch = arch_of(config)
+    family, heads = arch.family, _heads(config)
+    prefix = family.prefix(model)
     if (factors := llama3_rope_factors(config)) is not None:
         yield Entry("rope_freqs.weight", Q.F32, factors.shape, lambda: factors)
     for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            quantized = True
-        elif isinstance(module, (nn.Linear, nn.Embedding, nn.RMSNorm)):
-            quantized = False
-        elif hasattr(module, "lora_a"):
+        if hasattr(module, "lora_a"):
             raise UserError(f"{path}: still a LoRA layer; fuse the adapter before export")
-        else:
+        norm = _is_norm(module)
+        if not norm and not isinstance(module, _WEIGHTS):
             continue
-        base = gguf_name(path, arch)
-        perm = heads.get(base.split(".")[-1]) if arch.permute_qk else None
-        if quantized:
+        base = gguf_name(path, arch, prefix)
+        perm = heads.get(base.split(".")[-1]) if family.gguf_permute_qk else None
+        if norm:  # the loader adds gguf_norm_shift back (Gemma: llama.cpp stores 1 + w)
+            weight = module.weight.astype(mx.float32) - family.gguf_norm_shift
+            yield _float_entry(f"{base}.weight", weight, Q.F32, None)
+        elif "scales" in module:
             yield _quantized_entry(f"{base}.weight", module, qtype, perm)
         else:
             yield _float_entry(f"{base}.weight", module.weight, qtype, perm)
@@ -248,13 +260,12 @@ def lora_entries(model: nn.Module, config: dict) -> Iterator[Entry]:
     W x + s' B (A x) with ggml shapes a: ne [in, r], b: ne [r, out], i.e. the transposes.
     """
     _, arch = arch_of(config)
-    heads = {"attn_q": config["num_attention_heads"]}
-    heads["attn_k"] = config.get("num_key_value_heads", heads["attn_q"])
+    family, heads = arch.family, _heads(config)
     for path, module in model.named_modules():
         if not hasattr(module, "lora_a"):
             continue
-        base = gguf_name(path, arch)
-        perm = heads.get(base.split(".")[-1]) if arch.permute_qk else None
+        base = gguf_name(path, arch, family.prefix(model))
+        perm = heads.get(base.split(".")[-1]) if family.gguf_permute_qk else None
         a, b = module.lora_a, module.lora_b
         yield Entry(f"{base}.weight.lora_a", Q.F32, (a.shape[1], a.shape[0]), _lora_a(a))
         yield Entry(f"{base}.weight.lora_b", Q.F32, (b.shape[1], b.shape[0]), _lora_b(b, perm))
@@ -303,6 +314,7 @@ def _write(w: gguf.GGUFWriter, keys: Callable[[gguf.GGUFWriter], None], entries:
         w.write_ti_data_to_file()
         for e in entries:
             w.write_tensor_data(np.ascontiguousarray(e.make()))
+            e.make = None  # its arrays (evaluated now) go: one tensor in memory at a time
             mx.clear_cache()
     finally:
         w.close()

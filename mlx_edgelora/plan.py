@@ -19,12 +19,16 @@ from . import blocks
 from .config import TrainConfig
 from .loss import vocab_tile
 from .models import Shape
+from .precision import Precision
 
 GB = 1024**3
 F32 = 4
 # Floats kept per token by one block's autodiff graph (inputs of norms, projections, LoRA,
 # residuals), as multiples of the hidden size D, the KV width and the MLP width I; the
-# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest.
+# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest. The same holds
+# for LARS: its gate's VJP keeps only the projection's input x (lars.py), which these count
+# already; it drops LoRA's r-wide x A, and its [.., d] temporaries (the gated input, dz, dx)
+# live no longer than LoRA's own (tests/test_plan.py measures both).
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
 # The segment engine's recompute (a custom VJP per half, chunked attention and MLP) holds more
@@ -85,17 +89,16 @@ def _frozen_bytes(module: nn.Module) -> int:
 
 
 def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:
-    """fp32 bytes of the LoRA weights the config will create (whether applied yet or not)."""
-    io = s.lora_io()
+    """fp32 bytes of the adapter weights the config will create (whether applied yet or not):
+    LoRA A [in, r] + B [r, out]; LARS U [in, r] + V [r, in / block] + alpha per projection."""
     n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
-    return n * cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys) * F32
-
-
-def _act_bytes(cfg: TrainConfig) -> int:
-    """Bytes per activation element (boundaries, recompute): the compute dtype's. Everything
-    computes in float32 today; --dtype (issue 17 item 2) makes this the chosen dtype's size,
-    while softmax, the loss head, the LoRA weights and AdamW's state stay float32."""
-    return F32
+    if cfg.adapter == "lars":
+        widths = [s.input_widths().get(k, s.D) for k in cfg.lora_keys]
+        per_block = sum(cfg.rank * (d + d // cfg.lars_block) + 1 for d in widths)
+    else:
+        io = s.lora_io()
+        per_block = cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys)
+    return n * per_block * F32
 
 
 def _segment_blocks(cfg: TrainConfig) -> int:
@@ -111,30 +114,34 @@ def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
     return total / GB
 
 
-def _half_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> dict:
-    """Bytes each half of one block's autodiff graph holds for `tokens` tokens."""
+def _half_activations(
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+) -> dict:
+    """Bytes each half of one block's autodiff graph holds for `tokens` tokens, with
+    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32)."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
-    a = _act_bytes(cfg)
-    attn = tokens * (ATTN_PER_D * s.D + ACT_PER_KV * s.kv) * a + scores
-    mlp = tokens * (ACT_PER_D - ATTN_PER_D) * s.D * a + mlp_rows * ACT_PER_I * s.I * a
+    attn = tokens * (ATTN_PER_D * s.D + ACT_PER_KV * s.kv) * act + scores
+    mlp = tokens * (ACT_PER_D - ATTN_PER_D) * s.D * act + mlp_rows * ACT_PER_I * s.I * act
     if not chunked:  # the graph engine's autodiff (the constants above were fitted to it)
         return {"attn": attn, "mlp": mlp}
     return {"attn": attn * RECOMPUTE_FIT["attn"], "mlp": mlp * RECOMPUTE_FIT["mlp"]}
 
 
-def _block_activations(s: Shape, tokens: int, cfg: TrainConfig, chunked: bool) -> float:
+def _block_activations(
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+) -> float:
     """Bytes one block's autodiff graph holds for `tokens` tokens."""
-    return sum(_half_activations(s, tokens, cfg, chunked).values())
+    return sum(_half_activations(s, tokens, cfg, chunked, act).values())
 
 
-def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig) -> float:
+def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32) -> float:
     """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
-        return k * _block_activations(s, tokens, cfg, True)
-    big, small = sorted(_half_activations(s, tokens, cfg, True).values(), reverse=True)
+        return k * _block_activations(s, tokens, cfg, True, act)
+    big, small = sorted(_half_activations(s, tokens, cfg, True, act).values(), reverse=True)
     return -(-k // 2) * big + k // 2 * small
 
 
@@ -142,8 +149,8 @@ def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
-    if cfg.loss == "subset" and cfg.subset_fill == "predicted":
-        c = max(c, tile)  # its no-gradient scoring pass runs over vocabulary tiles
+    if cfg.loss == "subset" and cfg.subset_fill in ("predicted", "sampled"):
+        c = max(c, tile)  # their no-gradient scoring pass runs over vocabulary tiles
     w_rows = c if cfg.loss == "subset" else tile  # the full head's kernel dequantizes tiles too
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
 
@@ -154,6 +161,7 @@ def estimate(
     trainable_fraction: float = 1.0,
     token_bytes: int = 0,
     ranks: int = 1,
+    precision: Precision | None = None,
 ) -> MemoryPlan:
     """Estimate the peak of one step for `model` (LoRA applied or not; or its `sizes`) under
     `cfg`, on each of `ranks` data-parallel processes (each holds the whole model and its own
@@ -166,7 +174,11 @@ def estimate(
 
     `token_bytes`: host memory of the packed token rows (Dataset.token_bytes()), resident for
     the whole run; on a Mac it shares the same unified memory as the step.
+    `precision` (--dtype): boundaries count in its storage dtype, activations in its compute
+    dtype (default float32 for both); the weights are counted as the model holds them.
     """
+    precision = precision or Precision()
+    act = precision.compute.size
     m = sizes(model)
     s = m.shape
     tokens = cfg.batch_size * cfg.max_seq_len
@@ -176,14 +188,14 @@ def estimate(
     parts["LoRA + optimizer"] = _optimizer_bytes(cfg, s) / GB
     head = _loss_head_bytes(s, rows, cfg)
     if cfg.engine == "graph":
-        parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False) / GB
+        parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False, act) / GB
         parts["loss head"] = head / GB
     else:
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         n_seg = -(-n_units // cfg.checkpoint_every)
         kept = n_seg if cfg.activations == "ram" else DISK_BOUNDARIES_IN_MEMORY
-        parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * _act_bytes(cfg) / GB
-        segment = _segment_activations(s, tokens, cfg)
+        parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
+        segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
         head_w = m.frozen - sum(m.block_frozen) if streamed else 0
         phases = {
@@ -193,7 +205,7 @@ def estimate(
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
             # under plain autodiff, unchunked: whole blocks (a split last half still measured
             # the whole block's worth, 0.073 GB, on the Qwen2.5-0.5B shape at 512 tokens)
-            cached = _segment_blocks(cfg) * _block_activations(s, tokens, cfg, False)
+            cached = _segment_blocks(cfg) * _block_activations(s, tokens, cfg, False, act)
             phases["loss head"] += cached + segment_w
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB
@@ -218,18 +230,21 @@ def _optimizer_bytes(cfg: TrainConfig, s: Shape) -> float:
     return _lora_bytes(cfg, s) * OPT_COPIES
 
 
-def disk_bytes(model: nn.Module | ModelSizes, cfg: TrainConfig) -> int:
+def disk_bytes(
+    model: nn.Module | ModelSizes, cfg: TrainConfig, precision: Precision | None = None
+) -> int:
     """Bytes a run keeps on the --spill-dir disk (default: beside --out): spilled boundaries,
     streamed frozen weights and streamed LoRA state (the stores each check their own share
     as they start; the planner checks the sum before anything is written)."""
     if cfg.engine != "segments":
         return 0
+    storage = (precision or Precision()).storage.size
     m = sizes(model)
     s, total = m.shape, 0
     if cfg.activations == "disk":
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         tokens = cfg.batch_size * cfg.max_seq_len
-        total += -(-n_units // cfg.checkpoint_every) * tokens * s.D * _act_bytes(cfg)
+        total += -(-n_units // cfg.checkpoint_every) * tokens * s.D * storage
     if cfg.stream_weights:
         total += m.frozen  # every block, and the embedding/head
     if cfg.stream_state:

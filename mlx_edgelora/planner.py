@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .files import SPACE_MARGIN, format_bytes
 from .plan import GB, MemoryPlan, ModelSizes
+from .precision import Precision
 from .spill import spill_parent
 
 # Half of physical memory: on an 8 GB Mac, macOS and a browser hold ~3-4 GB, and streamed
@@ -114,11 +115,6 @@ def candidates(cfg: TrainConfig, keep_given: bool = True) -> list[TrainConfig]:
     ]
 
 
-def _rate(m: ModelSizes, cfg: TrainConfig, fraction: float, token_bytes: int, ranks: int):
-    p = plan.estimate(m, cfg, fraction, token_bytes, ranks)
-    return Candidate(cfg, p, relative_speed(cfg), plan.disk_bytes(m, cfg))
-
-
 def flags(cfg: TrainConfig, base: TrainConfig | None = None, none: str = "(the defaults)") -> str:
     """`cfg`'s SPACE options as flags (only those differing from `base`, if given)."""
     out = []
@@ -137,6 +133,7 @@ def choose(
     trainable_fraction: float = 1.0,
     token_bytes: int = 0,
     ranks: int = 1,
+    precision: Precision | None = None,
 ) -> tuple[TrainConfig, MemoryPlan, str]:
     """The configuration to run, its plan, and a short account of the choice (to print).
 
@@ -151,7 +148,8 @@ def choose(
     free_disk = shutil.disk_usage(_existing(folder)).free
 
     def rate(c: TrainConfig) -> Candidate:
-        return _rate(m, c, trainable_fraction, token_bytes, ranks)
+        p = plan.estimate(m, c, trainable_fraction, token_bytes, ranks, precision)
+        return Candidate(c, p, relative_speed(c), plan.disk_bytes(m, c, precision))
 
     def fits(c: Candidate) -> bool:
         return c.peak <= budget and c.disk * SPACE_MARGIN <= free_disk

@@ -18,8 +18,11 @@ included) for a subclass whose kernel is chosen once per backend:
   `dequant_matmul_reference` is the plain version it is tested against.
 
 The subclasses keep the names and parameters (weight, scales, biases, bias) of mlx's classes,
-so mlx-lm saves, loads and fuses them as usual. Compute dtype is float32 whatever the dtype of
-the scales (float16 in most checkpoints).
+so mlx-lm saves, loads and fuses them as usual. The CPU kernel computes in float32 whatever
+the dtype of the scales (float16 in most checkpoints) and returns the input's dtype (--dtype,
+precision.py). `matmul` is the same choice for a plain product of two activations (attention):
+MLX's CPU backend has no BLAS for bfloat16/float16 (20-40x slower than float32, measured), so
+there half-precision operands are upcast (exactly) and multiplied by float32 BLAS.
 """
 
 from __future__ import annotations
@@ -110,17 +113,29 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
 
 
 def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
-    """x @ W.T for a quantized W: fused kernel on GPU, memory-lean dequantize+matmul on CPU."""
+    """x @ W.T for a quantized W in x's dtype: fused kernel on GPU, memory-lean
+    dequantize+matmul in float32 on CPU."""
     if fused_available():
         return mx.quantized_matmul(
             x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
-        )
+        ).astype(x.dtype)
     qparams = (w, scales) if biases is None else (w, scales, biases)
-    return _dequant_matmul_fn(group_size, bits, mode)(x.astype(mx.float32), *qparams)
+    y = _dequant_matmul_fn(group_size, bits, mode)(x.astype(mx.float32), *qparams)
+    return y.astype(x.dtype)
+
+
+def matmul(a: mx.array, b: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+    """a @ b, returned in `dtype` (default: the operands' promoted dtype). On a CPU,
+    half-precision operands go through float32 BLAS: the exact upcast and a float32
+    accumulation, as a GPU's half-precision matmul accumulates."""
+    out = dtype or mx.result_type(a.dtype, b.dtype)
+    if a.dtype == b.dtype == mx.float32 or fused_available():
+        return (a @ b).astype(out)
+    return (a.astype(mx.float32) @ b.astype(mx.float32)).astype(out)
 
 
 class DequantLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear computing in float32 through `dequant_matmul`."""
+    """nn.QuantizedLinear through `dequant_matmul` (float32 kernel on CPU, x's dtype out)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = dequant_matmul(x, self["weight"], self["scales"], self.get("biases"), *_format(self))

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, engine, files, lora, loss, planner, quant, report
+from . import checkpoint, distributed, engine, files, lora, loss, planner, precision, quant, report
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -221,6 +221,7 @@ class _Run:
     selection: Selection = field(default_factory=Selection)
     base: dict = field(default_factory=dict)  # base_identity, saved with each checkpoint
     train_head: loss.LossHead | None = None  # says whether a step's loss value was exact
+    head_state: dict | None = None  # train_head's running state after the last applied step
 
 
 def _setup(
@@ -258,6 +259,8 @@ def _setup(
             _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
+    prec = precision.resolve(cfg.dtype, loaded.dtype or precision.model_dtype(model))
+    precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
     adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     if cfg.epochs:
@@ -267,9 +270,10 @@ def _setup(
             f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
         )
     cfg, memory_plan, choice = planner.choose(
-        model, cfg, data.trainable_fraction(), data.token_bytes(), world.size
+        model, cfg, data.trainable_fraction(), data.token_bytes(), world.size, prec
     )
     adapter_cfg["edgelora"] = cfg.to_dict()  # the options as run, the planner's included
+    reporter.info(prec.describe())
     reporter.info(choice)
     reporter.info(memory_plan.describe())
     if world.is_main:
@@ -286,7 +290,7 @@ def _setup(
         state = SegmentOptimizer(model, opt, cfg.grad_clip, cfg.spill_dir, cfg.out)
     step_fn = None
     try:  # a failure from here on (full disk at offload, refused resume) leaves no folder
-        step_fn = engine.make_step(model, cfg, train_head, state)
+        step_fn = engine.make_step(model, cfg, train_head, state, prec)
         if world.size > 1:
             step_fn.grad_hook = world.reduce  # each segment's gradients summed over ranks
         shard = world.shard(batches)
@@ -316,6 +320,9 @@ def _start_position(run: _Run, batches: BatchIterator, folder: Path | None) -> N
         batches.load_state_dict(saved["data"])
         position = [saved["step"], batches.epoch, batches.position]
         run.selection = Selection.from_state(saved.get("selection"))
+        if run.train_head is not None:  # rank 0's head; other ranks' heads rescore at first
+            run.train_head.load_state_dict(saved.get("loss_head"))
+            run.head_state = saved.get("loss_head")
     mine = distributed.fingerprint(batches)
     with world.collective("setup", max(cfg.dist_timeout, distributed.SETUP_PATIENCE)):
         opt = run.opt if cfg.resume else None
@@ -347,6 +354,7 @@ def _save(run: _Run, step: int, data_state: dict) -> None:
     state = {"config": run.cfg.to_dict(), "data": data_state, "base": run.base}
     state["selection"] = run.selection.state_dict()
     state["world_size"] = run.world.size  # resume: distributed.check_resume
+    state["loss_head"] = run.head_state  # e.g. --subset-refresh's cached pass
     checkpoint.save(run.out, step, run.model, run.opt, state, run.state)
     try:
         if not run.cfg.keep_best:  # else adapters.safetensors is the best one, from _eval
@@ -419,6 +427,8 @@ def train(
                     if keep_model:
                         run.state.restore()
                     run.state.close()
+                if keep_model:  # the float32 model load_model gives, for generate
+                    precision.cast_weights(run.model, mx.float32)
                 run.reporter.close()
     finally:
         world.close()
@@ -492,6 +502,7 @@ def _loop(run: _Run) -> float | None:
                 raise UserError(_diverged(run, step, what))  # nothing of this step applied
             done, done_data = step, run.batches.state_dict()
             exact = run.train_head is None or run.train_head.pop_exact()
+            run.head_state = None if run.train_head is None else run.train_head.state_dict()
             run.reporter.step(step, step_loss, n_tok, float(run.opt.learning_rate), exact)
             if _eval_due(cfg, step):
                 val = _eval(run, step)

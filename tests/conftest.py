@@ -119,11 +119,13 @@ def make_tiny_tokenizer(path: Path):
     return fast
 
 
-def write_tiny_model_dir(path: Path, arch: str = "llama", quantize_bits: int | None = None):
+def write_tiny_model_dir(
+    path: Path, arch: str = "llama", quantize_bits: int | None = None, **overrides
+):
     """Write a tiny random model + tokenizer as an mlx-lm model folder."""
     from mlx.utils import tree_flatten
 
-    model, cfg = build_tiny_model(arch, quantize_bits=quantize_bits)
+    model, cfg = build_tiny_model(arch, quantize_bits=quantize_bits, **overrides)
     path.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

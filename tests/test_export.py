@@ -7,16 +7,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import requires_smollm2, write_tiny_model_dir
+from mlx import nn
 from test_fuse import PROMPT, base_plus_adapter_logits, make_adapter
+from test_gemma3_gguf import requires_gemma
 
 from mlx_edgelora import UserError
 from mlx_edgelora.export import export, main, write_model
-from mlx_edgelora.fuse import fuse
+from mlx_edgelora.fuse import fuse, fuse_lora
 from mlx_edgelora.gguf import _mlx_name, unpermute_rows
 from mlx_edgelora.gguf_header import read_header
 from mlx_edgelora.gguf_write import mlx_blocks, permute_rows
 from mlx_edgelora.loading import load_model
-from mlx_edgelora.ollama import modelfile
+from mlx_edgelora.lora import load_adapters
+from mlx_edgelora.ollama import UNTRANSLATED
 
 TEXT = "Bartholomew the starter needs feeding, 3 times a day!"
 
@@ -25,9 +28,9 @@ def logits(path) -> np.ndarray:
     return np.array(load_model(str(path)).model(mx.array([PROMPT])))
 
 
-def f16_scaled_q4_dir(path, arch):
+def f16_scaled_q4_dir(path, arch, **overrides):
     """A tiny 4-bit group-32 model whose scales/biases are float16, like a Q4_1 GGUF's."""
-    folder = write_tiny_model_dir(path, arch, quantize_bits=4)
+    folder = write_tiny_model_dir(path, arch, quantize_bits=4, **overrides)
     weights = mx.load(str(folder / "model.safetensors"))
     half = {
         k: v.astype(mx.float16) if k.endswith((".scales", ".biases")) else v
@@ -130,40 +133,35 @@ def test_tokenizer_and_template_survive_export(tmp_path, arch):
 
 
 def llama_cpp_lora_logits(base_gguf, adapter_gguf) -> np.ndarray:
-    """What llama.cpp computes: W_file + alpha / rank * B A on the file's rows, then our reload.
+    """What llama.cpp computes: W + alpha / rank * B A, with B A in the file's row order.
 
-    Independent of gguf_write: it reads the raw files and follows llama.cpp's convention
-    (a: ne [in, r] = numpy [r, in]; b: ne [r, out] = numpy [out, r]; scale alpha / b.ne[0]).
+    Independent of gguf_write: it reads the adapter file raw and follows llama.cpp's convention
+    (a: ne [in, r] = numpy [r, in]; b: ne [r, out] = numpy [out, r]; scale alpha / b.ne[0]);
+    W is the base as gguf.py loads it (rows un-permuted), so B A is un-permuted the same way.
     """
-    from mlx import nn
     from mlx.utils import tree_unflatten
 
     reader = gguf.GGUFReader(adapter_gguf)
     alpha = float(reader.fields["adapter.lora.alpha"].contents())
     arch = reader.fields["general.architecture"].contents()
     lora = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-    raw = mx.load(str(base_gguf))
     loaded = load_model(str(base_gguf))
     cfg = loaded.config
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     modules = dict(loaded.model.named_modules())
     updates = []
     for name in sorted({n.rsplit(".", 1)[0] for n in lora}):  # 'blk.0.attn_q.weight'
-        w = raw[name]
-        if (scales := name.replace(".weight", ".scales")) in raw:
-            biases, bits = (
-                raw[name.replace(".weight", ".biases")],
-                w.shape[1] // raw[scales].shape[1],  # words per group,
-            )
-            w = mx.dequantize(w, raw[scales], biases, 32, bits)
         a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
-        w = np.array(w.astype(mx.float32)) + alpha / b.shape[1] * (b @ a)
+        delta = alpha / b.shape[1] * (b @ a)
         if arch == "llama" and (part := name.split(".")[2]) in heads:
-            w = np.array(unpermute_rows(mx.array(w), heads[part]))
+            delta = np.array(unpermute_rows(mx.array(delta), heads[part]))
         path = _mlx_name(name, arch, "x").removesuffix(".weight")
         old = modules[path]
+        w = old.weight
+        if "scales" in old:
+            w = mx.dequantize(w, old.scales, old.biases, old.group_size, old.bits, mode=old.mode)
         new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in old)
-        new.weight = mx.array(w)
+        new.weight = mx.array(np.array(w.astype(mx.float32)) + delta)
         if "bias" in old:
             new.bias = old.bias
         updates.append((path, new))
@@ -206,12 +204,6 @@ def test_non_lora_adapter_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_modelfile_without_a_known_template_defers_to_ollama():
-    text = modelfile("./m.gguf", "{{ messages }}", ["</s>"])
-    assert "TEMPLATE" not in text and "# chat template not translated" in text
-    assert text.endswith('PARAMETER stop "</s>"\n')
-
-
 @pytest.mark.slow
 @requires_smollm2
 def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
@@ -219,8 +211,6 @@ def test_trained_smollm2_adapter_exports_both_ways(tmp_path):
     from conftest import smollm2_path
 
     from mlx_edgelora import TrainConfig, train
-    from mlx_edgelora.fuse import fuse_lora
-    from mlx_edgelora.lora import load_adapters
 
     adapter = tmp_path / "adapter"
     cfg = TrainConfig(
@@ -314,8 +304,171 @@ def test_llama3_rope_factors_read_back_as_the_same_scaling():
     assert _llama3_scaling(mx.array(factors), meta, "llama", "x.gguf") == scaling
 
 
-def test_gemma3_is_refused_until_its_layout_is_written(tmp_path):
-    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3")
+# Gemma 3 as llama.cpp can run it: 5 local : 1 global layers, queries scaled by head_dim
+GEMMA_LLAMA_CPP = {"num_hidden_layers": 6, "sliding_window_pattern": 6, "query_pre_attn_scalar": 32}
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_gemma3_merged_export_equals_the_fused_model(tmp_path, model_type, capsys):
+    """Norms as 1 + w, the implicit embedding scale and tied head, llama.cpp's keys."""
+    model_dir = f16_scaled_q4_dir(tmp_path / "base", model_type, **GEMMA_LLAMA_CPP)
     adapter = make_adapter(model_dir, tmp_path / "adapter")
-    with pytest.raises(UserError, match="cannot be exported to GGUF yet"):
-        export(str(model_dir), str(adapter), str(tmp_path / "out"))
+    fused = fuse(str(model_dir), str(adapter), str(tmp_path / "fused"), dequantize=True)
+    capsys.readouterr()
+    path = export(str(model_dir), str(adapter), str(tmp_path / "out"), "f16")
+    np.testing.assert_array_equal(logits(path), logits(fused))
+    # the tiny tokenizer's ChatML is not a Gemma format: no TEMPLATE, and one line says so
+    assert capsys.readouterr().out == f"{path.parent / 'Modelfile'}: {UNTRANSLATED}\n"
+    assert 'TEMPLATE """' not in (path.parent / "Modelfile").read_text()
+
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    g = "gemma3"
+    want = {  # every {arch}.* key, as convert_hf_to_gguf.py's Gemma3Model writes them
+        f"{g}.context_length": 4096,
+        f"{g}.embedding_length": 96,
+        f"{g}.block_count": 6,
+        f"{g}.feed_forward_length": 128,
+        f"{g}.attention.head_count": 4,
+        f"{g}.attention.head_count_kv": 2,
+        f"{g}.attention.layer_norm_rms_epsilon": pytest.approx(1e-5),
+        f"{g}.attention.key_length": 32,
+        f"{g}.attention.value_length": 32,
+        f"{g}.attention.sliding_window": 6,
+        f"{g}.rope.freq_base": 1e6,
+        f"{g}.rope.freq_base_swa": 1e4,
+        f"{g}.rope.dimension_count": 32,
+    }
+    assert {k: v for k, v in fields.items() if k.startswith(f"{g}.")} == want
+    assert fields["general.architecture"] == g
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # the head is the embedding, as in llama.cpp
+    per_block = {"attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"}
+    assert {f"blk.5.{n}.weight" for n in per_block} <= names
+    # the norms are stored as 1 + w (llama.cpp multiplies by the stored weight)
+    fused_model = load_model(str(fused)).model
+    lm = getattr(fused_model, "language_model", fused_model)
+    stored = {t.name: np.array(t.data) for t in reader.tensors if t.name.endswith("norm.weight")}
+    np.testing.assert_array_equal(
+        stored["blk.2.post_ffw_norm.weight"],
+        1 + np.array(lm.model.layers[2].post_feedforward_layernorm.weight),
+    )
+    np.testing.assert_array_equal(stored["output_norm.weight"], 1 + np.array(lm.model.norm.weight))
+
+
+def test_gemma3_requantized_q8_0_is_close(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3_text", **GEMMA_LLAMA_CPP)
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    path = export(str(model_dir), str(adapter), str(tmp_path / "out"), "q8_0")
+    got, want = logits(path), base_plus_adapter_logits(model_dir, adapter)
+    # A random Gemma amplifies rounding (sqrt(D) embedding scale, four norms per block): MLX's
+    # own affine 8-bit re-quantization moves its logits by ~6% of their range. Q8_0 is
+    # symmetric, so its step is up to twice the affine one: bound 2x MLX's error (measured 1.5x).
+    mlx8 = load_model(str(model_dir))
+    load_adapters(mlx8.model, adapter)
+    fuse_lora(mlx8.model, dequantize=True)
+    nn.quantize(mlx8.model, group_size=32, bits=8)
+    mlx_err = np.abs(np.array(mlx8.model(mx.array([PROMPT]))) - want).max()
+    assert np.abs(got - want).max() < 2 * mlx_err
+
+
+def test_gemma3_lora_gguf_applies_like_llama_cpp(tmp_path):
+    base = tmp_path / "base.gguf"
+    model_dir = write_tiny_model_dir(tmp_path / "tiny", "gemma3_text", **GEMMA_LLAMA_CPP)
+    write_model(load_model(str(model_dir)), base, "f32")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    path = export(None, str(adapter), str(tmp_path / "out"), lora_only=True)
+
+    fields = gguf.GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert fields["adapter.type"].contents() == "lora"
+    assert fields["gemma3.attention.sliding_window"].contents() == 6
+    want = base_plus_adapter_logits(base, adapter)
+    np.testing.assert_allclose(llama_cpp_lora_logits(base, path), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_llama_cpp_cannot_represent_is_refused(tmp_path, capsys):
+    """llama.cpp hard-codes the layer pattern (6) and query scale; other values are refused."""
+    model_dir = write_tiny_model_dir(tmp_path / "base", "gemma3_text")  # pattern 2, scalar 20
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    with pytest.raises(UserError, match="sliding_window_pattern = 2: llama.cpp's gemma3"):
+        export(str(model_dir), str(adapter), str(tmp_path / "out"), lora_only=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@requires_gemma
+def test_real_gemma3_exports_both_ways(tmp_path):
+    """Gemma 3 270M (Q4_K_M, --model gemma3-270m): the adapter GGUF carries the base file's own
+    gemma3.* values and, applied as llama.cpp does it, gives base + adapter; the merged Q8_0
+    file keeps the base's tokenizer keys and reloads close to base + adapter."""
+    from mlx_edgelora.gguf import read_gguf
+    from mlx_edgelora.loading import GEMMA3_270M, gemma3_270m_path
+
+    adapter = make_adapter(GEMMA3_270M, tmp_path / "adapter")
+    path = export(None, str(adapter), str(tmp_path / "lora"), lora_only=True)
+    ours = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    _, base, _ = read_gguf(gemma3_270m_path())
+    shared = [k for k in ours if k.startswith("gemma3.") and k in base]
+    assert len(shared) >= 10  # all but rope.dimension_count and rope.freq_base_swa
+    for key in shared:
+        assert ours[key] == pytest.approx(base[key]), key
+    assert ours["gemma3.attention.sliding_window"] == 512
+    assert len(gguf.GGUFReader(path).tensors) == 18 * 7 * 2  # lora_a, lora_b of 7 per block
+    # each projection's update as llama.cpp forms it (alpha / rank * B A) is mlx-lm's
+    # (scale * A B)^T; logits are compared on the tiny models (a 270M model's bfloat16
+    # activations blur a dense-vs-quantized comparison)
+    lora = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+    trained = mx.load(str(adapter / "adapters.safetensors"))
+    for name in {n.rsplit(".", 1)[0] for n in lora}:
+        a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+        key = _mlx_name(name, "gemma3", "x").removesuffix("weight")
+        ours_a, ours_b = (np.array(trained[key + k]) for k in ("lora_a", "lora_b"))
+        update = (2.0 * ours_a @ ours_b).T  # make_adapter's scale 2.0
+        got = ours["adapter.lora.alpha"] / b.shape[1] * b @ a
+        np.testing.assert_allclose(got, update, atol=1e-6)
+    text = (path.parent / "Modelfile").read_text()
+    assert "<start_of_turn>user" in text and 'PARAMETER stop "<end_of_turn>"' in text
+
+    merged = export(None, str(adapter), str(tmp_path / "merged"), "q8_0")
+    _, meta, _ = read_gguf(str(merged))
+    for key in [k for k in base if k.startswith("tokenizer.")]:
+        assert np.array_equal(meta[key], base[key]), key
+    # the merged layers are Q8_0 (symmetric 8-bit): the bound of the tiny Gemma Q8_0 test
+    ref = load_model(GEMMA3_270M)  # one load for both references
+    load_adapters(ref.model, adapter)
+    want = np.array(ref.model(mx.array([PROMPT])))
+    fuse_lora(ref.model, dequantize=True)
+    nn.quantize(ref.model, group_size=32, bits=8)
+    mlx_err = np.abs(np.array(ref.model(mx.array([PROMPT]))) - want).max()
+    got = logits(merged)
+    print(f"merged Q8_0 error {np.abs(got - want).max():.3f}, MLX 8-bit {mlx_err:.3f}")
+    assert np.abs(got - want).max() < 2 * mlx_err
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "f16"])
+def test_export_merges_tensor_by_tensor_into_the_same_file(tmp_path, qtype):
+    """export loads lazily and writes each tensor (read, merged, converted) before the next:
+    the same GGUF bytes as from the resident model, with a peak far under the model's bytes
+    (16 blocks; the resident path holds them all, so the measure tells them apart)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_edgelora.fuse import fuse_lora
+    from mlx_edgelora.lora import load_adapters
+
+    shape = dict(num_hidden_layers=16, hidden_size=256, intermediate_size=1024)
+    model_dir = write_tiny_model_dir(tmp_path / "base", "llama", quantize_bits=4, **shape)
+    adapter = make_adapter(model_dir, tmp_path / "adapter")
+    loaded = load_model(str(model_dir))
+    total = sum(v.nbytes for _, v in tree_flatten(loaded.model.parameters()))
+    load_adapters(loaded.model, adapter)
+    fuse_lora(loaded.model, dequantize=True, rest=False)
+    reference = write_model(loaded, tmp_path / "ref.gguf", qtype)
+    del loaded
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    path = export(str(model_dir), str(adapter), str(tmp_path / "out"), qtype)
+    peak = mx.get_peak_memory() - base
+    assert path.read_bytes() == reference.read_bytes()
+    assert peak < total / 3, (peak, total)

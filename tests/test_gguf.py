@@ -384,3 +384,69 @@ def test_truncated_gguf_is_a_user_error(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="cut.gguf"):
         load_model(str(path))
+
+
+def test_lazy_gguf_load_holds_one_block_and_equals_the_eager_load(tmp_path, monkeypatch):
+    """load_model(lazy=True) converts a GGUF one unit at a time into unlinked temp files:
+    streaming then offloads it holding about one block (the eager load holds every tensor,
+    so the measure tells them apart), and every tensor equals the eager load's, bit for bit."""
+    import tempfile
+
+    from mlx_edgelora.stream import WeightStream
+
+    shape = dict(num_hidden_layers=8, hidden_size=256, intermediate_size=1024)
+    model, cfg = build_tiny_model("llama", **shape)
+    tensors = {}
+    for gname, w in gguf_tensors(model, cfg).items():
+        kind = F32 if w.ndim == 1 else (Q8_0 if gname.startswith("token_embd") else Q4_1)
+        raw = w.tobytes() if kind == F32 else quantize_block(w, kind)[0]
+        tensors[gname] = (kind, raw, w.shape)
+    path = tmp_path / "deep.gguf"
+    write_gguf(path, tensors, gguf_metadata(cfg, tmp_path / "tok"))
+    del model
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    peaks, params = {}, {}
+    for lazy in (True, False):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        loaded = load_model(str(path), lazy=lazy)
+        stream = WeightStream(loaded.model, str(tmp_path))
+        stream.offload(head=True)
+        peaks[lazy] = mx.get_peak_memory() - base
+        stream.restore()
+        stream.close()
+        params[lazy] = dict(tree_flatten(loaded.model.parameters()))
+        del loaded
+    total = sum(v.nbytes for v in params[False].values())
+    block = sum(v.nbytes for k, v in params[False].items() if k.startswith("model.layers.0."))
+    assert peaks[False] > 0.9 * total
+    assert peaks[True] < 2 * block < total / 3
+    assert params[True].keys() == params[False].keys()
+    for k, v in params[True].items():
+        assert v.dtype == params[False][k].dtype and mx.array_equal(v, params[False][k]), k
+    assert list(scratch.iterdir()) == []  # the converted files are gone
+
+
+def test_lazy_gguf_load_on_a_full_disk_is_refused_up_front(tmp_path, monkeypatch):
+    """The per-unit files need the model's bytes in $TMPDIR: refused before any is written."""
+    import shutil
+    import tempfile
+
+    model, cfg = build_tiny_model("llama")
+    tensors = {
+        k: (F32, w.astype(np.float32).tobytes(), w.shape)
+        for k, w in gguf_tensors(model, cfg).items()
+    }
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tensors, gguf_metadata(cfg, tmp_path / "tok"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(UserError, match="TMPDIR") as err:
+        load_model(str(path), lazy=True)
+    assert "\n" not in str(err.value)
+    assert list(scratch.iterdir()) == []

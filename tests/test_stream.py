@@ -154,13 +154,22 @@ def test_one_half_of_a_block_is_resident_alone(tmp_path):
         assert mx.array_equal(out, ref).item()
 
 
-@pytest.mark.parametrize("quantize", [None, 4])
-def test_lazy_load_then_offload_never_holds_the_whole_model(tmp_path, quantize):
+@pytest.mark.parametrize(
+    "quantize, dtype, source",
+    [(None, "float32", "folder"), (4, "float32", "folder"), (4, "bfloat16", "folder")]
+    + [(None, "float32", "hub")],
+)
+def test_lazy_load_then_offload_never_holds_the_whole_model(
+    tmp_path, monkeypatch, quantize, dtype, source
+):
     """load_model(lazy=True) reads nothing; offload evaluates and writes one unit at a time
-    (with --quantize, quantizing as it goes), so the peak is about one block, not the model;
-    the eager load of the same folder holds all of it (the measure can tell them apart)."""
+    (with --quantize, quantizing as it goes, also from a bf16 folder), so the peak is about
+    one block, not the model; the eager load of the same folder holds all of it (the measure
+    can tell them apart). A hub download is a folder in the hub cache: the same path (the
+    download is replaced by a local folder here: no network in tests)."""
     import json
 
+    import huggingface_hub
     from conftest import make_tiny_tokenizer
 
     from mlx_edgelora.loading import load_model
@@ -169,7 +178,11 @@ def test_lazy_load_then_offload_never_holds_the_whole_model(tmp_path, quantize):
     model, cfg = build_tiny_model("llama", **shape)
     folder = tmp_path / "m"
     folder.mkdir()
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    del weights
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: str(folder))
+    name = "someone/tiny-llama" if source == "hub" else str(folder)
     (folder / "config.json").write_text(json.dumps(cfg))
     make_tiny_tokenizer(folder)
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -180,7 +193,7 @@ def test_lazy_load_then_offload_never_holds_the_whole_model(tmp_path, quantize):
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        loaded = load_model(str(folder), quantize, lazy=lazy)
+        loaded = load_model(name, quantize, lazy=lazy)
         if lazy:
             assert mx.get_active_memory() - base < block / 4  # nothing read yet
         stream = WeightStream(loaded.model, str(tmp_path))

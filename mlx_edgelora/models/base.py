@@ -21,6 +21,15 @@ from ..attention import attention_core, mlp_forward
 
 HALVES = ("attn", "mlp")  # a block's two residual halves, in order
 
+# Ollama TEMPLATEs (Go text/template) of the chat formats the families use, each rendering what
+# the Hugging Face Jinja template renders minus the BOS (llama.cpp adds it). Ollama passes the
+# system prompt both as .System and as a "system" entry of .Messages: rendered once, from .System.
+CHATML = (
+    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
+    "{{ .Content }}<|im_end|>\n{{ end }}{{- end }}<|im_start|>assistant\n"
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -46,6 +55,18 @@ class Shape:
             "mlp.down_proj": self.I + self.D,
         }
 
+    def input_widths(self) -> dict[str, int]:
+        """in features of each adaptable projection (a LARS gate's width), by dotted name."""
+        return {
+            "self_attn.q_proj": self.D,
+            "self_attn.k_proj": self.D,
+            "self_attn.v_proj": self.D,
+            "self_attn.o_proj": self.q,
+            "mlp.gate_proj": self.D,
+            "mlp.up_proj": self.D,
+            "mlp.down_proj": self.I,
+        }
+
 
 class Family:
     """One architecture family: the Llama layout; subclasses override what differs."""
@@ -58,11 +79,15 @@ class Family:
         "mlp": ("post_attention_layernorm", "mlp"),
     }
     qk_norm = False  # per-head RMSNorm of queries and keys before RoPE (attn.q_norm/k_norm)
-    # Hooks for gguf.py: the GGUF `general.architecture` this family reads (None: none),
-    # llama.cpp's block tensor names -> ours, and a shift added to every norm weight read
-    # from a GGUF (llama.cpp stores Gemma's (1 + w) norms as 1 + w).
+    # Jinja chat-template marker -> the Ollama TEMPLATE of that format (ollama.py picks one)
+    ollama_templates: dict[str, str] = {"<|im_start|>": CHATML}
+    # Hooks for gguf.py (read) and gguf_write.py (export): the GGUF `general.architecture`
+    # (None: none), llama.cpp's block tensor names -> ours, a shift added to every norm weight
+    # read from a GGUF and subtracted on export (llama.cpp stores Gemma's (1 + w) norms as
+    # 1 + w), and whether llama.cpp's converter interleaves the Q/K rows for rotary.
     gguf_arch: str | None = None
     gguf_norm_shift = 0.0
+    gguf_permute_qk = False
     gguf_block_tensors: dict[str, str] = {
         "attn_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",
@@ -74,6 +99,19 @@ class Family:
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
     }
+
+    def gguf_read_config(self, config: dict, get) -> dict:
+        """Extra mlx-lm config fields from a GGUF's `{arch}.*` keys (`get(key, default)`)."""
+        return {}
+
+    def gguf_config(self, model: nn.Module, config: dict) -> dict:
+        """The hyper-parameters an export writes its `{arch}.*` keys from (UserError if
+        llama.cpp cannot represent them)."""
+        return config
+
+    def gguf_keys(self, writer, config: dict) -> None:
+        """`{arch}.*` keys beyond the common ones (gguf_write.add_hparams) that llama.cpp's
+        converter writes for this family; `writer` is a gguf.GGUFWriter."""
 
     # ------------------------------------------------------------------ where things are
 
