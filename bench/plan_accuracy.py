@@ -228,7 +228,7 @@ def trainer_rows() -> list[dict]:
 
     out = []
     for r in map(json.loads, (RESULTS / "trainer_rows.jsonl").open()):
-        if r.get("load_only"):
+        if r.get("load_only") or "context" not in r:  # load-only and path rows: no step
             continue
         cfg = parse_config(["--max-seq-len", str(r["context"]), "--out", "/tmp/x", *r["flags"]])
         folder = _model_path(f"{r['shape']}:2")  # 2 blocks: the plan's other sizes per block
