@@ -155,9 +155,11 @@ def _save_quality(new: dict) -> None:
     _save("quality", new)
 
 
-def _step_fn(name: str, tokens: int, tmp: str):
+def _step_fn(name: str, tokens: int, tmp: str, layers: int | None):
     dtype, native = VARIANTS[name]
     loaded = _loaded(native)
+    if layers:  # the first blocks only: with streamed weights and disk boundaries a step's
+        loaded.model.model.layers = loaded.model.model.layers[:layers]  # peak is per block
     cfg = TrainConfig(
         max_seq_len=tokens, dtype=dtype, out=f"{tmp}/{len(os.listdir(tmp))}", stream_state=False
     ).validate()
@@ -170,13 +172,14 @@ def _step_fn(name: str, tokens: int, tmp: str):
     return engine.make_step(model, cfg, head, None, prec), prec
 
 
-def part_step(tokens: int, reps: int, warmup: bool) -> dict:
+def part_step(tokens: int, reps: int, warmup: bool, layers: int | None) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49152, (1, tokens + 1)).astype(np.int32)
     batch = Batch(ids[:, :-1], ids[:, 1:], np.ones((1, tokens), bool))
-    out: dict = {"tokens": tokens, "reps": reps, "warmup": warmup, "variants": {}}
+    out: dict = {"tokens": tokens, "reps": reps, "warmup": warmup, "layers": layers}
+    out["variants"] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {name: _step_fn(name, tokens, tmp) for name in VARIANTS}
+        steps = {name: _step_fn(name, tokens, tmp, layers) for name in VARIANTS}
         for step, _ in steps.values() if warmup else []:  # first-call allocations
             step(batch)
         rows = {name: {"peak_gb": [], "s": [], "loadavg": []} for name in steps}
@@ -231,8 +234,9 @@ def report() -> None:
             )
         md.append("")
     if s := r.get("step"):
-        md += [f"## SmolLM2 one forward+backward at {s['tokens']} tokens (segments, disk "
-               "boundaries, streamed weights; interleaved, under the timing lock)", "",
+        depth = f"first {s['layers']} of 30 blocks" if s.get("layers") else "30 blocks"
+        md += [f"## SmolLM2 one forward+backward at {s['tokens']} tokens, {depth} (segments, "
+               "disk boundaries, streamed weights; variants interleaved in one process)", "",
                "| run | peak above resident (GB) | step s | load | resolved |",
                "|---|---|---|---|---|"]  # fmt: skip
         for name, x in s["variants"].items():
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", action="store_true", help="an untimed step per variant first")
     ap.add_argument("--qwen-layers", type=int, default=None, help="reduced depth (derived)")
+    ap.add_argument("--step-layers", type=int, default=None, help="SmolLM2's first N blocks")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args(argv)
     for part in args.parts:
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         elif part == "quality":
             _save_quality(part_quality(args.steps, args.max_seq_len, args.variants))
         elif part == "step":
-            _save("step", part_step(args.tokens, args.reps, args.warmup))
+            _save("step", part_step(args.tokens, args.reps, args.warmup, args.step_layers))
         elif part == "qwen":
             _save("qwen", part_qwen(args.qwen_layers))
     if args.report:

@@ -10,8 +10,12 @@ width d, blocks of B input channels (G = d / B gates):
     y = linear(x * repeat_B(g))        the base linear (quantized or not) stays frozen
 
 Why a custom VJP: autodiff would keep z, zU and p for the backward pass; `lars_gate` keeps
-only x (which the q/k/v or gate/up projections share) and recomputes the rest. `gate_reference`
-is the plain formula it is tested against. The gate depends on the input, so it cannot be
+only x (which the q/k/v or gate/up projections share) and recomputes the rest. Both passes are
+written so that no [..., d] temporary is built beyond the gated input and dx: zU = s (x U),
+mean(x dz) = (zU . dzU) / (s d), block sums as batched dot products, gating by broadcasting, and
+one compiled elementwise pass for dx (MLX evaluates the whole backward at once, so temporaries
+of q, k and v would otherwise be alive together). `gate_reference` is the plain formula it is
+tested against. The gate depends on the input, so it cannot be
 merged into W: `fuse` refuses a LARS adapter and inference keeps the gate.
 """
 
@@ -34,22 +38,47 @@ V_STD = 1e-4
 PARAMS = ("lars_u", "lars_v", "lars_alpha")
 
 
-def _normalise(x: mx.array) -> tuple[mx.array, mx.array]:
-    """(z, s): z = s x with s = 1 / sqrt(mean(x^2) + eps) per token."""
-    s = mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + EPS)
-    return x * s, s
+def _scale(x: mx.array) -> mx.array:
+    """s = 1 / sqrt(mean(x^2) + eps) per token, [..., 1]; a row-wise dot product, so no
+    [..., d] temporary (mean(square(x)) would allocate one)."""
+    sq = (x[..., None, :] @ x[..., :, None])[..., 0]  # [..., 1, d] @ [..., d, 1] -> [..., 1]
+    return mx.rsqrt(sq / x.shape[-1] + EPS)
 
 
-def _repeat(g: mx.array, block: int) -> mx.array:
-    """[..., G] -> [..., G * block], each gate repeated over its block of channels."""
-    return mx.repeat(g, block, axis=-1)
+def _gated(x: mx.array, g: mx.array) -> mx.array:
+    """x * repeat(g): each gate g[..., j] scales its block of channels, by broadcasting
+    (no repeated [..., d] copy of g)."""
+    G = g.shape[-1]
+    return (x.reshape(*x.shape[:-1], G, -1) * g[..., None]).reshape(x.shape)  # [..., G, B]
 
 
 def gate_reference(x: mx.array, u: mx.array, v: mx.array, alpha: mx.array) -> mx.array:
-    """x * repeat(1 + alpha (z U) V): the plain formula (autodiff keeps z, zU, p)."""
+    """x * repeat(1 + alpha (z U) V) with z = x / rms(x): the plain formula, as autodiff
+    sees it (it keeps z, zU and p for the backward pass)."""
     block = x.shape[-1] // v.shape[-1]
-    z, _ = _normalise(x)
-    return x * _repeat(1 + alpha * ((z @ u) @ v), block)
+    z = x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + EPS)
+    return x * mx.repeat(1 + alpha * ((z @ u) @ v), block, axis=-1)
+
+
+def _forward(x, u, v, alpha):
+    """The same gate, written so that its only [..., d] array is the output: zU = s (x U)."""
+    s = _scale(x)
+    zu = s * (x @ u)  # [..., r]
+    p = zu @ v  # [..., G]
+    return _gated(x, 1 + alpha * p), (s, zu, p)
+
+
+@functools.cache
+def _combine():
+    """dx = repeat(g) dy + s dz - c x, fused by mx.compile into one pass over [..., d]."""
+
+    def combine(x, dy, dz, g, s, c):
+        G = g.shape[-1]
+        shape = (*x.shape[:-1], G, -1)
+        gdy = dy.reshape(shape) * g[..., None]
+        return gdy.reshape(x.shape) + s * dz - c * x
+
+    return mx.compile(combine)
 
 
 @functools.cache
@@ -58,25 +87,25 @@ def _gate_fn():
 
     @mx.custom_function
     def gate(x, u, v, alpha):
-        return gate_reference(x, u, v, alpha)
+        return _forward(x, u, v, alpha)[0]
 
     @gate.vjp
     def gate_vjp(primals, cotangent, output):
         x, u, v, alpha = primals
         d, (r, G) = x.shape[-1], v.shape
-        z, s = _normalise(x)
-        zu = z @ u  # [..., r]
-        p = zu @ v  # [..., G]
-        dg = (x * cotangent).reshape(*x.shape[:-1], G, d // G).sum(-1)  # [..., G]
+        s, zu, p = _forward(x, u, v, alpha)[1]
+        # dg_j = sum over block j of x_k dy_k: a batched row dot, [..., G, 1, B] @ [..., G, B, 1]
+        xb = x.reshape(*x.shape[:-1], G, 1, d // G)
+        dg = (xb @ cotangent.reshape(*x.shape[:-1], G, d // G, 1)).reshape(*x.shape[:-1], G)
         dalpha = (dg * p).sum().reshape(alpha.shape)
         dp = alpha * dg
         dv = zu.reshape(-1, r).T @ dp.reshape(-1, G)
         dzu = dp @ v.T  # [..., r]
-        du = z.reshape(-1, d).T @ dzu.reshape(-1, r)
+        du = x.reshape(-1, d).T @ (s * dzu).reshape(-1, r)  # z^T dzu with z = s x
         dz = dzu @ u.T  # [..., d]
-        # RMS norm without weight: dx = s dz - x s^3 mean(x dz)
-        dx_norm = s * dz - x * (s**3) * mx.mean(x * dz, axis=-1, keepdims=True)
-        dx = _repeat(1 + alpha * p, d // G) * cotangent + dx_norm
+        # RMS norm without weight: dx = s dz - s^3 x mean(x dz), and mean(x dz) = (zU . dzU) / (s d)
+        c = s * s * (zu * dzu).sum(-1, keepdims=True) / d
+        dx = _combine()(x, cotangent, dz, 1 + alpha * p, s, c)
         return dx, du, dv, dalpha
 
     return gate

@@ -26,7 +26,10 @@ GB = 1024**3
 F32 = 4
 # Floats kept per token by one block's autodiff graph (inputs of norms, projections, LoRA,
 # residuals), as multiples of the hidden size D, the KV width and the MLP width I; the
-# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest.
+# attention half keeps ATTN_PER_D of the D multiples, the MLP half the rest. The same holds
+# for LARS: its gate's VJP keeps only the projection's input x (lars.py), which these count
+# already; it drops LoRA's r-wide x A, and its [.., d] temporaries (the gated input, dz, dx)
+# live no longer than LoRA's own (tests/test_plan.py measures both).
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
@@ -60,10 +63,16 @@ def _frozen_bytes(module: nn.Module) -> int:
 
 
 def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:
-    """fp32 bytes of the LoRA weights the config will create (whether applied yet or not)."""
-    io = s.lora_io()
+    """fp32 bytes of the adapter weights the config will create (whether applied yet or not):
+    LoRA A [in, r] + B [r, out]; LARS U [in, r] + V [r, in / block] + alpha per projection."""
     n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
-    return n * cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys) * F32
+    if cfg.adapter == "lars":
+        widths = [s.input_widths().get(k, s.D) for k in cfg.lora_keys]
+        per_block = sum(cfg.rank * (d + d // cfg.lars_block) + 1 for d in widths)
+    else:
+        io = s.lora_io()
+        per_block = cfg.rank * sum(io.get(k, 2 * s.D) for k in cfg.lora_keys)
+    return n * per_block * F32
 
 
 def _segment_blocks(cfg: TrainConfig) -> int:

@@ -35,13 +35,13 @@ def this_python_kernel(tmp_path, monkeypatch):
     return KERNEL
 
 
-def run_notebook(name: str, kernel: str) -> list:
+def run_notebook(name: str, kernel: str, timeout: int = CELL_TIMEOUT_S) -> list:
     """Execute notebooks/<name> in place of a user; return its code cells with outputs."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
         nb,
         kernel_name=kernel,
-        timeout=CELL_TIMEOUT_S,
+        timeout=timeout,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
@@ -85,3 +85,27 @@ def test_memory_techniques_notebook(tmp_path, monkeypatch, this_python_kernel):
     assert images(cells) >= 1
     assert (tmp_path / "techniques.png").stat().st_size > 0
     assert not any((tmp_path / "spill").rglob("*.npy")), "spill files left behind"
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_lars_emloc_notebook(tmp_path, monkeypatch, this_python_kernel):
+    """LoRA, LARS and EMLoC through the same public calls (train, emloc, generate)."""
+    monkeypatch.setenv("EDGELORA_NB_STEPS", "2")
+    monkeypatch.setenv("EDGELORA_NB_MAX_SEQ_LEN", "64")
+    monkeypatch.setenv("EDGELORA_NB_MAX_TOKENS", "8")
+    # two narrow projections: EMLoC's calibration (an eigh + SVD per projection) stays short
+    monkeypatch.setenv("EDGELORA_NB_KEYS", "self_attn.q_proj,self_attn.v_proj")
+    monkeypatch.setenv("EDGELORA_NB_OUT", str(tmp_path / "runs"))
+    monkeypatch.setenv("EDGELORA_NB_PLOT", str(tmp_path / "methods.png"))
+    # one cell runs all of EMLoC (calibrate, build, train, correct, score): a longer limit
+    cells = run_notebook("03_lars_emloc.ipynb", this_python_kernel, timeout=3 * CELL_TIMEOUT_S)
+
+    assert images(cells) >= 1
+    assert (tmp_path / "methods.png").stat().st_size > 0
+    runs = tmp_path / "runs"
+    assert (runs / "lars" / "adapter_config.json").is_file()
+    config = json.loads((runs / "emloc" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["emloc"]["ratio"] == 0.4
+    text = "".join(o.get("text", "") for c in cells for o in c.outputs)
+    assert all(f"{m:<6} validation loss" in text for m in ("LoRA", "LARS", "EMLoC"))

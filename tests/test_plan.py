@@ -4,11 +4,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import build_tiny_model
+from mlx.utils import tree_flatten
 
 from mlx_edgelora import engine, lora, loss, plan, quant
 from mlx_edgelora.batching import Batch
 from mlx_edgelora.config import TrainConfig
 from mlx_edgelora.errors import UserError
+from mlx_edgelora.trainer import make_optimizer
 
 SHAPE = dict(
     hidden_size=256,
@@ -23,7 +25,7 @@ SHAPE = dict(
 
 def _model(cfg, **kw):
     model, _ = build_tiny_model("llama", quantize_bits=4, **{**SHAPE, **kw})
-    lora.apply_lora(model, cfg)
+    lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     return model
 
@@ -73,3 +75,40 @@ def test_budget_refuses_with_advice(tmp_path):
     with pytest.raises(UserError, match="--memory-budget-gb 0.01: planned peak"):
         plan.check_budget(plan.estimate(model, cfg), cfg)
     plan.check_budget(plan.estimate(model, cfg), TrainConfig(memory_budget_gb=100.0))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "lars"])
+def test_plan_counts_each_adapters_own_parameters(tmp_path, adapter):
+    """LARS (U [in, r], V [r, in / 32], alpha) once was planned as LoRA's A and B: 2x here."""
+    cfg = TrainConfig(adapter=adapter, rank=8, out=str(tmp_path))
+    model = _model(cfg)
+    created = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    planned = plan.estimate(model, cfg).parts["LoRA + optimizer"] * plan.GB
+    assert planned == pytest.approx(created * plan.OPT_COPIES)
+
+
+@pytest.mark.parametrize("engine_name", ["graph", "segments"])
+@pytest.mark.parametrize("adapter", ["lora", "lars"])
+def test_plan_bounds_a_training_steps_peak_for_each_adapter(tmp_path, adapter, engine_name):
+    """Two optimizer steps (gradients + AdamW state) of a model whose adapter state matters
+    (rank 64, small vocabulary): never above the plan, and within the plan's factor of 2."""
+    cfg = TrainConfig(
+        max_seq_len=1024, adapter=adapter, rank=64, engine=engine_name, loss="full",
+        out=str(tmp_path),
+    )  # fmt: skip
+    model = _model(cfg, vocab_size=1024)
+    L = cfg.max_seq_len
+    toks = np.random.default_rng(0).integers(0, 1024, (1, L + 1)).astype(np.int32)
+    batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((1, L), bool))
+    step = engine.make_step(model, cfg, loss.make_loss_head(model, cfg.loss, cfg))
+    opt = make_optimizer(cfg)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    for _ in range(2):
+        grads = step(batch)[2]
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state)
+        del grads
+    measured = mx.get_peak_memory() / plan.GB
+    estimated = plan.estimate(model, cfg).total_gb
+    assert measured <= estimated < 2.0 * measured, (estimated, measured)

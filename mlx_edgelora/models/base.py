@@ -55,6 +55,18 @@ class Shape:
             "mlp.down_proj": self.I + self.D,
         }
 
+    def input_widths(self) -> dict[str, int]:
+        """in features of each adaptable projection (a LARS gate's width), by dotted name."""
+        return {
+            "self_attn.q_proj": self.D,
+            "self_attn.k_proj": self.D,
+            "self_attn.v_proj": self.D,
+            "self_attn.o_proj": self.q,
+            "mlp.gate_proj": self.D,
+            "mlp.up_proj": self.D,
+            "mlp.down_proj": self.I,
+        }
+
 
 class Family:
     """One architecture family: the Llama layout; subclasses override what differs."""
@@ -67,12 +79,12 @@ class Family:
         "mlp": ("post_attention_layernorm", "mlp"),
     }
     qk_norm = False  # per-head RMSNorm of queries and keys before RoPE (attn.q_norm/k_norm)
+    # Jinja chat-template marker -> the Ollama TEMPLATE of that format (ollama.py picks one)
+    ollama_templates: dict[str, str] = {"<|im_start|>": CHATML}
     # Hooks for gguf.py (read) and gguf_write.py (export): the GGUF `general.architecture`
     # (None: none), llama.cpp's block tensor names -> ours, a shift added to every norm weight
     # read from a GGUF and subtracted on export (llama.cpp stores Gemma's (1 + w) norms as
     # 1 + w), and whether llama.cpp's converter interleaves the Q/K rows for rotary.
-    # Jinja chat-template marker -> the Ollama TEMPLATE of that format (ollama.py picks one)
-    ollama_templates: dict[str, str] = {"<|im_start|>": CHATML}
     gguf_arch: str | None = None
     gguf_norm_shift = 0.0
     gguf_permute_qk = False
