@@ -160,11 +160,14 @@ class TrainConfig:
     )
     attn_chunk: int = _opt(
         256,
-        "query/key chunk of the chunked attention used in recompute (0 = unchunked; a tile "
+        "query/key chunk of the chunked attention used in recompute, and the token chunk of "
+        "the attention half's norm and q/k/v/o projections (0 = unchunked; a tile "
         "of heads x chunk x chunk floats: 256 halves 512's peak at the same speed)",
     )
     mlp_chunk: int = _opt(
-        256, "token chunk of the MLP in recompute (0 = unchunked; smaller = less memory)"
+        256,
+        "token chunk of the MLP half (norm and MLP) in recompute (0 = unchunked; smaller = "
+        "less memory)",
     )
     stream_weights: bool | None = _opt(
         None,
@@ -229,9 +232,26 @@ class TrainConfig:
     vocab_chunk: int = _opt(8192, "vocabulary chunk for the chunked exact loss")
     # --- planning
     memory_budget_gb: float | None = _opt(
-        None, "refuse to start if the planned peak memory exceeds this many GB"
+        None,
+        "run the fastest configuration whose planned peak fits this many GB: the memory "
+        "options you did not set (--activations, --stream-weights, --stream-state, "
+        "--checkpoint-every, --split-blocks, chunk sizes, --cache-policy) are chosen, the ones "
+        "you set are kept; refuse to start if nothing fits (default: half of this machine's "
+        "memory, and the default options are kept whenever they fit it)",
     )
     config: str | None = _opt(None, "YAML file whose keys mirror these flags")
+    # Not an option: the names of the options the user set (CLI or YAML), which the planner
+    # never changes. None (a TrainConfig built in Python): every option that differs from its
+    # default counts as set.
+    given: tuple | None = field(default=None, repr=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.given is None:
+            self.given = tuple(
+                f.name
+                for f in dataclasses.fields(self)
+                if not f.metadata.get("internal") and getattr(self, f.name) != _default(f)
+            )
 
     def validate(self) -> TrainConfig:
         """Check every value's type and range once, here, naming the flag and the fix.
@@ -240,7 +260,7 @@ class TrainConfig:
         Python would read as true (and delete a run); `rank: 4.5` or `steps: "abc"` would fail
         deep inside MLX; `lora_keys: a.b` would be split into characters.
         """
-        for f in dataclasses.fields(self):
+        for f in options():
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         self._check_ranges()
         if self.stream_weights is None:  # auto: streaming needs the segment engine
@@ -307,10 +327,25 @@ class TrainConfig:
             raise UserError("--keep-best / --early-stop need validation data: --val-fraction > 0")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["given"]
+        return d
+
+    def is_given(self, name: str) -> bool:
+        """Did the user set option `name` (so that the planner must keep it)?"""
+        return name in self.given
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def options() -> list[dataclasses.Field]:
+    """TrainConfig's fields that are options (flags and YAML keys)."""
+    return [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _flag(name: str) -> str:
@@ -381,9 +416,9 @@ def build_parser(prog: str = "python -m mlx_edgelora.train") -> argparse.Argumen
         prog=prog,
         description="Fine-tune a quantized Llama, Qwen, Mistral or Gemma 3 with LoRA on your text.",
     )
-    for f in dataclasses.fields(TrainConfig):
+    for f in options():
         typ, meta = _field_type(f), f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         help_text = meta["help"]
         if "default:" not in help_text:  # a help text may describe its own (auto) default
             help_text += f" (default: {default})"
@@ -413,7 +448,7 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of option: value at the top level")
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    valid = {f.name for f in options()}
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
@@ -433,7 +468,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         merged.update(load_yaml(args["config"]))
     merged.update(args)
     try:
-        cfg = TrainConfig(**merged)
+        cfg = TrainConfig(**merged, given=tuple(sorted(merged)))
     except TypeError as e:
         raise UserError(f"bad configuration: {e}") from None
     return cfg.validate()

@@ -162,15 +162,20 @@ def sweep_stale(base: Path, prefix: str) -> int:
     return removed
 
 
+def spill_parent(parent: str | None, near: str) -> Path:
+    """Where private folders go: `parent` (--spill-dir), else beside `near` (--out)."""
+    if parent is not None:
+        return Path(parent).expanduser()
+    base = Path(near).expanduser().resolve().parent
+    while not base.exists():  # `near` may not be created yet
+        base = base.parent
+    return base
+
+
 def private_folder(prefix: str, parent: str | None, near: str) -> Path:
     """A fresh 0700 folder `<prefix><pid>-<random>` inside `parent`, or by default beside
     `near` (same disk)."""
-    if parent is None:
-        base = Path(near).expanduser().resolve().parent
-        while not base.exists():  # `near` may not be created yet
-            base = base.parent
-    else:
-        base = Path(parent).expanduser()
+    base = spill_parent(parent, near)
     try:
         base.mkdir(parents=True, exist_ok=True)
         sweep_stale(base, prefix)

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, engine, files, lora, loss, plan, precision, quant, report
+from . import checkpoint, distributed, engine, files, lora, loss, planner, precision, quant, report
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -263,21 +263,21 @@ def _setup(
     precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
     adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
-    if world.is_main:
-        report.attach_tracker(reporter, cfg.report_to, out, cfg.to_dict())
     if cfg.epochs:
         reporter.total_steps = cfg.steps  # a caller's reporter was built before steps were known
         reporter.info(
             f"--epochs {cfg.epochs:g}: {len(data.train_rows)} rows / ({world.size} x "
             f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
         )
-    memory_plan = plan.estimate(
+    cfg, memory_plan, choice = planner.choose(
         model, cfg, data.trainable_fraction(), data.token_bytes(), world.size, prec
     )
+    adapter_cfg["edgelora"] = cfg.to_dict()  # the options as run, the planner's included
     reporter.info(prec.describe())
+    reporter.info(choice)
     reporter.info(memory_plan.describe())
-    plan.check_budget(memory_plan, cfg)
     if world.is_main:
+        report.attach_tracker(reporter, cfg.report_to, out, cfg.to_dict())
         _check_disk(out, model)
     opt = make_optimizer(cfg)
     batches = BatchIterator(data.train_rows, cfg.batch_size * world.size, seed=cfg.seed)

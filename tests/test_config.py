@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_edgelora.config import TrainConfig, build_parser, parse_config
+from mlx_edgelora.config import TrainConfig, build_parser, options, parse_config
 from mlx_edgelora.errors import UserError
 
 
@@ -42,8 +42,20 @@ def test_missing_yaml_is_a_user_error(tmp_path):
 
 def test_every_option_has_help():
     text = build_parser().format_help()
-    for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name.replace('_', '-')}" in text
+    for f in options():
+        assert f"--{f.name.replace('_', '-')}" in text
+    assert "--given" not in text  # the record of what was set is not an option
+
+
+def test_the_options_given_are_recorded(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("rank: 8\nactivations: disk\n")
+    cfg = parse_config(["--config", str(y), "--steps", "3", "--activations", "ram"])
+    assert set(cfg.given) == {"config", "rank", "activations", "steps"}
+    assert cfg.is_given("activations") and not cfg.is_given("split_blocks")
+    assert "given" not in cfg.to_dict()
+    built = TrainConfig(rank=8, activations="disk")  # in Python: what differs from the default
+    assert built.given == ("rank",)
 
 
 def test_booleans_and_choices():

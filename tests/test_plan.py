@@ -9,7 +9,6 @@ from mlx.utils import tree_flatten
 from mlx_edgelora import engine, lora, loss, plan, quant
 from mlx_edgelora.batching import Batch
 from mlx_edgelora.config import TrainConfig
-from mlx_edgelora.errors import UserError
 from mlx_edgelora.trainer import make_optimizer
 
 SHAPE = dict(
@@ -41,13 +40,15 @@ def _measured_peak(model, cfg) -> float:
 
 
 @pytest.mark.parametrize("engine_name", ["graph", "segments"])
-def test_plan_is_within_a_factor_of_the_measured_peak(tmp_path, engine_name):
-    # Tolerance: the plan is an estimate for refusing hopeless runs, not a profiler (module doc).
+def test_plan_is_never_under_the_measured_peak(tmp_path, engine_name):
+    # The planner keeps a run under its budget only if the plan is never under the peak; 1.25:
+    # on this tiny model the plan was 1.18x (graph) and 1.02x (segments) the measured peak
+    # (bench/plan_accuracy.py holds the real-shape rows to 1.15).
     cfg = TrainConfig(max_seq_len=512, engine=engine_name, loss="full", out=str(tmp_path))
     model = _model(cfg)
     estimated = plan.estimate(model, cfg).total_gb
     measured = _measured_peak(model, cfg)
-    assert 0.5 < estimated / measured < 2.0, (estimated, measured)
+    assert 1.0 <= estimated / measured <= 1.25, (estimated, measured)
 
 
 def test_options_that_save_memory_lower_the_plan(tmp_path):
@@ -59,22 +60,21 @@ def test_options_that_save_memory_lower_the_plan(tmp_path):
 
     assert total(engine="segments") < total(engine="graph")
     assert total(activations="disk") < total(activations="ram")
-    subset_nb = total(loss="subset", subset_k=256, subset_fill="neighbours")
-    assert subset_nb < total(loss="chunked", vocab_chunk=1024)
-    assert subset_nb < total(loss="subset", subset_k=256) <= total(loss="chunked")  # scoring
-    assert total(loss="chunked", vocab_chunk=1024) < total(loss="full")
+    # (the graph engine adds the loss head to everything else; the segment engine's peak is
+    # the larger of the loss head and one segment's recompute, here the recompute)
+    subset_nb = total(engine="graph", loss="subset", subset_k=256, subset_fill="neighbours")
+    assert subset_nb < total(engine="graph", loss="chunked", vocab_chunk=1024)
+    subset = total(engine="graph", loss="subset", subset_k=256)
+    assert subset_nb < subset <= total(engine="graph", loss="chunked")  # scoring
+    assert total(engine="graph", loss="chunked", vocab_chunk=1024) < total(
+        engine="graph", loss="full"
+    )
     assert total(stream_weights=True) < total()
     assert total(stream_weights=True, stream_state=True) < total(stream_weights=True)
-    assert total(split_blocks=True) < total(split_blocks=False)
+    small_head = dict(loss="subset", subset_k=256, subset_fill="neighbours")  # recompute peaks
+    assert total(split_blocks=True, **small_head) < total(split_blocks=False, **small_head)
+    assert total(cache_policy="last") > total()  # the last segment lives with the loss head
     assert plan.estimate(model, cfg, 0.3).total_gb < plan.estimate(model, cfg, 1.0).total_gb
-
-
-def test_budget_refuses_with_advice(tmp_path):
-    cfg = TrainConfig(max_seq_len=4096, loss="full", memory_budget_gb=0.01, out=str(tmp_path))
-    model = _model(cfg)
-    with pytest.raises(UserError, match="--memory-budget-gb 0.01: planned peak"):
-        plan.check_budget(plan.estimate(model, cfg), cfg)
-    plan.check_budget(plan.estimate(model, cfg), TrainConfig(memory_budget_gb=100.0))
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lars"])

@@ -1,0 +1,235 @@
+"""The planner: the fastest configuration whose planned peak fits the memory budget.
+
+Why: each memory option (disk boundaries, weight and state streaming, segment size, half
+blocks, chunk sizes, selective caching) trades step time for memory, and which ones a run can
+afford depends on the model, the context and the machine. Given `--memory-budget-gb`, the
+planner enumerates the options the user did not set (SPACE; the ones set on the command line
+or in YAML are kept, `TrainConfig.given`), estimates each candidate's peak (plan.estimate) and
+disk use, rates its step time relative to the defaults (SPEED), and runs the fastest one that
+fits. Without `--memory-budget-gb` the budget is BUDGET_FRACTION of physical memory and the
+defaults are kept whenever they fit it: the defaults are the documented, memory-lean setting,
+and the planner then only steps in to avoid a swap storm or a full disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mlx import nn
+
+from . import plan
+from .config import TrainConfig
+from .errors import UserError
+from .files import SPACE_MARGIN, format_bytes
+from .plan import GB, MemoryPlan, ModelSizes
+from .precision import Precision
+from .spill import spill_parent
+
+# Half of physical memory: on an 8 GB Mac, macOS and a browser hold ~3-4 GB, and streamed
+# weights and spilled boundaries are read back through the page cache, which needs free RAM to
+# stay fast; the plan itself is meant to be at most 15% over the measured peak
+# (bench/plan_accuracy.py), so half leaves room for both.
+BUDGET_FRACTION = 0.5
+
+# The options the planner chooses, each with the values it tries (the default first).
+# --dtype (issue 17 item 2) joins here with its values once it exists.
+SPACE: dict[str, list] = {
+    "activations": ["disk", "ram"],
+    "stream_weights": [True, False],
+    "stream_state": [True, False],
+    "split_blocks": [True, False],
+    "checkpoint_every": [1, 2, 4],
+    "cache_policy": ["none", "last"],
+    "attn_chunk": [256, 1024],
+    "mlp_chunk": [256, 1024],
+    "vocab_chunk": [8192, 32768],
+}
+
+# Step time of each option value relative to the defaults (all techniques on), by context
+# (tokens per micro-batch; the nearest context's table is used); a candidate's relative step
+# time is the product over its options, and a value missing here counts as 1 (then the
+# smaller plan wins the tie). Data from bench/results/engine_speed.json, written by
+# bench/engine_speed.py --report (which prints this table): SmolLM2-135M, one technique
+# toggled at a time, interleaved with the all-on configuration in one process; each factor is
+# that configuration's median step time over the all-on one's. Measured under heavy load
+# (load average ~40 on a shared 2-core CPU, 1-3 rounds, 512 tokens only): the factors are
+# within that noise of 1 except whole blocks (no split) being faster; re-run the bench on an
+# idle machine (a Mac), at 2048 too, and paste its table here.
+SPEED: dict[int, dict[str, dict]] = {
+    512: {
+        "activations": {"ram": 1.05},
+        "stream_weights": {False: 1.132},
+        "stream_state": {False: 0.976},
+        "split_blocks": {False: 0.874},
+    },
+}
+
+
+@dataclass
+class Candidate:
+    cfg: TrainConfig
+    plan: MemoryPlan
+    speed: float  # step time relative to the defaults
+    disk: int  # bytes on the spill disk
+
+    @property
+    def peak(self) -> float:
+        return self.plan.total_gb
+
+
+def physical_memory_gb() -> float | None:
+    """This machine's RAM (Linux and macOS both answer these sysconf names), or None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_budget_gb() -> float | None:
+    ram = physical_memory_gb()
+    return None if ram is None else BUDGET_FRACTION * ram
+
+
+def relative_speed(cfg: TrainConfig) -> float:
+    """The step time of `cfg` relative to the defaults' (SPEED's product over its options)."""
+    tokens = cfg.batch_size * cfg.max_seq_len
+    ctx = min(SPEED, key=lambda c: abs(math.log(tokens / c)))
+    table = SPEED[ctx]
+    return math.prod(table.get(k, {}).get(getattr(cfg, k), 1.0) for k in SPACE)
+
+
+def candidates(cfg: TrainConfig, keep_given: bool = True) -> list[TrainConfig]:
+    """`cfg` with every combination of the options the user did not set (all of SPACE's
+    options with `keep_given=False`); only the segment engine has options to choose."""
+    if cfg.engine != "segments":
+        return [cfg]
+    free = [k for k in SPACE if not (keep_given and cfg.is_given(k))]
+    return [
+        replace(cfg, **dict(zip(free, values)))
+        for values in itertools.product(*(SPACE[k] for k in free))
+    ]
+
+
+def flags(cfg: TrainConfig, base: TrainConfig | None = None, none: str = "(the defaults)") -> str:
+    """`cfg`'s SPACE options as flags (only those differing from `base`, if given)."""
+    out = []
+    for k in SPACE:
+        v = getattr(cfg, k)
+        if base is not None and getattr(base, k) == v:
+            continue
+        name = k.replace("_", "-")
+        out.append(f"--{name}" if v is True else f"--no-{name}" if v is False else f"--{name} {v}")
+    return " ".join(out) or none
+
+
+def choose(
+    model: nn.Module | ModelSizes,
+    cfg: TrainConfig,
+    trainable_fraction: float = 1.0,
+    token_bytes: int = 0,
+    ranks: int = 1,
+    precision: Precision | None = None,
+) -> tuple[TrainConfig, MemoryPlan, str]:
+    """The configuration to run, its plan, and a short account of the choice (to print).
+
+    Raises UserError when no configuration fits the budget (naming the largest
+    --max-seq-len or the settings that would fit) or the spill disk (naming the folder and the
+    bytes needed)."""
+    m = plan.sizes(model)
+    if ranks > 1:  # every option counts as set: each Mac could otherwise choose differently
+        cfg = replace(cfg, given=tuple({*cfg.given, *SPACE}))
+    budget, source = _budget(cfg)
+    folder = spill_parent(cfg.spill_dir, cfg.out)
+    free_disk = shutil.disk_usage(_existing(folder)).free
+
+    def rate(c: TrainConfig) -> Candidate:
+        p = plan.estimate(m, c, trainable_fraction, token_bytes, ranks, precision)
+        return Candidate(c, p, relative_speed(c), plan.disk_bytes(m, c, precision))
+
+    def fits(c: Candidate) -> bool:
+        return c.peak <= budget and c.disk * SPACE_MARGIN <= free_disk
+
+    current = rate(cfg)
+    if cfg.memory_budget_gb is None and fits(current):
+        note = f"planner: the options as set fit the budget, {budget:.1f} GB ({source})"
+        return cfg, current.plan, note
+    rated = [rate(c) for c in candidates(cfg)]
+    in_memory = [c for c in rated if c.peak <= budget]
+    if not in_memory:
+        raise UserError(_nothing_fits(rate, cfg, budget, source))
+    fitting = [c for c in in_memory if c.disk * SPACE_MARGIN <= free_disk]
+    if not fitting:  # the one that needs the least disk names the bytes
+        least = min(in_memory, key=lambda c: c.disk)
+        raise UserError(
+            f"{folder}: needs ~{format_bytes(least.disk * SPACE_MARGIN)} free for spilled "
+            f"activations, streamed weights and state ({flags(least.cfg)}), only "
+            f"{format_bytes(free_disk)} free; use --spill-dir on a bigger disk"
+        )
+    fitting.sort(key=lambda c: (c.speed, c.peak))
+    return fitting[0].cfg, fitting[0].plan, _describe(cfg, fitting, len(rated), budget, source)
+
+
+def _existing(folder: Path) -> Path:
+    """`folder` or its nearest existing parent (--spill-dir is created when the run starts)."""
+    folder = folder.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def _budget(cfg: TrainConfig) -> tuple[float, str]:
+    if cfg.memory_budget_gb is not None:
+        return cfg.memory_budget_gb, "--memory-budget-gb"
+    budget = default_budget_gb()
+    if budget is None:
+        return math.inf, "physical memory unknown: no default budget"
+    return budget, f"default: {BUDGET_FRACTION:g} x {physical_memory_gb():.1f} GB of RAM"
+
+
+def _describe(cfg: TrainConfig, fitting: list[Candidate], n: int, budget: float, source: str):
+    segments = cfg.engine == "segments"  # the graph engine has no memory options
+    free = [f"--{k.replace('_', '-')}" for k in SPACE if segments and not cfg.is_given(k)]
+    kept = [f"--{k.replace('_', '-')}" for k in SPACE if cfg.is_given(k)]
+    best = fitting[0]
+    defaults = replace(cfg, **{k: values[0] for k, values in SPACE.items()})
+    lines = [
+        f"planner: budget {budget:.2f} GB ({source}); choosing {' '.join(free) or 'nothing'}"
+        + (f" (kept as set: {' '.join(kept)})" if kept else ""),
+        f"  {len(fitting)} of {n} candidates fit; the fastest (step time relative to the "
+        "defaults, planned peak):",
+        *(f"    {c.speed:5.2f}x {c.peak:7.3f} GB  {flags(c.cfg, defaults)}" for c in fitting[:3]),
+        f"  chosen: {flags(best.cfg, cfg, 'no change')}: planned peak {best.peak:.3f} GB, "
+        f"{best.speed:.2f}x the defaults' step time",
+    ]
+    return "\n".join(lines)
+
+
+def _nothing_fits(rate, cfg: TrainConfig, budget: float, source: str) -> str:
+    """One line: the smallest plan, and the nearest setting that fits."""
+    head = f"--memory-budget-gb {budget:g}"
+    if source != "--memory-budget-gb":
+        head = f"memory budget {budget:.1f} GB ({source}; --memory-budget-gb sets it)"
+    smallest = min((rate(c) for c in candidates(cfg)), key=lambda c: c.peak)
+    freed = min((rate(c) for c in candidates(cfg, keep_given=False)), key=lambda c: c.peak)
+    what = (
+        f"{head}: no configuration fits (the smallest planned peak is {smallest.peak:.2f} GB, "
+        f"with {flags(smallest.cfg, cfg, 'the options as set')})"
+    )
+    if freed.peak <= budget:
+        return f"{what}; {flags(freed.cfg, cfg)} fits ({freed.peak:.2f} GB)"
+    lo, hi = 0, cfg.max_seq_len  # the largest --max-seq-len whose smallest plan fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if rate(replace(freed.cfg, max_seq_len=mid)).peak <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 1:
+        return f"{what}; the largest --max-seq-len that fits is {lo}"
+    floor = rate(replace(freed.cfg, max_seq_len=1)).peak
+    return f"{what}; even one token needs {floor:.2f} GB: a budget of at least that"
