@@ -150,10 +150,10 @@ def test_memory_plan_counts_the_sampled_fills_scoring_pass():
 
     shape = SimpleNamespace(V=262144, D=640)
     opts = dict(loss="subset", subset_k=983, vocab_chunk=8192)
-    sampled = plan._loss_head_gb(shape, 512, TrainConfig(subset_fill="sampled", **opts))
-    predicted = plan._loss_head_gb(shape, 512, TrainConfig(subset_fill="predicted", **opts))
+    sampled = plan._loss_head_bytes(shape, 512, TrainConfig(subset_fill="sampled", **opts))
+    predicted = plan._loss_head_bytes(shape, 512, TrainConfig(subset_fill="predicted", **opts))
     assert (
         sampled
         == predicted
-        > plan._loss_head_gb(shape, 512, TrainConfig(subset_fill="neighbours", **opts))
+        > plan._loss_head_bytes(shape, 512, TrainConfig(subset_fill="neighbours", **opts))
     )
