@@ -6,8 +6,9 @@ Paper: "Going beyond the paper" (long-context layer recompute), serving techniqu
 Why: MLX's fused attention has no fused backward, so autodiff of `layer(x, "causal")`
 holds [B, H, L, L] scores and probabilities; autodiff of the MLP holds every token's
 [intermediate] activations. Here attention is FlashAttention-2 style (online softmax forward
-saving only O and the log-sum-exp; backward recomputes scores tile by tile), and the MLP has
-a custom VJP that recomputes one token chunk at a time. Both sit next to a plain reference.
+saving only O and the log-sum-exp; backward recomputes scores tile by tile), and the MLP
+(with its half's norms) has a custom VJP that recomputes one token chunk at a time
+(tokenwise.py). Both sit next to a plain reference.
 `mx.depends` chains the tiles so that MLX's evaluator finishes one tile (and frees its
 scores) before starting the next; without it, tiles feeding two accumulators stay alive.
 Sliding-window layers (Gemma 3's local layers, Mistral's `layer_types`) mask keys older than
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 from mlx import nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
 from .lora import has_active_dropout
 from .quant import fused_available, matmul
+from .tokenwise import spans as token_spans
+from .tokenwise import tokenwise, tokenwise_reference
 
 # ----------------------------------------------------------------------------- attention
 
@@ -91,10 +93,6 @@ def attention_reference(q, k, v, scale: float, window: int | None = None):
     return mx.exp(s - lse[..., None]) @ v, lse
 
 
-def _spans(L: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
-
-
 def _rows(a: mx.array, kv: int, s: int, e: int) -> mx.array:
     """Rows s:e of a [B, H, L, ...] tensor as [B, Hkv, rep*(e-s), ...] (query heads grouped)."""
     B, H, L = a.shape[:3]
@@ -144,7 +142,7 @@ def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array,
     """Online-softmax forward, query chunk outer, tiles outside the window skipped; saves
     only o and lse. Scores, softmax and the output accumulate in float32 whatever q's dtype."""
     H, kv = q.shape[1], k.shape[1]
-    spans = _spans(q.shape[2], chunk)
+    spans = token_spans(q.shape[2], chunk)
     outs, lses = [], []
     for i, (s, e) in enumerate(spans):
         qi = _rows(q, kv, s, e)  # [B, Hkv, rep*n, hd]
@@ -177,7 +175,7 @@ def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int, window)
     """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile (the
     tiles the forward skipped contribute nothing); dq, dk, dv accumulate in float32."""
     H, kv, rep = q.shape[1], k.shape[1], q.shape[1] // k.shape[1]
-    spans = _spans(q.shape[2], chunk)
+    spans = token_spans(q.shape[2], chunk)
     # D = rowsum(dO * O) - dlse, so that dS = P * (dP - D) also carries lse's cotangent
     d = (do * o).sum(axis=-1).astype(mx.float32) - dlse
     dq: list[mx.array | None] = [None] * len(spans)
@@ -212,75 +210,35 @@ def _acc(total: mx.array | None, term: mx.array) -> mx.array:
 # ----------------------------------------------------------------------------------- MLP
 
 
-def mlp_forward(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
-    """`mlp(x)`, over token chunks with a recomputing VJP when 0 < chunk < B*L."""
+def mlp_forward(mlp: nn.Module, x: mx.array, chunk: int, norm=None, post=None) -> mx.array:
+    """post(mlp(norm(x))) (norm, post: optional token-wise modules, e.g. the half's RMSNorms),
+    over token chunks with a recomputing VJP when 0 < chunk < B*L."""
     if chunk <= 0 or chunk >= x.shape[0] * x.shape[1]:
-        return mlp(x)
-    return chunked_mlp(mlp, x, chunk)
+        return _mlp_call(mlp, x, norm, post)
+    return chunked_mlp(mlp, x, chunk, norm, post)
 
 
 def mlp_reference(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
     """Plain reference: the same token chunks, autodiff through the loop (keeps all)."""
-    flat = x.reshape(-1, x.shape[-1])  # [B*L, D]
-    ys = [mlp(flat[s:e]) for s, e in _spans(flat.shape[0], chunk)]
-    return mx.concatenate(ys, axis=0).reshape(*x.shape[:-1], -1)
+    flat = x.reshape(1, -1, x.shape[-1])  # [1, B*L, D]
+    (y,) = tokenwise_reference(lambda s, t: (mlp(t),), [flat], [1], [1], chunk)
+    return y.reshape(*x.shape[:-1], -1)
 
 
-def chunked_mlp(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
-    """`mlp(x)` whose VJP recomputes each chunk's [chunk, intermediate] SwiGLU activations.
-
-    The mlp's trainable parameters (e.g. LoRA A/B) are explicit inputs of the custom
-    function, so their gradients flow back to whatever arrays the module holds now.
-    """
+def chunked_mlp(mlp: nn.Module, x: mx.array, chunk: int, norm=None, post=None) -> mx.array:
+    """post(mlp(norm(x))) whose VJP recomputes each chunk's [chunk, intermediate] SwiGLU
+    activations (tokenwise.py); chunks run over all B*L tokens."""
     _check_no_dropout(mlp)
-    flat = tree_flatten(mlp.trainable_parameters())
-    names, params = [n for n, _ in flat], [p for _, p in flat]
-    pure = _pure_call(mlp, names)
-    # the output must be a tuple: a bare array would be unpacked along its first axis
-    fn = mx.custom_function(lambda x, *ps: (_mlp_chunks(pure, x, ps, chunk),))
-
-    def vjp(primals, cotangents, outputs):
-        return _mlp_backward(pure, primals[0], primals[1:], cotangents[0], chunk)
-
-    fn.vjp(vjp)
-    return fn(x, *params)[0]
+    flat = x.reshape(1, -1, x.shape[-1])  # [1, B*L, D]
+    modules = [m for m in (norm, mlp, post) if m is not None]
+    fn = lambda s, t: (_mlp_call(mlp, t, norm, post),)  # noqa: E731
+    (y,) = tokenwise(fn, modules, [flat], [1], [1], chunk)
+    return y.reshape(*x.shape[:-1], -1)
 
 
-def _pure_call(mlp: nn.Module, names: list[str]):
-    """A pure function (x, params) -> mlp(x): sets params, calls, restores the module."""
-
-    def call(x: mx.array, params) -> mx.array:
-        saved = mlp.parameters()
-        mlp.update(tree_unflatten(list(zip(names, params))))
-        try:
-            return mlp(x)
-        finally:
-            mlp.update(saved)
-
-    return call
-
-
-def _mlp_chunks(pure, x: mx.array, params, chunk: int) -> mx.array:
-    flat = x.reshape(-1, x.shape[-1])  # [B*L, D]
-    ys, prev = [], None
-    for s, e in _spans(flat.shape[0], chunk):
-        xc = flat[s:e] if prev is None else mx.depends(flat[s:e], prev)
-        ys.append(pure(xc, params))
-        prev = ys[-1]
-    return mx.concatenate(ys, axis=0).reshape(*x.shape[:-1], -1)
-
-
-def _mlp_backward(pure, x: mx.array, params, dy: mx.array, chunk: int):
-    """Per chunk: recompute, mx.vjp w.r.t. (x chunk, params); sum parameter cotangents."""
-    flat, dflat = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dxs, dps = [], [None] * len(params)
-    for s, e in _spans(flat.shape[0], chunk):
-        xc = flat[s:e] if not dxs else mx.depends(flat[s:e], [dxs[-1], *dps])
-        _, (dxc, *dpc) = mx.vjp(lambda a, *ps: pure(a, ps), [xc, *params], [dflat[s:e]])
-        dxs.append(dxc)
-        dps = [_acc(t, c) for t, c in zip(dps, dpc)]
-    dx = mx.concatenate(dxs, axis=0).reshape(x.shape)
-    return (dx, *dps)
+def _mlp_call(mlp: nn.Module, x: mx.array, norm, post) -> mx.array:
+    y = mlp(x if norm is None else norm(x))
+    return y if post is None else post(y)
 
 
 def _check_no_dropout(mlp: nn.Module) -> None:

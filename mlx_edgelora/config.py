@@ -160,11 +160,14 @@ class TrainConfig:
     )
     attn_chunk: int = _opt(
         256,
-        "query/key chunk of the chunked attention used in recompute (0 = unchunked; a tile "
+        "query/key chunk of the chunked attention used in recompute, and the token chunk of "
+        "the attention half's norm and q/k/v/o projections (0 = unchunked; a tile "
         "of heads x chunk x chunk floats: 256 halves 512's peak at the same speed)",
     )
     mlp_chunk: int = _opt(
-        256, "token chunk of the MLP in recompute (0 = unchunked; smaller = less memory)"
+        256,
+        "token chunk of the MLP half (norm and MLP) in recompute (0 = unchunked; smaller = "
+        "less memory)",
     )
     stream_weights: bool | None = _opt(
         None,

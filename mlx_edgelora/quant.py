@@ -101,15 +101,58 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, *qparams = primals
-        dx = None
-        for r0, r1 in _row_tiles(qparams[1].shape[0], x.shape[-1]):
-            wf = deq(_tile(qparams, r0, r1, cotangent if dx is None else dx))
-            part = cotangent[..., r0:r1] @ wf
-            dx = part if dx is None else dx + part
+        dx = _tiled_input_grad(cotangent, tuple(qparams), fmt, x.shape[-1])
         frozen = [mx.zeros_like(a) for a in qparams]  # lazy, never evaluated
         return (dx, *frozen)
 
     return f
+
+
+def _col_tiles(out_dims: int, in_dims: int, group_size: int) -> list[tuple[int, int]]:
+    """Column ranges of W (whole quantization groups) whose float32 copy is <= TILE_BYTES."""
+    cols = max(1, TILE_BYTES // (4 * out_dims) // group_size) * group_size
+    return [(c, min(c + cols, in_dims)) for c in range(0, in_dims, cols)]
+
+
+def _tiled_input_grad(dy, qparams: tuple, fmt: tuple, in_dims: int, low_rank=None) -> mx.array:
+    """dy @ W (+ g @ a.T with low_rank = (g, a)) for a quantized W [out, in], by column tiles:
+    each tile of W (whole groups) is dequantized after the previous tile's result, and gives
+    its own columns of dx, so dx is one [.., in] array (its parts, then their concatenation)
+    and at most one float tile of W exists; row tiles would add an [.., in] term per tile."""
+    w, scales, *biases = qparams
+    group_size, bits, _ = fmt
+    parts: list[mx.array] = []
+    for c0, c1 in _col_tiles(scales.shape[0], in_dims, group_size):
+        after = parts[-1] if parts else dy
+        p = slice(c0 * bits // 32, c1 * bits // 32)  # packed uint32 columns
+        g = slice(c0 // group_size, c1 // group_size)  # scale/bias columns
+        tile = [mx.depends(a[:, s], after) for a, s in zip(qparams, (p, g, g))]
+        wf = dequantize(tile[0], tile[1], tile[2] if biases else None, *fmt)  # [out, c1-c0]
+        if low_rank is None:
+            parts.append(dy @ wf)
+        else:
+            parts.append(mx.addmm(low_rank[0] @ low_rank[1][c0:c1].T, dy, wf))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def linear_input_grad(linear: nn.Module, dy: mx.array, low_rank=None) -> mx.array:
+    """dL/dx of a frozen linear's x @ W.T (its bias has no say), plus g @ a.T with
+    low_rank = (g, a) (a LoRA path's dL/dx), for a float nn.Linear or a quantized one: the
+    backend's fused kernel on GPU, column tiles on CPU."""
+    extra = None if low_rank is None else low_rank[0] @ low_rank[1].T
+    if "scales" not in linear:  # float32 BLAS whatever the dtypes (quant.matmul's reason)
+        dy, w = dy.astype(mx.float32), linear["weight"].astype(mx.float32)
+        return dy @ w if extra is None else mx.addmm(extra.astype(mx.float32), dy, w)
+    w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
+    fmt = _format(linear)
+    if fused_available() or type(linear) is nn.QuantizedLinear:  # as its forward runs
+        dx = mx.quantized_matmul(
+            dy, w, scales, biases, transpose=False, group_size=fmt[0], bits=fmt[1], mode=fmt[2]
+        )
+        return dx if extra is None else dx + extra
+    qparams = (w, scales) if biases is None else (w, scales, biases)
+    in_dims = w.shape[1] * 32 // fmt[1]
+    return _tiled_input_grad(dy.astype(mx.float32), qparams, fmt, in_dims, low_rank)
 
 
 def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
@@ -173,10 +216,14 @@ def _swapped(module: nn.Module) -> nn.Module | None:
 
 
 def prepare_for_training(model: nn.Module) -> int:
-    """Swap quantized modules (also inside LoRALinear) for backend-aware ones; return count.
+    """Swap quantized modules (also inside LoRALinear) for backend-aware ones, and LoRALinear
+    for fused_lora's FusedLoRALinear (its lean VJP); return the count of quantized swaps.
 
-    Works before or after LoRA is applied; calling it twice is a no-op.
+    Works before or after LoRA is applied (LoRA applied later keeps mlx-lm's VJP until this
+    runs again); calling it twice is a no-op.
     """
+    from .fused_lora import use_fused_vjp
+
     swaps = []
     for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
         new = _swapped(module)
@@ -184,4 +231,5 @@ def prepare_for_training(model: nn.Module) -> int:
             swaps.append((path, new))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
+    use_fused_vjp(model)
     return len(swaps)

@@ -13,9 +13,10 @@ import pytest
 from conftest import TINY_VOCAB, build_tiny_model
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_edgelora import blocks, engine, loss, quant
+from mlx_edgelora import blocks, engine, fused_lora, loss, quant
 from mlx_edgelora.batching import Batch
 from mlx_edgelora.config import DEFAULT_LORA_KEYS, TrainConfig
 from mlx_edgelora.errors import UserError
@@ -102,6 +103,7 @@ CASES = [  # each option value appears with several others
     (1, "disk", 8, 8, "none", True, True),  # streamed halves
     (1, "disk", 8, 8, "none", True, False),
     (4, "ram", 0, 0, "last", True, False),  # one segment: the whole model runs once, with the head
+    (1, "ram", 7, 5, "none", False, True),  # token chunks that divide neither L (30) nor B*L
 ]
 
 
@@ -135,6 +137,23 @@ def test_predicted_subset_head_gives_the_same_step_in_both_engines(tmp_path, str
     finally:
         step.close()
     assert_same_step(got, ref)
+
+
+@pytest.mark.parametrize("chunks", [(8, 8), (7, 64), (30, 30)], ids=str)
+def test_thin_recompute_matches_mlx_lms_own_lora_call(arch, chunks, tmp_path, monkeypatch):
+    """The segment step with fused LoRA VJPs and token-chunked half-blocks gives the graph
+    step of mlx-lm's own LoRALinear call (plain autodiff): the thin recompute changes
+    nothing but memory. (30, 30): chunks as long as the sequence, the unchunked path."""
+    model, batch = make_model(arch, 4), make_batch()
+    assert type(blocks.layers(model)[0].self_attn.q_proj) is fused_lora.FusedLoRALinear
+    with monkeypatch.context() as m:
+        m.setattr(fused_lora.FusedLoRALinear, "__call__", LoRALinear.__call__)
+        ref = engine.make_step(model, TrainConfig(engine="graph"), reference_head(model))(batch)
+    attn_chunk, mlp_chunk = chunks
+    cfg = TrainConfig(
+        spill_dir=str(tmp_path), out=str(tmp_path), attn_chunk=attn_chunk, mlp_chunk=mlp_chunk
+    )
+    assert_same_step(engine.make_step(model, cfg, reference_head(model))(batch), ref)
 
 
 def test_grads_have_the_trainable_tree_shape_with_lora_on_some_blocks():

@@ -18,6 +18,7 @@ from mlx import nn
 from mlx_lm.models.base import create_attention_mask
 
 from ..attention import attention_core, mlp_forward
+from ..tokenwise import tokenwise
 
 HALVES = ("attn", "mlp")  # a block's two residual halves, in order
 
@@ -192,20 +193,37 @@ class Family:
         """One residual half of block i; chunk = 0 runs the plain, unchunked path."""
         layer = self.layers(model)[i]
         if half == "attn":
-            return x + self.attention(model, i, layer.input_layernorm(x), attn_chunk)
-        return x + mlp_forward(layer.mlp, layer.post_attention_layernorm(x), mlp_chunk)
+            return x + self.attention(model, i, x, attn_chunk, norm=layer.input_layernorm)
+        return x + mlp_forward(layer.mlp, x, mlp_chunk, norm=layer.post_attention_layernorm)
 
-    def attention(self, model: nn.Module, i: int, x: mx.array, chunk: int) -> mx.array:
-        """mlx-lm's Attention.__call__ (no cache) of block i, its core in chunks."""
+    def attention(
+        self, model: nn.Module, i: int, x: mx.array, chunk: int, norm=None, post=None
+    ) -> mx.array:
+        """post(mlx-lm's Attention.__call__ (no cache) of block i on norm(x)), its core in
+        chunks (attention.py) and its token-wise parts before and after the core (norm, q/k/v
+        projections, q/k norms, RoPE; o projection, post) in token chunks of the same size
+        (tokenwise.py), so their recompute holds one chunk's intermediates."""
         attn = self.layers(model)[i].self_attn
-        B, L, _ = x.shape
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        # [B, L, H*hd] -> [B, H, L, hd]
-        q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if self.qk_norm:  # RMSNorm over head_dim: the same before or after the transpose
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = attn.rope(q), attn.rope(k)
+        B = x.shape[0]
+
+        def qkv(start: int, xc: mx.array):
+            n = xc.shape[1]
+            xc = xc if norm is None else norm(xc)
+            q, k, v = attn.q_proj(xc), attn.k_proj(xc), attn.v_proj(xc)
+            # [B, n, H*hd] -> [B, H, n, hd]
+            q = q.reshape(B, n, attn.n_heads, -1).transpose(0, 2, 1, 3)
+            k = k.reshape(B, n, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = v.reshape(B, n, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            if self.qk_norm:  # RMSNorm over head_dim: the same before or after the transpose
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            return attn.rope(q, offset=start), attn.rope(k, offset=start), v
+
+        def out(start: int, oc: mx.array):
+            r = attn.o_proj(oc.transpose(0, 2, 1, 3).reshape(B, oc.shape[2], -1))  # [B, n, q]
+            return (r if post is None else post(r),)
+
+        pre = [m for m in (norm, attn.q_proj, attn.k_proj, attn.v_proj) if m is not None]
+        q, k, v = tokenwise(qkv, pre, [x], [1], [2, 2, 2], chunk)
         o = attention_core(q, k, v, attn.scale, chunk, self.window(model, i))
-        return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        after = [m for m in (attn.o_proj, post) if m is not None]
+        return tokenwise(out, after, [o], [2], [1], chunk)[0]

@@ -124,10 +124,10 @@ class Gemma3(Family):
     ) -> mx.array:
         layer = self.layers(model)[i]
         if half == "attn":
-            r = self.attention(model, i, layer.input_layernorm(x), attn_chunk)
-            return clip_residual(x, layer.post_attention_layernorm(r))
-        r = mlp_forward(layer.mlp, layer.pre_feedforward_layernorm(x), mlp_chunk)
-        return clip_residual(x, layer.post_feedforward_layernorm(r))
+            norms = dict(norm=layer.input_layernorm, post=layer.post_attention_layernorm)
+            return clip_residual(x, self.attention(model, i, x, attn_chunk, **norms))
+        norms = dict(norm=layer.pre_feedforward_layernorm, post=layer.post_feedforward_layernorm)
+        return clip_residual(x, mlp_forward(layer.mlp, x, mlp_chunk, **norms))
 
 
 FAMILY = Gemma3()
