@@ -1,5 +1,7 @@
 """The memory plan: tracks measured peaks, orders the options sensibly, enforces the budget."""
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -34,6 +36,8 @@ def _measured_peak(model, cfg) -> float:
     toks = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (1, L + 1)).astype(np.int32)
     batch = Batch(toks[:, :-1], toks[:, 1:], np.ones((1, L), bool))
     step = engine.make_step(model, cfg, loss.make_loss_head(model, cfg.loss, cfg))
+    gc.collect()  # the previous test's model and step, not this step's peak
+    mx.clear_cache()
     mx.reset_peak_memory()
     step(batch)
     return mx.get_peak_memory() / plan.GB
