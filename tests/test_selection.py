@@ -88,7 +88,8 @@ def test_epochs_survive_resume(tmp_path, model_dir, notes):
 
 def test_keep_best_saves_the_lowest_validation_loss_adapter(tmp_path, model_dir, notes):
     out = tmp_path / "best"
-    result = train(_cfg(model_dir, notes, out, keep_best=True, **NOISY))
+    noisy = dict(NOISY, steps=4)  # lr 0.2: falls at step 1, rises to step 4 (then falls again)
+    result = train(_cfg(model_dir, notes, out, keep_best=True, **noisy))
     losses = val_losses(out)
     best = min(losses, key=losses.get)
     assert 0 < best < max(losses.keys()), "loss did not fall then rise: the test proves nothing"
@@ -102,7 +103,7 @@ def test_keep_best_saves_the_lowest_validation_loss_adapter(tmp_path, model_dir,
     # and it is the adapter of step `best` of the same run (interrupted there, it checkpoints)
     again = tmp_path / "again"
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(model_dir, notes, again, **NOISY), reporter=_StopAt(best, NOISY["steps"]))
+        train(_cfg(model_dir, notes, again, **noisy), reporter=_StopAt(best, noisy["steps"]))
     ref = mx.load(str(checkpoint.latest(again) / "adapters.safetensors"))
     for k in kept:
         np.testing.assert_allclose(np.array(kept[k]), np.array(ref[k]), atol=1e-6)
