@@ -200,13 +200,12 @@ def _build(c: dict):
     return model
 
 
-def _trainable(c: dict, model, out: str):
-    """Mark what trains; returns the TrainConfig used for the engine and loss head."""
-    import mlx.core as mx
+def train_config(c: dict, out: str, **extra):
+    """The TrainConfig a cell runs (engine, loss head, chunks), plus `extra` options; the one
+    place a cell's settings become trainer options (bench/plan_accuracy.py plans with it)."""
+    from mlx_edgelora import TrainConfig
 
-    from mlx_edgelora import TrainConfig, lora, quant
-
-    tc = TrainConfig(
+    return TrainConfig(
         out=out,
         spill_dir=out,
         rank=c["rank"],
@@ -222,7 +221,17 @@ def _trainable(c: dict, model, out: str):
         stream_weights=c["stream_weights"],
         split_blocks=c["split_blocks"],
         cache_policy=c["cache_policy"],
+        **extra,
     ).validate()
+
+
+def _trainable(c: dict, model, out: str):
+    """Mark what trains; returns the TrainConfig used for the engine and loss head."""
+    import mlx.core as mx
+
+    from mlx_edgelora import lora, quant
+
+    tc = train_config(c, out)
     if c["emulator"]:
         _install_emulator(model, c["emulator"])
     if c["full_ft"]:

@@ -165,7 +165,6 @@ def cell_rows() -> tuple[list[dict], int]:
     import cells
 
     from mlx_edgelora import plan
-    from mlx_edgelora.config import TrainConfig
 
     recorded = [json.loads(x) for x in (RESULTS / "table1_cells.jsonl").open()]
     recorded += [dict(c, source="peak_memory.json") for c in _peak_memory_cells()]
@@ -182,23 +181,7 @@ def cell_rows() -> tuple[list[dict], int]:
                 model = cells._build(c)
                 cells._trainable(c, model, tmp)
                 sizes[key] = plan.sizes(model)
-            tc = TrainConfig(
-                out=tmp,
-                rank=c["rank"],
-                engine=c["engine"],
-                activations=c["activations"],
-                loss=c["loss"],
-                subset_k=c["subset_k"],
-                subset_fill=c["subset_fill"],
-                vocab_chunk=c["vocab_chunk"],
-                attn_chunk=c["attn_chunk"],
-                mlp_chunk=c["mlp_chunk"],
-                stream_weights=c["stream_weights"],
-                split_blocks=c["split_blocks"],
-                cache_policy=c["cache_policy"],
-                max_seq_len=c["seq"],
-                stream_state=False,
-            ).validate()
+            tc = cells.train_config(c, tmp, max_seq_len=c["seq"], stream_state=False)
         planned = plan.estimate(sizes[key], tc, c["trainable"])
         lora_part = planned.parts["LoRA + optimizer"]
         planned.parts["LoRA + optimizer"] = lora_part * 2 / plan.OPT_COPIES
