@@ -17,6 +17,7 @@ results/engine_speed.jsonl; `--report` writes results/engine_speed.{json,md}.
 
     python bench/engine_speed.py --seq 512 --group 0     # under the lock (re-execs itself)
     python bench/engine_speed.py --all                   # every group, one lock hold each
+    python bench/engine_speed.py --seq 2048 --layers 6 --configs '["no split blocks", ...]'
     python bench/engine_speed.py --report
 """
 
@@ -151,10 +152,14 @@ def child(seq: int, names: list[str], rounds: int, layers: int | None) -> None:
 
 
 def run_group(seq: int, g: int, rounds: int) -> None:
-    names = groups(seq)[g]
+    run_names(seq, groups(seq)[g], rounds, LAYERS[seq])
+
+
+def run_names(seq: int, names: list[str], rounds: int, layers: int | None) -> None:
+    """One lock hold: `names` (the anchors are added) interleaved in one process."""
+    names = ANCHORS + [n for n in names if n not in ANCHORS]
     cmd = [sys.executable, __file__, "--child", "--seq", str(seq), "--rounds", str(rounds)]
-    cmd += ["--layers", str(LAYERS[seq] or 0)]
-    cmd += ["--configs", json.dumps(names)]
+    cmd += ["--layers", str(layers or 0), "--configs", json.dumps(names)]
     subprocess.run(["flock", LOCK, *cmd], check=True)
 
 
@@ -251,8 +256,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--all", action="store_true")
     p.add_argument("--child", action="store_true")
-    p.add_argument("--configs")
-    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--configs", help="JSON list of CONFIGS names: all in one run (one lock hold)")
+    p.add_argument("--layers", type=int, default=0, help="first N blocks only (0: all)")
     p.add_argument("--report", action="store_true")
     a = p.parse_args()
     if a.child:
@@ -263,6 +268,8 @@ def main() -> None:
         (RESULTS / "engine_speed.md").write_text(markdown(rep))
         print(markdown(rep))
         print("planner.SPEED =", speed_table(rep))
+    elif a.configs:
+        run_names(a.seq, json.loads(a.configs), a.rounds, a.layers or None)
     elif a.all:
         for seq in (512, 2048):
             for g in range(len(groups(seq))):

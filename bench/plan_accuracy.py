@@ -4,20 +4,24 @@ Why: the planner (mlx_edgelora/planner.py) trusts plan.estimate to keep a run un
 so the estimate must never be under a measured peak and should be within 15% of it.
 
 Two kinds of rows:
-- "fresh": measured here with the current code (`--measure`, niced; memory does not depend
-  on load): real optimizer steps (bench/engine_speed.Runner: forward, backward, AdamW update,
-  as the trainer runs them) on SmolLM2-135M (embedded GGUF) and a random-weight INT4
-  Qwen2.5-0.5B-shape mlx-lm folder at 4 blocks (bench/make_random_model.py, bf16 scales),
-  one configuration per process; the peak is `mx.get_peak_memory()` over steps 2-3 (AdamW's
-  moments exist from the first update on), reset after setup. Cached in
+- "fresh": measured here (`--measure`, niced; memory does not depend on load): real
+  optimizer steps (bench/engine_speed.Runner: forward, backward, AdamW update, as the trainer
+  runs them) on SmolLM2-135M (embedded GGUF; `smollm2:6` = its first 6 blocks) and
+  random-weight INT4 mlx-lm folders (bench/make_random_model.py, bf16 scales:
+  `qwen0.5b:4` = the Qwen2.5-0.5B shape at 4 blocks, `llama3b:2` = Llama-3.2-3B at 2), one
+  configuration per process; the peak is `mx.get_peak_memory()` of step 2 (AdamW's moments
+  exist from the first update on; steps 2 and 3 always measured the same), reset after setup.
+  Each row records the fingerprint of the step-memory code it ran (CODE_FILES); cached in
   results/plan_accuracy_rows.jsonl.
 - "recorded": the rows in results/trainer_rows.jsonl (the trainer's reported peak) and the
   bench/cells.py cells in table1_cells.jsonl, peak_memory.json and methods.json (ONE
   forward+backward, no optimizer update: planned with the LoRA weights and their gradient
-  only, not AdamW's moments). These were measured by earlier versions of the code; a cell
-  from before a later memory change is listed, but flagged by its large ratio rather than
-  hidden. Rows the planner does not plan (full fine-tuning, LARS, EMLoC, mlx-lm's own trainer)
-  are left out, with a count.
+  only, not AdamW's moments). Rows the planner does not plan (full fine-tuning, LARS, EMLoC,
+  mlx-lm's own trainer) are left out, with a count.
+
+Only rows measured with the current step-memory code (same fingerprint; a recorded row
+carrying a "commit" is checked at that commit) count toward the target; the others are
+listed in their own table, labelled "older code", not hidden.
 
     nice -n 10 python bench/plan_accuracy.py --measure
     python bench/plan_accuracy.py --report          # results/plan_accuracy.{json,md}
@@ -26,6 +30,7 @@ Two kinds of rows:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -52,15 +57,47 @@ VARIANTS = {
     "cache last": {"cache_policy": "last"},
     "graph": {"engine": "graph", "activations": "ram", "stream_weights": False},
 }
-# (model: None = embedded SmolLM2 or a make_random_model shape:layers, context, variants)
-# A row takes ~17 min on the shared 2-core machine under load: few rows, each a different phase
-FRESH_ROWS = [
-    ("qwen0.5b:4", 512, ["defaults", "cache last", "no split blocks"]),
+# The phases that decide the plan's peak: the loss head (defaults at 512), one segment's
+# recompute (whole blocks, two blocks, 2048 tokens), the cached last segment, boundaries in RAM,
+# resident weights. (model, context, variants); SmolLM2 at 6 of its 30 blocks: the phases are
+# per segment or the loss head, the depth only adds boundaries and LoRA state, which the plan
+# counts exactly; a row takes ~1-2 min when idle, a Llama-3B 2-block row at 2048 tokens ~6.
+ALL = [
+    "defaults",
+    "no split blocks",
+    "cache last",
+    "activations ram",
+    "checkpoint-every 2",
+    "no stream weights",
 ]
+FRESH_ROWS = [
+    ("smollm2:6", 512, ALL),
+    ("smollm2:6", 2048, ALL),
+    ("qwen0.5b:4", 512, ["defaults", "no split blocks", "cache last"]),
+    ("llama3b:2", 2048, ["defaults", "no split blocks"]),
+]
+# The modules whose code decides a step's memory: a row measured with other versions of them
+# is "older code" (plan.py and planner.py only estimate, so they are not here).
+CODE_FILES = [
+    "engine.py", "fused_lora.py", "tokenwise.py", "attention.py", "loss.py", "spill.py",
+    "stream.py", "state.py", "quant.py", "lora.py", "blocks.py", "precision.py",
+]  # fmt: skip
+ROOT = Path(__file__).parent.parent
+
+
+def code_fingerprint(commit: str | None = None) -> str:
+    """A short hash of CODE_FILES' git blobs, in the work tree or at `commit`."""
+    paths = [f"mlx_edgelora/{f}" for f in CODE_FILES]
+    if commit:
+        cmd = ["git", "rev-parse", *(f"{commit}:{p}" for p in paths)]
+    else:
+        cmd = ["git", "hash-object", *paths]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return hashlib.sha256(out.encode()).hexdigest()[:12]
 
 
 def _model_path(model: str) -> str | None:
-    if model == "smollm2":
+    if model.split(":")[0] == "smollm2":
         return None
     from make_random_model import build
 
@@ -68,32 +105,37 @@ def _model_path(model: str) -> str | None:
     return str(build(shape, int(layers)))
 
 
+def _layers(model: str) -> int | None:
+    """SmolLM2's first N blocks (`smollm2:N`); the random folders are built at their depth."""
+    name, _, n = model.partition(":")
+    return int(n) if name == "smollm2" and n else None
+
+
 def measure_child(model: str, seq: int, variant: str) -> dict:
     from engine_speed import Runner
 
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:  # bench/tmp*: ignored
-        r = Runner(VARIANTS[variant], seq, f"{tmp}/out", model=_model_path(model))
+        r = Runner(VARIANTS[variant], seq, f"{tmp}/out", _layers(model), _model_path(model))
         r.step()  # AdamW's moments exist from here on
         mx.reset_peak_memory()
-        peaks = []
-        for _ in range(2):
-            r.step()
-            peaks.append(mx.get_peak_memory() / GB)
+        r.step()
+        peak = mx.get_peak_memory() / GB
         r.close()
     return {
         "source": "fresh",
         "model": model,
         "seq": seq,
         "variant": variant,
-        "measured_gb": round(max(peaks), 4),
-        "step_peaks_gb": [round(p, 4) for p in peaks],
+        "measured_gb": round(peak, 4),
+        "code": code_fingerprint(),
     }
 
 
 def measure() -> None:
-    done = set()
+    code, done = code_fingerprint(), set()
     if FRESH.exists():
-        done = {(r["model"], r["seq"], r["variant"]) for r in map(json.loads, FRESH.open())}
+        rows = [r for r in map(json.loads, FRESH.open()) if r.get("code") == code]
+        done = {(r["model"], r["seq"], r["variant"]) for r in rows}
     for model, seq, variants in FRESH_ROWS:
         for v in variants:
             if (model, seq, v) in done:
@@ -132,18 +174,21 @@ def fresh_rows() -> list[dict]:
     from mlx_edgelora.config import TrainConfig
     from mlx_edgelora.loading import load_model
 
-    out, sizes = [], {}
+    out, sizes, code = [], {}, code_fingerprint()
     for r in map(json.loads, FRESH.open()):
         cfg = TrainConfig(max_seq_len=r["seq"], out="/tmp/x", **VARIANTS[r["variant"]])
         cfg.validate()
         if r["model"] not in sizes:
             model = load_model(_model_path(r["model"]), lazy=True).model
+            if _layers(r["model"]):
+                model.model.layers = model.model.layers[: _layers(r["model"])]
             lora.apply_adapter(model, cfg)
             quant.prepare_for_training(model)
             sizes[r["model"]] = plan.sizes(model)
         planned = plan.estimate(sizes[r["model"]], cfg)
         key = f"{r['model']} {r['seq']} {r['variant']}"
-        out.append(_row("fresh (3-step optimizer run)", key, planned, r["measured_gb"]))
+        current = r.get("code") == code
+        out.append(_row("fresh (optimizer steps)", key, planned, r["measured_gb"], current))
     return out
 
 
@@ -190,7 +235,8 @@ def cell_rows() -> tuple[list[dict], int]:
             f"{rec.get('row') or rec.get('label') or rec.get('method') or ''}".strip()
         )
         source = rec.get("source", "table1_cells.jsonl")
-        out.append(_row(f"{source} (1 fwd+bwd cell)", name, planned, rec["peak_gb"]))
+        current = _measured_with_current_code(rec)
+        out.append(_row(f"{source} (1 fwd+bwd cell)", name, planned, rec["peak_gb"], current))
     return out, skipped
 
 
@@ -231,17 +277,32 @@ def trainer_rows() -> list[dict]:
                 key,
                 planned,
                 r["step_peaks_gb"] and max(r["step_peaks_gb"]) or r["reported_peak_gb"],
+                _measured_with_current_code(r),
             )
         )
     return out
 
 
+def _measured_with_current_code(rec: dict) -> bool:
+    """A recorded row counts as current only if it names the commit it ran (or the code
+    fingerprint) and CODE_FILES are the same there as here; rows without either are older."""
+    if rec.get("code"):
+        return rec["code"] == code_fingerprint()
+    if not rec.get("commit"):
+        return False
+    try:
+        return code_fingerprint(rec["commit"]) == code_fingerprint()
+    except subprocess.CalledProcessError:  # a commit this clone does not have
+        return False
+
+
 TOKEN_STORE_BYTES = 0  # the trainer row's token store (the bundled sample): under 1 MB
 
 
-def _row(source: str, key: str, planned, measured: float) -> dict:
+def _row(source: str, key: str, planned, measured: float, current: bool) -> dict:
     return {
         "source": source,
+        "code": "current" if current else "older code",
         "row": key,
         "planned_gb": round(planned.total_gb, 4),
         "measured_gb": round(measured, 4),
@@ -251,9 +312,10 @@ def _row(source: str, key: str, planned, measured: float) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Per (code, source): how many rows meet the target (code first: current, then older)."""
     by: dict = {}
-    for r in rows:
-        by.setdefault(r["source"], []).append(r["ratio"])
+    for r in sorted(rows, key=lambda r: r["code"] != "current"):
+        by.setdefault(f"{r['code']}: {r['source']}", []).append(r["ratio"])
     return {
         s: {
             "rows": len(v),
@@ -272,18 +334,35 @@ def write_report() -> None:
     rows += cells_
     summary = summarize(rows)
     (RESULTS / "plan_accuracy.json").write_text(
-        json.dumps({"summary": summary, "skipped_cells": skipped, "rows": rows}, indent=1)
+        json.dumps(
+            {
+                "code": code_fingerprint(),
+                "summary": summary,
+                "skipped_cells": skipped,
+                "rows": rows,
+            },
+            indent=1,
+        )
     )
+    code = code_fingerprint()
+    current = [r for r in rows if r["code"] == "current"]
+    ok = sum(1 <= r["ratio"] <= 1.15 for r in current)
     lines = [
         "# Memory plan vs measured peak",
         "",
         "ratio = planned / measured; the goal is 1.00-1.15 (never under, at most 15% over).",
-        "`python bench/plan_accuracy.py --report` (fresh rows: `--measure`). Cells measured by",
-        "older versions of the code are listed as recorded.",
+        "`nice -n 10 python bench/plan_accuracy.py --measure` (the fresh rows), then",
+        "`python bench/plan_accuracy.py --report`.",
+        "",
+        f"**Rows measured with the current step-memory code (fingerprint `{code}` of",
+        f"{', '.join(CODE_FILES)}): {ok} of {len(current)} within 1.00-1.15.** Only these count",
+        "toward the target. Rows measured by older versions of that code (every recorded cell",
+        "and trainer row that does not name its commit) are listed below, labelled",
+        "\"older code\": a ratio there compares today's plan with yesterday's engine.",
         f"Left out: {skipped} cells the planner does not plan (full fine-tuning, LARS, EMLoC,",
         "or not run).",
         "",
-        "| source | rows | within 1.00-1.15 | under | ratio min | ratio max |",
+        "| code: source | rows | within 1.00-1.15 | under | ratio min | ratio max |",
         "|---|---|---|---|---|---|",
     ]
     for s, d in summary.items():
@@ -291,14 +370,23 @@ def write_report() -> None:
             f"| {s} | {d['rows']} | {d['within_15pct_and_not_under']} | {d['under']} | "
             f"{d['min_ratio']:.2f} | {d['max_ratio']:.2f} |"
         )
-    lines += ["", "| source | row | planned GB | measured GB | ratio |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['source']} | {r['row']} | {r['planned_gb']:.3f} | {r['measured_gb']:.3f} | "
-            f"{r['ratio']:.2f} |"
-        )
+    n_head = len(lines)
+    for title, part in (("current code", current), ("older code", rows)):
+        part = [r for r in part if (r["code"] == "current") == (title == "current code")]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| source | row | planned GB | measured GB | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in part:
+            lines.append(
+                f"| {r['source']} | {r['row']} | {r['planned_gb']:.3f} | "
+                f"{r['measured_gb']:.3f} | {r['ratio']:.2f} |"
+            )
     (RESULTS / "plan_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[: 11 + len(summary)]))
+    print("\n".join(lines[:n_head]))
 
 
 if __name__ == "__main__":
