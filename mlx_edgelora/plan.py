@@ -31,13 +31,22 @@ F32 = 4
 # live no longer than LoRA's own (tests/test_plan.py measures both).
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
-# The segment engine's recompute (a custom VJP per half, chunked attention and MLP) holds more
-# than the graph engine's autodiff per token: these factors on the per-half bytes above make
-# the plan meet the measured peaks of every split-block cell at 1K-16K tokens on the Llama-3.2-3B
-# and Qwen2.5-3B shapes (bench/results/plan_accuracy.md): the attention half 1.6x, the MLP
-# half 1.15x. The recompute is being thinned (issue 17 item 3); refit with
-# bench/plan_accuracy.py when it changes (a thinner recompute only makes this plan safer).
-RECOMPUTE_FIT = {"attn": 1.6, "mlp": 1.15}
+# The segment engine's recompute (token-chunked custom VJPs for each half's token-wise parts,
+# fused LoRA VJPs, chunked attention: tokenwise.py, fused_lora.py) holds per token these
+# factors times the per-half bytes above. Fitted to the current (thin) recompute: the
+# Llama-3.2-3B shape at 2048 tokens measured 216 MB above its inputs for the attention half and
+# 163 MB for the MLP half (bench/results/recompute_profile.md, plus the [L, D] cotangent: 0.83x
+# and 1.39x these terms), and its 2-block split cell 0.361 GB (the plan 1.05x with 0.9). Before
+# the thinner recompute the factors were 1.6 and 1.15. Refit with bench/plan_accuracy.py when
+# the recompute changes.
+RECOMPUTE_FIT = {"attn": 0.9, "mlp": 1.45}
+# With --cache-policy last the last segment's forward graph stays alive through the loss head.
+# Its half-blocks are custom functions (tokenwise.py, attention.py) that keep only their inputs
+# and outputs: per block the input x, q, k, v, the attention output, o_proj's output, the MLP's
+# input and output, about 6 [L, D] + 2 [L, kv] (SmolLM2 at 512 tokens measured 5.8 MB of this
+# above the defaults' peak for 7.9 MB planned; with plain autodiff it was a whole block's
+# activations).
+CACHED_PER_D, CACHED_PER_KV = 6, 2
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
@@ -203,10 +212,8 @@ def estimate(
             "loss head": head + head_w,
         }
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
-            # under plain autodiff, unchunked: whole blocks (a split last half still measured
-            # the whole block's worth, 0.073 GB, on the Qwen2.5-0.5B shape at 512 tokens)
-            cached = _segment_blocks(cfg) * _block_activations(s, tokens, cfg, False, act)
-            phases["loss head"] += cached + segment_w
+            per_block = tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
+            phases["loss head"] += _segment_blocks(cfg) * per_block + segment_w
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB
     if token_bytes:
