@@ -54,18 +54,32 @@ SPACE: dict[str, list] = {
 # (tokens per micro-batch; the nearest context's table is used); a candidate's relative step
 # time is the product over its options, and a value missing here counts as 1 (then the
 # smaller plan wins the tie). Data from bench/results/engine_speed.json, written by
-# bench/engine_speed.py --report (which prints this table): SmolLM2-135M, one technique
-# toggled at a time, interleaved with the all-on configuration in one process; each factor is
-# that configuration's median step time over the all-on one's. Measured under heavy load
-# (load average ~40 on a shared 2-core CPU, 1-3 rounds, 512 tokens only): the factors are
-# within that noise of 1 except whole blocks (no split) being faster; re-run the bench on an
-# idle machine (a Mac), at 2048 too, and paste its table here.
+# bench/engine_speed.py --report (which prints this table): SmolLM2-135M (2048 tokens: its
+# first 6 blocks), one technique toggled at a time, interleaved with the all-on configuration
+# in one process; each factor is that configuration's median step time over the all-on one's.
+# Measured UNDER LOAD on a shared 2-core CPU (load average 8-49), 1-3 rounds per run, 1-3 runs:
+# single factors are noisy (activations in RAM measured 1.05x and 1.41x at 512 in two runs);
+# bench/planner_pick.py checks the picks they lead to against measured step times. Re-run the
+# bench on an idle machine (a Mac) and paste its table here.
 SPEED: dict[int, dict[str, dict]] = {
     512: {
-        "activations": {"ram": 1.05},
-        "stream_weights": {False: 1.132},
-        "stream_state": {False: 0.976},
-        "split_blocks": {False: 0.874},
+        "activations": {"ram": 1.231},
+        "stream_weights": {False: 0.988},
+        "stream_state": {False: 1.129},
+        "split_blocks": {False: 1.092},
+        "checkpoint_every": {2: 1.037, 4: 1.343},
+        "cache_policy": {"last": 1.228},
+        "attn_chunk": {1024: 0.947},
+        "mlp_chunk": {1024: 0.947},
+        "vocab_chunk": {32768: 1.957},
+    },
+    2048: {
+        "activations": {"ram": 0.829},
+        "stream_weights": {False: 0.837},
+        "stream_state": {False: 1.104},
+        "split_blocks": {False: 1.205},
+        "checkpoint_every": {2: 1.06},
+        "cache_policy": {"last": 0.973},
     },
 }
 
