@@ -33,14 +33,19 @@ F32 = 4
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
 # The segment engine's recompute (token-chunked custom VJPs for each half's token-wise parts,
-# fused LoRA VJPs, chunked attention: tokenwise.py, fused_lora.py) holds per token these
-# factors times the per-half bytes above. Fitted to the current (thin) recompute: the
+# fused LoRA VJPs, chunked attention: tokenwise.py, fused_lora.py) holds, per half: the
+# attention half RECOMPUTE_FIT x its bytes above; the MLP half the same [L, D] terms and, for
+# one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
+# gradients, and the dequantized weight tiles). Fitted to the current (thin) recompute: the
 # Llama-3.2-3B shape at 2048 tokens measured 216 MB above its inputs for the attention half and
-# 163 MB for the MLP half (bench/results/recompute_profile.md, plus the [L, D] cotangent: 0.83x
-# and 1.39x these terms), and its 2-block split cell 0.361 GB (the plan 1.05x with 0.9). Before
-# the thinner recompute the factors were 1.6 and 1.15. Refit with bench/plan_accuracy.py when
-# the recompute changes.
-RECOMPUTE_FIT = {"attn": 0.9, "mlp": 1.45}
+# 163 MB for the MLP half (bench/results/recompute_profile.md; with the [L, D] cotangent 0.83x
+# the attention terms, and the plan's MLP half 1.12x), its 2-block split cell 0.361 GB (the
+# plan 1.05x), and the Qwen2.5-0.5B shape's whole-block recompute at 512 tokens
+# (bench/results/plan_accuracy.md, "no split blocks": 1.05x). Before the thinner recompute the
+# factors were 1.6 (attention) and 1.15 (MLP, 4 [chunk, I] arrays). Refit with
+# bench/plan_accuracy.py when the recompute changes.
+RECOMPUTE_FIT = {"attn": 0.9}
+RECOMPUTE_PER_I = 13
 # With --cache-policy last the last segment's forward graph stays alive through the loss head.
 # Its half-blocks are custom functions (tokenwise.py, attention.py) that keep only their inputs
 # and outputs: per block the input x, q, k, v, the attention output, o_proj's output, the MLP's
@@ -133,10 +138,11 @@ def _half_activations(
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
     attn = tokens * (ATTN_PER_D * s.D + ACT_PER_KV * s.kv) * act + scores
-    mlp = tokens * (ACT_PER_D - ATTN_PER_D) * s.D * act + mlp_rows * ACT_PER_I * s.I * act
+    mlp = tokens * (ACT_PER_D - ATTN_PER_D) * s.D * act
     if not chunked:  # the graph engine's autodiff (the constants above were fitted to it)
-        return {"attn": attn, "mlp": mlp}
-    return {"attn": attn * RECOMPUTE_FIT["attn"], "mlp": mlp * RECOMPUTE_FIT["mlp"]}
+        return {"attn": attn, "mlp": mlp + mlp_rows * ACT_PER_I * s.I * act}
+    per_i = mlp_rows * RECOMPUTE_PER_I * s.I * act
+    return {"attn": attn * RECOMPUTE_FIT["attn"], "mlp": mlp + per_i}
 
 
 def _block_activations(
