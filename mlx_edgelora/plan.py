@@ -46,12 +46,14 @@ ATTN_PER_D = 6
 # bench/plan_accuracy.py when the recompute changes.
 RECOMPUTE_FIT = {"attn": 0.9}
 RECOMPUTE_PER_I = 13
-# With --cache-policy last the last segment's forward graph stays alive through the loss head.
-# Its half-blocks are custom functions (tokenwise.py, attention.py) that keep only their inputs
-# and outputs: per block the input x, q, k, v, the attention output, o_proj's output, the MLP's
-# input and output, about 6 [L, D] + 2 [L, kv] (SmolLM2 at 512 tokens measured 5.8 MB of this
-# above the defaults' peak for 7.9 MB planned; with plain autodiff it was a whole block's
-# activations).
+# With --cache-policy last the last segment runs inside the loss head's graph: the head's and
+# the segment's weights are alive together, its forward keeps only its custom functions' inputs
+# and outputs through the head (per block x, q, k, v, the attention output, o_proj's output,
+# the MLP's input and output: about 6 [L, D] + 2 [L, kv]), and its backward recomputes inside
+# those functions' VJPs as a segment does, up to a whole block's worth (a split last half
+# measured as much). Fitted: SmolLM2 (6 blocks, 512 tokens) and the Qwen2.5-0.5B shape (4 blocks,
+# 512 tokens) at 1.13x and 1.03x (bench/results/plan_accuracy.md); with plain autodiff the
+# cached segment was a whole block's graph activations.
 CACHED_PER_D, CACHED_PER_KV = 6, 2
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
@@ -219,8 +221,10 @@ def estimate(
             "loss head": head + head_w,
         }
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
-            per_block = tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
-            phases["loss head"] += _segment_blocks(cfg) * per_block + segment_w
+            n = _segment_blocks(cfg)
+            kept = n * tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
+            recomputed = n * _block_activations(s, tokens, cfg, True, act)
+            phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB
     if token_bytes:
