@@ -58,6 +58,13 @@ CACHED_PER_D, CACHED_PER_KV = 6, 2
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
+# The chunked exact head (--loss chunked, the default) recomputes each vocabulary tile in its
+# own VJP: per row one logits tile row and two [D] rows (the input and its gradient), plus
+# ~4.4 dequantized [tile, D] weight tiles in flight. Fitted to SmolLM2 (6 blocks) at 512 and
+# 2048 tokens (58.5 and 76.7 MB measured for the head phase, weights included) and checked on
+# the Qwen2.5-0.5B shape at 512 and the Llama-3.2-3B cells (bench/results/plan_accuracy.md);
+# the terms above (fitted before the head had its own VJP) were 2.2x SmolLM2's at 2048 tokens.
+CHUNKED_HEAD = {"per_row_cols": 1, "per_row_D": 2, "weight_tiles": 4.4, "fit": 1.2}
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # --stream-state: one unit's state is in memory at a time; its update holds the old and new
 # weight, m and v and the gradient sum
@@ -170,6 +177,10 @@ def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     if cfg.loss == "subset" and cfg.subset_fill in ("predicted", "sampled"):
         c = max(c, tile)  # their no-gradient scoring pass runs over vocabulary tiles
     w_rows = c if cfg.loss == "subset" else tile  # the full head's kernel dequantizes tiles too
+    if cfg.loss == "chunked":
+        h = CHUNKED_HEAD
+        per_row = rows * (c * h["per_row_cols"] + s.D * h["per_row_D"])
+        return (per_row + h["weight_tiles"] * w_rows * s.D) * F32 * h["fit"]
     return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
 
 
