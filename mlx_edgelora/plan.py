@@ -172,16 +172,24 @@ def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32
 
 def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
-    cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
-    c = cols[cfg.loss]
-    if cfg.loss == "subset" and cfg.subset_fill in ("predicted", "sampled"):
-        c = max(c, tile)  # their no-gradient scoring pass runs over vocabulary tiles
-    w_rows = c if cfg.loss == "subset" else tile  # the full head's kernel dequantizes tiles too
+    if cfg.loss == "full":  # autodiff over [rows, V] logits; the kernel dequantizes tiles
+        return (rows * s.V * 3 + tile * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
     if cfg.loss == "chunked":
-        h = CHUNKED_HEAD
-        per_row = rows * (c * h["per_row_cols"] + s.D * h["per_row_D"])
-        return (per_row + h["weight_tiles"] * w_rows * s.D) * F32 * h["fit"]
-    return (rows * c * 3 + w_rows * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
+        return _chunked_head_bytes(s, rows, tile)
+    # subset: autodiff over [rows, k] logits and the k gathered head rows; the predicted and
+    # sampled fills first score every vocabulary tile without gradient (at most the chunked
+    # head's pass), then differentiate the k columns
+    k = min(cfg.subset_k, s.V)
+    own = (rows * (k * 3 + s.D * 2) + k * s.D * 2) * F32 * HEAD_FIT
+    if cfg.subset_fill in ("predicted", "sampled"):
+        return max(own, _chunked_head_bytes(s, rows, tile))
+    return own
+
+
+def _chunked_head_bytes(s: Shape, rows: int, tile: int) -> float:
+    h = CHUNKED_HEAD
+    per_row = rows * (tile * h["per_row_cols"] + s.D * h["per_row_D"])
+    return (per_row + h["weight_tiles"] * tile * s.D) * F32 * h["fit"]
 
 
 def estimate(
