@@ -155,7 +155,8 @@ def report() -> str:
         f"`python bench/planner_pick.py` ({rec['rounds']} rounds + a warm-up, interleaved, one",
         "process under the timing lock), then `--report`. Measured UNDER LOAD (load average",
         f"{min(rec['loadavg']):.1f}-{max(rec['loadavg']):.1f}) on the shared 2-core CPU.",
-        "Target: the pick within 10% of the fastest measured configuration that fits.",
+        "Target: the pick within 10% of the fastest measured configuration that fits. max/min:",
+        "the spread of one configuration's own steps (the noise a ratio has to beat).",
         "",
     ]
     for b in rec["budgets"]:
@@ -166,14 +167,15 @@ def report() -> str:
             f"## budget {b['budget_gb']:.3f} GB ({b['fitting']} candidates fit): "
             f"pick / fastest = **{ratio:.2f}** ({'met' if ratio <= 1.10 else 'NOT met'})",
             "",
-            "| configuration | planned GB | model's speed | median step s | step s |",
-            "|---|---|---|---|---|",
+            "| configuration | planned GB | model's speed | median step s | step s | max/min |",
+            "|---|---|---|---|---|---|",
         ]
         for r in b["measured"]:
             tag = " (pick)" if r["config"] == b["pick"] else ""
             lines.append(
                 f"| {r['config']}{tag} | {r['planned_gb']:.3f} | {r['model_speed']:.3f} | "
-                f"{med[r['config']]:.2f} | {', '.join(map(str, rec['step_s'][r['config']]))} |"
+                f"{med[r['config']]:.2f} | {', '.join(map(str, rec['step_s'][r['config']]))} | "
+                f"{max(rec['step_s'][r['config']]) / min(rec['step_s'][r['config']]):.2f} |"
             )
         lines.append("")
     (RESULTS / "planner_pick.json").write_text(json.dumps(rec, indent=1))

@@ -79,7 +79,9 @@ SPEED: dict[int, dict[str, dict]] = {
         "stream_state": {False: 1.104},
         "split_blocks": {False: 1.205},
         "checkpoint_every": {2: 1.06},
-        "cache_policy": {"last": 0.973},
+        # engine_speed 0.973 (1 step), bench/planner_pick.py 1.11 (3 steps, median): the
+        # geometric mean, so that caching is not picked for a speed it did not show
+        "cache_policy": {"last": 1.039},
     },
 }
 
