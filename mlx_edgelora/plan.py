@@ -41,18 +41,24 @@ ATTN_PER_D = 6
 # 163 MB for the MLP half (bench/results/recompute_profile.md; with the [L, D] cotangent 0.83x
 # the attention terms, and the plan's MLP half 1.12x), its 2-block split cell 0.361 GB (the
 # plan 1.05x), and the Qwen2.5-0.5B shape's whole-block recompute at 512 tokens
-# (bench/results/plan_accuracy.md, "no split blocks": 1.05x). Before the thinner recompute the
+# (bench/results/plan_accuracy.md, "no split blocks"). Before the thinner recompute the
 # factors were 1.6 (attention) and 1.15 (MLP, 4 [chunk, I] arrays). Refit with
 # bench/plan_accuracy.py when the recompute changes.
 RECOMPUTE_FIT = {"attn": 0.9}
-RECOMPUTE_PER_I = 13
+RECOMPUTE_PER_I = 16
+# A whole block's recompute (--no-split-blocks) runs its MLP half's VJP while the attention
+# half's custom functions keep their inputs and outputs (x, q, k, v, the attention output:
+# about 4 [L, D] + 2 [L, kv]), then the attention half's VJP: the larger of the two. Fitted:
+# SmolLM2 (6 blocks) at 2048 tokens and the Qwen2.5-0.5B shape (4 blocks) at 512 (the sum of
+# both halves was 1.28x SmolLM2's peak).
+KEPT_ATTN_PER_D, KEPT_ATTN_PER_KV = 4, 2
 # With --cache-policy last the last segment runs inside the loss head's graph: the head's and
 # the segment's weights are alive together, its forward keeps only its custom functions' inputs
 # and outputs through the head (per block x, q, k, v, the attention output, o_proj's output,
 # the MLP's input and output: about 6 [L, D] + 2 [L, kv]), and its backward recomputes inside
-# those functions' VJPs as a segment does, up to a whole block's worth (a split last half
+# those functions' VJPs as a whole block does (_whole_block_recompute; a split last half
 # measured as much). Fitted: SmolLM2 (6 blocks, 512 tokens) and the Qwen2.5-0.5B shape (4 blocks,
-# 512 tokens) at 1.13x and 1.03x (bench/results/plan_accuracy.md); with plain autodiff the
+# 512 tokens) at 1.08x and 1.02x (bench/results/plan_accuracy.md); with plain autodiff the
 # cached segment was a whole block's graph activations.
 CACHED_PER_D, CACHED_PER_KV = 6, 2
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
@@ -161,11 +167,19 @@ def _block_activations(
     return sum(_half_activations(s, tokens, cfg, chunked, act).values())
 
 
+def _whole_block_recompute(s: Shape, tokens: int, cfg: TrainConfig, act: int) -> float:
+    """Bytes one whole block's recompute holds: its MLP half's VJP next to what the attention
+    half keeps, or the attention half's VJP."""
+    h = _half_activations(s, tokens, cfg, True, act)
+    kept = tokens * (KEPT_ATTN_PER_D * s.D + KEPT_ATTN_PER_KV * s.kv) * act
+    return max(h["attn"], h["mlp"] + kept)
+
+
 def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32) -> float:
     """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
-        return k * _block_activations(s, tokens, cfg, True, act)
+        return k * _whole_block_recompute(s, tokens, cfg, act)
     big, small = sorted(_half_activations(s, tokens, cfg, True, act).values(), reverse=True)
     return -(-k // 2) * big + k // 2 * small
 
@@ -242,7 +256,7 @@ def estimate(
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
             n = _segment_blocks(cfg)
             kept = n * tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
-            recomputed = n * _block_activations(s, tokens, cfg, True, act)
+            recomputed = n * _whole_block_recompute(s, tokens, cfg, act)
             phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB

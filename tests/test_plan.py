@@ -90,7 +90,9 @@ def test_options_that_save_memory_lower_the_plan(tmp_path):
     )
     assert total(stream_weights=True) < total()
     assert total(stream_weights=True, stream_state=True) < total(stream_weights=True)
-    small_head = dict(loss="subset", subset_k=256, subset_fill="neighbours")  # recompute peaks
+    # a small head: the recompute peaks; short attention chunks: a whole block's MLP half (next
+    # to what its attention half keeps) is its larger part, which half-blocks take apart
+    small_head = dict(loss="subset", subset_k=256, subset_fill="neighbours", attn_chunk=64)
     assert total(split_blocks=True, **small_head) < total(split_blocks=False, **small_head)
     assert total(cache_policy="last") > total()  # the last segment lives with the loss head
     assert plan.estimate(model, cfg, 0.3).total_gb < plan.estimate(model, cfg, 1.0).total_gb
