@@ -115,6 +115,7 @@ def _layers(model: str) -> int | None:
 def measure_child(model: str, seq: int, variant: str) -> dict:
     from engine_speed import Runner
 
+    code = code_fingerprint()  # the code this process imported, before it can change on disk
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:  # bench/tmp*: ignored
         r = Runner(VARIANTS[variant], seq, f"{tmp}/out", _layers(model), _model_path(model))
         r.step()  # AdamW's moments exist from here on
@@ -128,7 +129,7 @@ def measure_child(model: str, seq: int, variant: str) -> dict:
         "seq": seq,
         "variant": variant,
         "measured_gb": round(peak, 4),
-        "code": code_fingerprint(),
+        "code": code,
     }
 
 
