@@ -50,6 +50,7 @@ ROWS = [
     ("qwen3b", 2048, 3, 4, []),
     ("llama3b", 1024, 3, 4, []),
     ("llama3b", 4096, 3, 4, []),
+    ("llama3b", 2048, 2, None, []),  # 2 steps: step 2 runs with AdamW's moments
     ("llama3b", 2048, 3, None, []),
     ("qwen3b", 2048, 3, None, []),
     ("llama3b", 2048, 3, 4, ["--no-stream-state"]),
