@@ -64,10 +64,16 @@ CACHED_PER_D, CACHED_PER_KV = 6, 2
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
-# The chunked exact head (--loss chunked, the default) recomputes each vocabulary tile in its
-# own VJP: per row one logits tile row and two [D] rows (the input and its gradient), plus
-# ~4.4 dequantized [tile, D] weight tiles in flight. Fitted to SmolLM2 (6 blocks) at 512 and
-# 2048 tokens (58.5 and 76.7 MB measured for the head phase, weights included) and checked on
+# The tiled chunked head (loss.tiled_ce, run when the head is alone in the loss segment) holds
+# [rows, D] float32 arrays only: the head's input x, dL/dx and its next partial sum, the
+# targets' head rows, and the final norm's VJP; 6.5 of them measured on the Llama-3.2-3B
+# shape at 2048 rows (0.165 GB above the resident state), and its tiles
+TILED_HEAD_PER_ROW_D = 7
+# The chunked exact head under autodiff (the graph engine, --cache-policy last) recomputes
+# each vocabulary tile in its own VJP: per row one logits tile row and two [D] rows (the input
+# and its gradient), plus ~4.4 dequantized [tile, D] weight tiles in flight. Fitted (before
+# the tiled head) to SmolLM2 (6 blocks) at 512 and 2048 tokens (58.5 and 76.7 MB measured for
+# the head phase, weights included) and checked on
 # the Qwen2.5-0.5B shape at 512 and the Llama-3.2-3B cells (bench/results/plan_accuracy.md);
 # the terms above (fitted before the head had its own VJP) were 2.2x SmolLM2's at 2048 tokens.
 CHUNKED_HEAD = {"per_row_cols": 1, "per_row_D": 2, "weight_tiles": 4.4, "fit": 1.2}
@@ -184,8 +190,16 @@ def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32
     return -(-k // 2) * big + k // 2 * small
 
 
+def _tiled_head(cfg: TrainConfig) -> bool:
+    """Whether the segment engine runs the loss head tile by tile (engine._tiled_loss): the
+    exact chunked CE, alone in the loss segment."""
+    return cfg.engine == "segments" and cfg.loss == "chunked" and cfg.cache_policy == "none"
+
+
 def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
+    if _tiled_head(cfg):  # one tile of logits and of the head at a time, twice (read + use)
+        return (rows * s.D * TILED_HEAD_PER_ROW_D + 2 * rows * tile + 2 * tile * s.D) * F32
     if cfg.loss == "full":  # autodiff over [rows, V] logits; the kernel dequantizes tiles
         return (rows * s.V * 3 + tile * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
     if cfg.loss == "chunked":
@@ -248,7 +262,8 @@ def estimate(
         parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
-        head_w = m.frozen - sum(m.block_frozen) if streamed else 0
+        # a streamed head is loaded whole for the loss, unless read tile by tile from disk
+        head_w = m.frozen - sum(m.block_frozen) if streamed and not _tiled_head(cfg) else 0
         phases = {
             "segment recompute": segment + segment_w,
             "loss head": head + head_w,
