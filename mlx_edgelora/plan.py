@@ -198,12 +198,12 @@ def _tiled_head(cfg: TrainConfig) -> bool:
 
 def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
-    if _tiled_head(cfg):  # one tile of logits and of the head at a time, twice (read + use)
-        return (rows * s.D * TILED_HEAD_PER_ROW_D + 2 * rows * tile + 2 * tile * s.D) * F32
+    if _tiled_head(cfg):
+        return _tiled_head_bytes(s, rows, tile)
     if cfg.loss == "full":  # autodiff over [rows, V] logits; the kernel dequantizes tiles
         return (rows * s.V * 3 + tile * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
-    if cfg.loss == "chunked":
-        return _chunked_head_bytes(s, rows, tile)
+    if cfg.loss == "chunked":  # under autodiff: at least what the tiled head holds
+        return max(_chunked_head_bytes(s, rows, tile), _tiled_head_bytes(s, rows, tile))
     # subset: autodiff over [rows, k] logits and the k gathered head rows; the predicted and
     # sampled fills first score every vocabulary tile without gradient (at most the chunked
     # head's pass), then differentiate the k columns
@@ -212,6 +212,11 @@ def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     if cfg.subset_fill in ("predicted", "sampled"):
         return max(own, _chunked_head_bytes(s, rows, tile))
     return own
+
+
+def _tiled_head_bytes(s: Shape, rows: int, tile: int) -> float:
+    """One tile of logits and of the head at a time, twice (read + use)."""
+    return (rows * s.D * TILED_HEAD_PER_ROW_D + 2 * rows * tile + 2 * tile * s.D) * F32
 
 
 def _chunked_head_bytes(s: Shape, rows: int, tile: int) -> float:
