@@ -231,8 +231,8 @@ def markdown(rep: dict) -> str:
         "lock, configurations interleaved in one process per run; relative = median step time /",
         "median step time of 'all on' in the same run. `python bench/engine_speed.py --all`;",
         "the latest runs, one per length: `python bench/engine_speed.py --seq 2048 --layers 6",
-        "--configs '[\"no split blocks\", \"checkpoint-every 2\", \"activations ram\",",
-        "\"no stream weights\", \"cache last\", \"no stream state\"]'` and `--seq 512 --configs`",
+        '--configs \'["no split blocks", "checkpoint-every 2", "activations ram",',
+        '"no stream weights", "cache last", "no stream state"]\'` and `--seq 512 --configs`',
         "with every configuration (the lock's ~12 min fit one round after the warm-up each).",
         "",
     ]
