@@ -411,7 +411,7 @@ def _quality_md(q: list[dict]) -> list[str]:
         )
     lines += ["### Picked on valid", "", *_table(head, rows)]
     head = ["method", "lr", "seed", "valid loss", "test loss", "train loss first → last"]
-    head += ["training peak GB", "wall s (niced, start loadavg)"]
+    head += ["training peak GB", "wall s (start loadavg)"]
     rows = [
         [r["method"], f"{r['lr']:g}", r.get("seed", 0), _pm(r["heldout_records"]["val"])]
         + [_pm(r["heldout_records"]["test"])]
@@ -443,7 +443,7 @@ def _memory_row(r: dict) -> list:
         r["method"],
         c["seq"],
         c["stream_weights"],
-        f"{r['peak_gb']:.3f}",
+        f"{r['peak_gb']:.4f}",
         _f(r.get("derived_full_depth_gb")),
         f"{r['resident_gb']:.3f}",
         times,
