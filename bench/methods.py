@@ -409,7 +409,10 @@ def _quality_md(q: list[dict]) -> list[str]:
             + [_pm(t, ref) if ref and m != "lora" else "—", _pm(t, bt) if bt else "—"]
             + [", ".join(_pm(x["heldout_records"]["test"]) for x in again) or "—"]
         )
-    lines += ["### Picked on valid", "", *_table(head, rows)]
+    lrs = {m: sorted({f"{r['lr']:g}" for r in q if r["method"] == m}) for m in best}
+    ran = "; ".join(f"{m}: {', '.join(v)}" for m, v in lrs.items())
+    lines += [f"### Best on valid among the learning rates each method ran ({ran})", ""]
+    lines += _table(head, rows)
     head = ["method", "lr", "seed", "valid loss", "test loss", "train loss first → last"]
     head += ["training peak GB", "wall s (start loadavg)"]
     rows = [
