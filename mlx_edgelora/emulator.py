@@ -48,25 +48,32 @@ def rank_for(in_dims: int, out_dims: int, ratio: float) -> int:
 
 
 def aware_factors(w: mx.array, h: mx.array, rank: int) -> tuple[mx.array, mx.array]:
-    """(W_u [out, r], W_v [r, in]) of the activation-aware SVD of W [out, in] under H [in, in]."""
-    cpu = mx.cpu
-    w, h = w.astype(mx.float32), h.astype(mx.float32)
-    f = mx.maximum(mx.trace(h) / h.shape[0], 1e-30)
-    lam, q = mx.linalg.eigh(h / f, stream=cpu)
-    lam = mx.maximum(lam, EIG_FLOOR) * f
-    root = mx.sqrt(lam)
-    u, sig, vt = mx.linalg.svd(w @ (q * root), stream=cpu)  # W S, S = Q diag(sqrt(L))
-    s = mx.sqrt(sig[:rank])
+    """(W_u [out, r], W_v [r, in]) of the activation-aware SVD of W [out, in] under H [in, in].
+
+    float32 LAPACK through numpy, and a thin SVD: MLX's CPU eigh/svd were ~6x slower here and
+    its svd returns the full [out, out] U (1536 x 1536 for SmolLM2's gate/up), which made
+    calibrating SmolLM2 take minutes per block (hours in all)."""
+    w, h = _np32(w), _np32(h)
+    f = max(float(np.trace(h)) / h.shape[0], 1e-30)
+    lam, q = np.linalg.eigh(h / f)
+    lam = np.maximum(lam, EIG_FLOOR) * f
+    root = np.sqrt(lam)
+    u, sig, vt = np.linalg.svd(w @ (q * root), full_matrices=False)  # W S, S = Q diag(sqrt(L))
+    s = np.sqrt(sig[:rank])
     w_u = u[:, :rank] * s
     w_v = (s[:, None] * vt[:rank]) @ (q / root).T  # S^-1 = diag(1/sqrt(L)) Q^T
-    return w_u, w_v
+    return mx.array(w_u.astype(np.float32)), mx.array(w_v.astype(np.float32))
 
 
 def plain_factors(w: mx.array, rank: int) -> tuple[mx.array, mx.array]:
     """The same split of a plain truncated SVD of W: the reference the aware one must beat."""
-    u, sig, vt = mx.linalg.svd(w.astype(mx.float32), stream=mx.cpu)
-    s = mx.sqrt(sig[:rank])
-    return u[:, :rank] * s, s[:, None] * vt[:rank]
+    u, sig, vt = np.linalg.svd(_np32(w), full_matrices=False)
+    s = np.sqrt(sig[:rank])
+    return mx.array((u[:, :rank] * s).astype(np.float32)), mx.array(s[:, None] * vt[:rank])
+
+
+def _np32(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float32)
 
 
 class EmulatorLinear(nn.Module):

@@ -10,8 +10,10 @@ tile of W exists. The forward is LoRALinear's
 own formula. `lora_linear_reference` is the plain formula the tests compare with.
 
 `FusedLoRALinear` is mlx-lm's LoRALinear with this call; `use_fused_vjp(model)` swaps it in
-(quant.prepare_for_training does). Active dropout (a fresh mask per call) and bases other
-than a float or quantized linear (e.g. EMLoC's emulator) keep LoRALinear's own call.
+(quant.prepare_for_training does). EMLoC's emulator (W = up · down) fuses too: its dL/dx
+goes through the two factors, rank-wide in between. Active dropout (a fresh mask per call)
+and other bases keep LoRALinear's own call (autodiff, with the extra buffers above: that
+made EMLoC's 2048-token step peak above LoRA's on the same engine).
 """
 
 from __future__ import annotations
@@ -54,11 +56,18 @@ def lora_linear(x: mx.array, base: nn.Module, a: mx.array, b: mx.array, scale: f
 FUSABLE = (nn.Linear, nn.QuantizedLinear)  # bases whose dL/dx linear_input_grad knows
 
 
+def fusable(base: nn.Module) -> bool:
+    """Whether quant.linear_input_grad knows `base`'s dL/dx (also EMLoC's emulator)."""
+    from .emulator import EmulatorLinear  # emulator imports quant, which imports this module
+
+    return isinstance(base, (*FUSABLE, EmulatorLinear))
+
+
 class FusedLoRALinear(LoRALinear):
     """LoRALinear whose call runs `lora_linear` (same parameters, names and files)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not isinstance(self.linear, FUSABLE) or has_active_dropout(self):
+        if not fusable(self.linear) or has_active_dropout(self):
             return super().__call__(x)
         return lora_linear(x, self.linear, self.lora_a, self.lora_b, self.scale)
 

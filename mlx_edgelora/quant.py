@@ -138,7 +138,12 @@ def _tiled_input_grad(dy, qparams: tuple, fmt: tuple, in_dims: int, low_rank=Non
 def linear_input_grad(linear: nn.Module, dy: mx.array, low_rank=None) -> mx.array:
     """dL/dx of a frozen linear's x @ W.T (its bias has no say), plus g @ a.T with
     low_rank = (g, a) (a LoRA path's dL/dx), for a float nn.Linear or a quantized one: the
-    backend's fused kernel on GPU, column tiles on CPU."""
+    backend's fused kernel on GPU, column tiles on CPU; for EMLoC's emulator (W = up · down)
+    through its factors, (dy @ W_up) @ W_down, rank-wide in between."""
+    from .emulator import EmulatorLinear  # emulator imports this module
+
+    if isinstance(linear, EmulatorLinear):
+        return linear_input_grad(linear.down, linear_input_grad(linear.up, dy), low_rank)
     extra = None if low_rank is None else low_rank[0] @ low_rank[1].T
     if "scales" not in linear:  # float32 BLAS whatever the dtypes (quant.matmul's reason)
         dy, w = dy.astype(mx.float32), linear["weight"].astype(mx.float32)

@@ -43,6 +43,26 @@ def test_calibration_error_is_at_most_plain_svds_at_every_rank():
             assert aware < 0.9 * plain  # and clearly better where it matters
 
 
+def test_aware_factors_of_a_tall_w_build_no_out_by_out_matrix():
+    """A thin decomposition: MLX's svd returned the full [out, out] U, which (with its slow
+    CPU eigh) made SmolLM2's calibration take minutes per block."""
+    import tracemalloc
+
+    mx.random.seed(0)
+    w, x = mx.random.normal((2048, 64)), mx.random.normal((256, 64))
+    h = x.T @ x
+    mx.eval(w, h)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    tracemalloc.start()
+    w_u, w_v = emulator.aware_factors(w, h, 16)
+    mx.eval(w_u, w_v)
+    numpy_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    full_u = 2048 * 2048 * 4
+    assert mx.get_peak_memory() - base < full_u / 4 and numpy_peak < full_u / 4
+
+
 def test_rank_keeps_the_ratio_of_parameters():
     assert emulator.rank_for(576, 1536, 0.4) == 167  # 0.4 * 576 * 1536 / 2112
     assert emulator.rank_for(64, 64, 0.4) == 12
