@@ -532,6 +532,7 @@ def heldout(args) -> dict:
                 del loaded
                 gc.collect()
                 summarize_heldout(result)
+                result["settings"]["seeds"] = sorted({int(s) for r in runs.values() for s in r})
                 result["wall_s"] = round(time.perf_counter() - t_start, 1)
                 result["loadavg_end"] = os.getloadavg()
                 write_heldout(result, out)
