@@ -47,16 +47,30 @@ FULL_DEPTH = {"llama3b": 28, "qwen3b": 36, "qwen0.5b": 24}
 ROWS = [
     ("qwen0.5b", 512, 3, None, []),
     ("llama3b", 2048, 3, 4, []),
+    ("qwen3b", 2048, 3, 4, []),
     ("llama3b", 1024, 3, 4, []),
-    ("llama3b", 2048, 3, 4, ["--no-stream-state"]),
-    ("llama3b", 2048, 1, None, []),
+    ("llama3b", 4096, 3, 4, []),
+    ("llama3b", 2048, 2, None, []),  # 2 steps: step 2 runs with AdamW's moments
     ("llama3b", 2048, 3, None, []),
+    ("qwen3b", 2048, 3, None, []),
+    ("llama3b", 2048, 3, 4, ["--no-stream-state"]),
 ]
 
 
 def _key(shape: str, seq: int, steps: int, layers: int | None, flags: list[str]) -> str:
     depth = f"L{layers}" if layers else "full"
-    return ":".join([shape, str(seq), f"{steps}steps", depth, *flags])
+    return ":".join([shape, str(seq), f"{steps}steps", depth, *flags, f"code-{CODE}"])
+
+
+def _commit() -> str:
+    """The checkout's commit: a row measures one version of the engine, and says which."""
+    p = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True
+    )
+    return p.stdout.strip() or "unknown"
+
+
+CODE = _commit()
 
 
 def max_rss_gb(code: str) -> float:
@@ -95,6 +109,7 @@ def run_row(shape: str, seq: int, steps: int, layers: int | None, flags: list[st
         "layers": layers or FULL_DEPTH[shape],
         "derived": bool(layers),
         "flags": flags,
+        "code": CODE,
         "reported_peak_gb": reported,
         "step_peaks_gb": [round(r["peak_gb"], 4) for r in steps_log if "peak_gb" in r],
         "max_rss_gb": round(rss, 3),
@@ -250,8 +265,8 @@ def report() -> None:
     )
     md = [
         "| model (random INT4, bf16 scales) | context | steps | depth | flags | reported peak "
-        "(GB) | per-step peaks | max RSS (GB) | wall s (under load) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(GB) | per-step peaks | max RSS (GB) | wall s | load avg | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         depth = f"{r['layers']} blocks" + (" (derived for full depth)" if r["derived"] else "")
@@ -259,7 +274,8 @@ def report() -> None:
             f"| {r['shape']} | {r['context']} | {r['steps']} | {depth} | "
             f"{' '.join(r['flags']) or 'defaults'} | {r['reported_peak_gb']:.2f} | "
             f"{', '.join(f'{x:.3f}' for x in r['step_peaks_gb'])} | {r['max_rss_gb']:.2f} | "
-            f"{r['wall_s_under_load']:.0f} |"
+            f"{r['wall_s_under_load']:.0f} | {r.get('load_average', 0):.0f} | "
+            f"{r.get('code', '?')} |"
         )
     md += ["", "Load only (load, LoRA, offload of weights and state; no step), full depth:", ""]
     md += ["| model | load | mlx peak (GB) | active after offload (GB) | max RSS (GB) |"]

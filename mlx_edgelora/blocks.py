@@ -71,6 +71,11 @@ def head_is_tied(model: nn.Module) -> bool:
     return family_of(model).head_is_tied(model)
 
 
+def embedding_module(model: nn.Module) -> nn.Module:
+    """The token-embedding module (the LM head too when tied)."""
+    return family_of(model).embedding(model)
+
+
 def head_module(model: nn.Module) -> nn.Module:
     """The module holding the LM-head weight [V, D]: lm_head, or the tied embedding."""
     return family_of(model).head_module(model)
@@ -96,27 +101,35 @@ def head_shape(model: nn.Module) -> tuple[int, int]:
 
 
 def head_weight_rows(
-    model: nn.Module, rows: np.ndarray | slice | None = None, after: Any = None
+    model: nn.Module,
+    rows: np.ndarray | slice | None = None,
+    after: Any = None,
+    read: Any = None,
 ) -> mx.array:
     """Rows of the LM-head weight as float32 [n, D]; a quantized head dequantizes only those.
 
     `after` (arrays): the rows are read (and dequantized) only once those are computed, so a
     loop over vocabulary chunks holds one chunk at a time instead of MLX running ahead.
+    `read(name, rows)`: where the raw rows of the head's "weight" / "scales" / "biases" come
+    from (WeightStream.head_reader: from disk, when the head is streamed); default the module.
     """
     m = head_module(model)
     sel = slice(None) if rows is None else rows
-    if isinstance(sel, np.ndarray):
-        sel = mx.array(sel.astype(np.int32))
-    w = m.weight[sel]
+    if read is None:
+        index = mx.array(sel.astype(np.int32)) if isinstance(sel, np.ndarray) else sel
+
+        def read(name: str, _: Any) -> mx.array:
+            return m[name][index]
+
+    w = read("weight", sel)
     if after is not None:
         w = mx.depends(w, after)
     if "scales" not in m:
         return w.astype(mx.float32)
-    biases = m.get("biases")
     return dequantize(
         w,
-        m.scales[sel],
-        None if biases is None else biases[sel],
+        read("scales", sel),
+        read("biases", sel) if "biases" in m else None,
         m.group_size,
         m.bits,
         getattr(m, "mode", "affine"),

@@ -93,19 +93,40 @@ def forward_loss(
 ):
     """(loss_sum, n_tokens) of a batch without gradients, evaluated block by block."""
     precision = precision or Precision()
-    with _resident(stream, [], head=True):
-        h = blocks.embed(model, mx.array(batch.inputs)).astype(precision.compute)
-        mx.eval(h)
+    h = _embed(model, stream, mx.array(batch.inputs)).astype(precision.compute)
     for i in range(len(blocks.layers(model))):
         with _resident(stream, [(i, blocks.HALVES)], state=state):
             h = blocks.block_forward(model, i, h, cfg.attn_chunk, cfg.mlp_chunk)
             mx.eval(h)
         if precision.checks_overflow:
             check_finite(h, f"after block {i}")
-    with _resident(stream, [], head=True):
-        loss = head(h, batch)
-        mx.eval(loss)
+    if getattr(head, "tiled", False):
+        loss, _ = _tiled_loss(head, h, batch, stream, grad=False)
+    else:
+        with _resident(stream, [], head=True):
+            loss = head(h, batch)
+            mx.eval(loss)
     return loss.item(), int(batch.mask.sum())
+
+
+def _embed(model: nn.Module, stream: WeightStream | None, inputs: mx.array) -> mx.array:
+    """The inputs' embeddings, evaluated; a streamed embedding reads only their rows."""
+    if stream is not None and stream.streams_head:
+        return stream.embed(inputs)
+    with _resident(stream, [], head=True):
+        h = blocks.embed(model, inputs)
+        mx.eval(h)
+    return h
+
+
+def _tiled_loss(head, h: mx.array, batch, stream: WeightStream | None, grad: bool = True):
+    """(loss, dL/dh) of a tiled loss head (loss.LossHead.value_and_grad), evaluated: a
+    streamed head is read from disk one vocabulary tile at a time, never whole."""
+    read = stream.head_reader() if stream is not None else None
+    with _resident(stream, [], head=read is None):
+        loss, dh = head.value_and_grad(h, batch, read, grad)
+        mx.eval(loss, dh if grad else [])
+    return loss, dh
 
 
 Unit = tuple[int, tuple[str, ...]]  # (block index, the halves of it that run)
@@ -229,9 +250,8 @@ class SegmentStep:
         """Run segments 0..n_ckpt-1 without autodiff, storing each one's input (rounded to
         the storage dtype, and the forward goes on from that rounded input)."""
         p = self.precision
-        with _resident(self.stream, [], head=True):
-            h = blocks.embed(self.model, inputs).astype(p.compute)
-            mx.eval(h)
+        h = _embed(self.model, self.stream, inputs).astype(p.compute)
+        mx.eval(h)
         store.check_space(h.size * p.storage.size * n_ckpt)
         for j in range(n_ckpt):
             stored = h.astype(p.storage)
@@ -248,6 +268,9 @@ class SegmentStep:
     def _loss_and_vjp(self, h, batch, n_ckpt: int, grads: list[dict]):
         """Loss and dL/dh at boundary n_ckpt; the segments after it run here, once."""
         us = [u for seg in self.segments[n_ckpt:] for u in seg]
+        if not us and getattr(self.loss_head, "tiled", False):  # the loss head alone
+            loss, dh = _tiled_loss(self.loss_head, h, batch, self.stream)
+            return loss.item(), dh
 
         def fn(x: mx.array) -> mx.array:
             return self.loss_head(self._run(us, x), batch)

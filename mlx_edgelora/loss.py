@@ -141,6 +141,45 @@ def chunked_ce(x: mx.array, targets: np.ndarray, model: nn.Module, chunk: int) -
     return (lse - target).sum()
 
 
+def tiled_ce(
+    x: mx.array,
+    targets: np.ndarray,
+    weight_rows: Callable[..., mx.array],
+    V: int,
+    tile: int,
+    grad: bool = True,
+) -> tuple[mx.array, mx.array | None]:
+    """(summed exact CE, dCE/dx or None) of x [N, D] against the head W, evaluated tile by tile.
+
+    The same sums as chunked_ce, computed eagerly instead of as one lazy graph: each
+    vocabulary tile W[s:e] (`weight_rows(slice)`, float32) is read, used and freed before the
+    next is read, and nothing is traced. Why: the lazy graph's VJP holds several [N, D]
+    partial sums at once (0.14 GB above its inputs at 2048 x 3072), and the tiles can come
+    from disk (WeightStream.head_reader), so the loss never needs the whole head in memory:
+    on the Llama-3.2-3B shape the head (0.21 GB at INT4) was the step's largest tensor.
+    Two passes over the vocabulary (the row LSEs, then sum_v softmax_v W_v), as chunked_ce's
+    forward and VJP.
+    """
+    starts = range(0, V, tile)
+    lse = None
+    for s in starts:
+        part = mx.logsumexp(x @ weight_rows(slice(s, min(s + tile, V))).T, axis=-1)
+        lse = part if lse is None else mx.logaddexp(lse, part)
+        mx.eval(lse)
+    w_t = weight_rows(targets)  # [N, D]: the targets' head rows
+    loss = (lse - (x * w_t).sum(-1)).sum()
+    if not grad:
+        return loss, None
+    dx = -w_t
+    mx.eval(loss, dx)
+    del w_t
+    for s in starts:
+        w = weight_rows(slice(s, min(s + tile, V)))
+        dx = mx.addmm(dx, mx.exp(x @ w.T - lse[:, None]), w)
+        mx.eval(dx)
+    return loss, dx
+
+
 def _fill(targets: np.ndarray, order: np.ndarray, k: int, V: int) -> np.ndarray:
     """Every distinct target, then tokens from `order` (best first) until |S| = min(k, V)."""
     if k >= V:
@@ -359,9 +398,9 @@ def subset_ce(x: mx.array, targets: np.ndarray, subset: np.ndarray, model: nn.Mo
 class LossHead:
     """head(h [B, L, D] before the final norm, batch) -> SUM of CE over trainable positions."""
 
-    def __init__(self, model: nn.Module, kind: str, ce: CrossEntropy):
-        self.model, self.kind, self.ce = model, kind, ce
-        self.vocab_size = head_shape(model)[0]
+    def __init__(self, model: nn.Module, kind: str, ce: CrossEntropy, vocab_chunk: int = 8192):
+        self.model, self.kind, self.ce, self.vocab_chunk = model, kind, ce, vocab_chunk
+        self.vocab_size, self.width = head_shape(model)  # (read before any streaming)
         self.all_exact = True  # every value since pop_exact() was the exact CE
 
     def pop_exact(self) -> bool:
@@ -377,12 +416,7 @@ class LossHead:
         idx = np.flatnonzero(mask)
         if idx.size == 0:
             return h.sum() * 0  # no trainable row: zero loss that still has a gradient path
-        targets = np.asarray(batch.targets).reshape(-1)[idx]
-        if targets.min() < 0 or targets.max() >= self.vocab_size:
-            raise UserError(
-                f"data: target token id {int(targets.max())} is outside the model's vocabulary "
-                f"of {self.vocab_size}; use the tokenizer that belongs to the model"
-            )
+        targets = self._targets(batch, idx)
         rows = h.reshape(-1, h.shape[-1])[mx.array(idx.astype(np.int32))]  # [N, D]
         # RMSNorm is per row: exact. In float32 whatever h's dtype (--dtype): the head's
         # logits can be large, where bfloat16 would be off by whole units
@@ -390,6 +424,43 @@ class LossHead:
         value = self.ce(x, targets)
         self.all_exact &= self._exact()
         return value
+
+    @property
+    def tiled(self) -> bool:
+        """Whether value_and_grad can run this head tile by tile (the exact chunked CE)."""
+        return self.kind == "chunked"
+
+    def value_and_grad(
+        self, h: mx.array, batch: Any, read: Any = None, grad: bool = True
+    ) -> tuple[mx.array, mx.array | None]:
+        """(this head's value, dL/dh) for a `tiled` head, evaluated with one vocabulary
+        tile of the head in memory at a time (loss.tiled_ce), its rows read through `read`
+        (WeightStream.head_reader, or the module's own). Only the final norm and the row
+        selection go through autodiff."""
+        mask = np.asarray(batch.mask).reshape(-1).astype(bool)
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:  # no trainable row
+            return mx.array(0.0), (mx.zeros_like(h) if grad else None)
+        select = mx.array(idx.astype(np.int32))
+        targets = self._targets(batch, idx)
+        V, D = self.vocab_size, self.width
+
+        def rows(h: mx.array) -> mx.array:
+            r = h.reshape(-1, h.shape[-1])[select]
+            return final_norm(self.model)(r.astype(mx.float32)).astype(mx.float32)
+
+        x = rows(h)
+        mx.eval(x)
+
+        def weight_rows(sel):
+            return head_weight_rows(self.model, sel, read=read)
+
+        value, dx = tiled_ce(x, targets, weight_rows, V, vocab_tile(self.vocab_chunk, D), grad)
+        if not grad:
+            return value, None
+        del x
+        _, (dh,) = mx.vjp(rows, [h], [dx])
+        return value, dh
 
     def state_dict(self) -> dict | None:
         """The head's running state (a cached scoring pass, sample tables), JSON-able, saved
@@ -400,6 +471,15 @@ class LossHead:
     def load_state_dict(self, state: dict | None) -> None:
         if state is not None and hasattr(self.ce, "load_state_dict"):
             self.ce.load_state_dict(state)
+
+    def _targets(self, batch: Any, idx: np.ndarray) -> np.ndarray:
+        targets = np.asarray(batch.targets).reshape(-1)[idx]
+        if targets.min() < 0 or targets.max() >= self.vocab_size:
+            raise UserError(
+                f"data: target token id {int(targets.max())} is outside the model's vocabulary "
+                f"of {self.vocab_size}; use the tokenizer that belongs to the model"
+            )
+        return targets
 
     def _exact(self) -> bool:
         """full / chunked always; a subset head only when its ce says so (`last_exact`)."""
@@ -414,7 +494,9 @@ def make_loss_head(model: nn.Module, kind: str, cfg: Any) -> LossHead:
             model, kind, lambda x, t: logits_ce(head_logits(model, x), mx.array(t)).sum()
         )
     if kind == "chunked":
-        return LossHead(model, kind, lambda x, t: chunked_ce(x, t, model, cfg.vocab_chunk))
+        return LossHead(
+            model, kind, lambda x, t: chunked_ce(x, t, model, cfg.vocab_chunk), cfg.vocab_chunk
+        )
     return LossHead(model, kind, subset_loss(model, cfg))
 
 

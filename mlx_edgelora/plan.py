@@ -41,6 +41,11 @@ RECOMPUTE_FIT = {"attn": 1.6, "mlp": 1.15}
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
+# The tiled chunked head (loss.tiled_ce, run when the head is alone in the loss segment) holds
+# [rows, D] float32 arrays only: the head's input x, dL/dx and its next partial sum, the
+# targets' head rows, and the final norm's VJP; 6.5 of them measured on the Llama-3.2-3B
+# shape at 2048 rows (0.165 GB above the resident state), and its tiles
+TILED_HEAD_PER_ROW_D = 7
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # --stream-state: one unit's state is in memory at a time; its update holds the old and new
 # weight, m and v and the gradient sum
@@ -145,8 +150,16 @@ def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32
     return -(-k // 2) * big + k // 2 * small
 
 
+def _tiled_head(cfg: TrainConfig) -> bool:
+    """Whether the segment engine runs the loss head tile by tile (engine._tiled_loss): the
+    exact chunked CE, alone in the loss segment."""
+    return cfg.engine == "segments" and cfg.loss == "chunked" and cfg.cache_policy == "none"
+
+
 def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
+    if _tiled_head(cfg):  # one tile of logits and of the head at a time, twice (read + use)
+        return (rows * s.D * TILED_HEAD_PER_ROW_D + 2 * rows * tile + 2 * tile * s.D) * F32
     cols = {"full": s.V, "chunked": tile, "subset": min(cfg.subset_k, s.V)}
     c = cols[cfg.loss]
     if cfg.loss == "subset" and cfg.subset_fill in ("predicted", "sampled"):
@@ -197,7 +210,8 @@ def estimate(
         parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
-        head_w = m.frozen - sum(m.block_frozen) if streamed else 0
+        # a streamed head is loaded whole for the loss, unless read tile by tile from disk
+        head_w = m.frozen - sum(m.block_frozen) if streamed and not _tiled_head(cfg) else 0
         phases = {
             "segment recompute": segment + segment_w,
             "loss head": head + head_w,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -43,6 +44,7 @@ from . import blocks
 from .blocks import HALVES
 from .errors import UserError
 from .files import require_free_space
+from .rowread import TensorRows
 from .spill import private_folder, register_cleanup, unregister_cleanup
 
 HEAD = "head"  # the unit holding the embedding and (untied) LM head
@@ -73,6 +75,7 @@ class WeightStream:
         self.stats = StreamStats()
         self._empty: dict[Key, dict] = {}  # (block, half) or HEAD -> placeholder tree
         self._closed = False
+        self._rows: TensorRows | None = None  # the head unit's file, read by rows
         self._token = register_cleanup(self._remove)
 
     def __enter__(self) -> WeightStream:  # noqa: PYI034  (typing.Self needs 3.11)
@@ -152,6 +155,43 @@ class WeightStream:
             for k in keys:
                 module.update(self._empty[k])
 
+    def head_reader(self):
+        """`read(name, rows)` of the LM head's raw "weight" / "scales" / "biases" rows, from
+        the head unit's file (blocks.head_weight_rows's `read`): a vocabulary tile, or the
+        rows of some token ids, without the whole matrix in memory. None when the head is
+        not streamed."""
+        if not self.streams_head:
+            return None
+        prefix = self._prefix(blocks.head_module(self.model))
+        rows = self._head_rows()
+        return lambda name, sel: rows.read(prefix + name, sel)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """blocks.embed(model, inputs), evaluated, with only the embedding rows of the
+        inputs' token ids read from disk (the family's own embed runs on those rows)."""
+        module = blocks.embedding_module(self.model)
+        prefix, rows = self._prefix(module), self._head_rows()
+        ids = np.asarray(inputs)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        names = [k for k in module if rows.tensors.get(prefix + k) is not None]
+        module.update({k: rows.read(prefix + k, uniq) for k in names})
+        try:
+            h = blocks.embed(self.model, mx.array(inverse.reshape(ids.shape).astype(np.int32)))
+            mx.eval(h)
+        finally:
+            self.model.update(self._empty[HEAD])
+        return h
+
+    def _head_rows(self) -> TensorRows:
+        if self._rows is None:
+            self._rows = TensorRows(self._path(HEAD))
+        return self._rows
+
+    def _prefix(self, module: nn.Module) -> str:
+        """The module's parameter-name prefix in the model (and in the head unit's file)."""
+        name = next(n for n, m in self.model.named_modules() if m is module)
+        return f"{name}." if name else ""
+
     def restore(self) -> None:
         """Load every unit back for good (e.g. to generate after training), then forget."""
         for key in list(self._empty):
@@ -172,6 +212,9 @@ class WeightStream:
         if self._closed:
             return
         self._closed = True
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
         unregister_cleanup(self._token)
         self._remove()
 

@@ -139,6 +139,67 @@ def test_predicted_subset_head_gives_the_same_step_in_both_engines(tmp_path, str
     assert_same_step(got, ref)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True), ("gemma3_text", True)])
+def test_tiled_chunked_head_gives_the_graph_step(arch, tied, stream, tmp_path):
+    """The exact chunked head runs tile by tile outside autodiff when it is alone in the loss
+    segment (streamed: its tiles and the embedding rows read from disk): same loss, same
+    gradients and the same evaluation loss as the graph engine's lazy chunked head."""
+    model, _ = build_tiny_model(arch, quantize_bits=4, tie_word_embeddings=tied)
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    for layer in blocks.layers(model):
+        layer.self_attn.q_proj.lora_b = 0.05 * mx.random.normal(layer.self_attn.q_proj.lora_b.shape)
+    quant.prepare_for_training(model)
+    mx.eval(model.parameters())
+    batch = make_batch()
+    head = loss.make_loss_head(model, "chunked", TrainConfig(vocab_chunk=64))  # 5 tiles of V
+    assert head.tiled
+    ref = engine.make_step(model, TrainConfig(engine="graph"), head)(batch)
+    ref_eval = engine.make_step(model, TrainConfig(engine="graph"), head).forward_loss(head, batch)
+    cfg = TrainConfig(spill_dir=str(tmp_path), out=str(tmp_path), stream_weights=stream)
+    step = engine.make_step(model, cfg, head)
+    try:
+        got = step(batch)
+        assert step.forward_loss(head, batch) == pytest.approx(ref_eval, rel=1e-5)
+    finally:
+        step.close()
+    assert_same_step(got, ref)
+
+
+def test_a_streamed_head_is_never_whole_in_memory_during_a_step(tmp_path):
+    """With weights streamed, the embedding and the chunked loss read their rows from disk:
+    a step's peak stays below the LM head's own (quantized) bytes, on a model whose head is
+    most of its weights. (Before, the whole head was loaded for the embedding and the loss.)"""
+    model, _ = build_tiny_model("llama", quantize_bits=4, vocab_size=65536, hidden_size=128)
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    quant.prepare_for_training(model)
+    mx.eval(model.parameters())
+    head_bytes = sum(v.nbytes for _, v in tree_flatten(blocks.head_module(model).parameters()))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 65536, (1, 65)).astype(np.int32)
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], np.ones((1, 64), bool))
+    cfg = TrainConfig(
+        spill_dir=str(tmp_path), out=str(tmp_path), vocab_chunk=512, stream_weights=True
+    )
+    step = engine.make_step(model, cfg, loss.make_loss_head(model, "chunked", cfg))
+    try:
+        step(batch)  # a first step: one-time allocations
+        mx.eval([])
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        step(batch)
+        peak = mx.get_peak_memory() - base
+        value, _ = step.forward_loss(step.loss_head, batch)
+        assert np.isfinite(value)
+        eval_peak = mx.get_peak_memory() - base
+    finally:
+        step.close()
+    assert peak < 0.5 * head_bytes, (peak, head_bytes)
+    assert eval_peak < 0.5 * head_bytes, (eval_peak, head_bytes)
+
+
 @pytest.mark.parametrize("chunks", [(8, 8), (7, 64), (30, 30)], ids=str)
 def test_thin_recompute_matches_mlx_lms_own_lora_call(arch, chunks, tmp_path, monkeypatch):
     """The segment step with fused LoRA VJPs and token-chunked half-blocks gives the graph

@@ -145,9 +145,13 @@ class Family:
         """True when the LM head is the embedding matrix (`embed_tokens.as_linear`)."""
         return "lm_head" not in self.lm(model)
 
+    def embedding(self, model: nn.Module) -> nn.Module:
+        """The token-embedding module (the LM head too when tied)."""
+        return self.lm(model).model.embed_tokens
+
     def head_module(self, model: nn.Module) -> nn.Module:
         lm = self.lm(model)
-        return lm.model.embed_tokens if self.head_is_tied(model) else lm.lm_head
+        return self.embedding(model) if self.head_is_tied(model) else lm.lm_head
 
     def head_prefixes(self, model: nn.Module) -> tuple[str, ...]:
         """Parameter-name prefixes of the embedding and LM head (one streamed unit)."""
