@@ -128,6 +128,7 @@ def summarize(name, V, D, n, k, times, peaks) -> dict:
     med = {v: statistics.median(ts) for v, ts in times.items()}
     rec = {"shape": name, "V": V, "D": D, "rows": n, "k": k, "times_s": times}
     rec["loadavg"] = os.getloadavg()[0]
+    rec["command"] = "python bench/subset_cost.py " + " ".join(sys.argv[1:])
     rec["repeats"] = len(times["chunked"])
     rec["median_s"] = {v: round(s, 3) for v, s in med.items()}
     rec["peak_mb"] = {v: round(p, 1) for v, p in peaks.items()}
@@ -153,6 +154,10 @@ def write(result: dict, out: Path) -> None:
         "ratios (x = time / chunked's) are what compares. Amortized = (fresh + (N-1) x "
         "cached) / N. Peak MB above the inputs (independent of load). Random 4-bit head "
         "(group 32), random targets.",
+        "",
+        "Commands (under `flock /work/wt/_brief/timing.lock`, not niced):",
+        "",
+        *sorted({f"    {r['command']}" for r in result["runs"] if "command" in r}),
         "",
         "| shape (V, D) | rows | k | load | chunked s | fresh s (x) | subset cached s (x) "
         "| sampled cached s (x) | subset refresh 4 / 8 (x) | sampled refresh 4 / 8 (x) "

@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ import numpy as np
 from mlx_edgelora import (
     TrainConfig,
     blocks,
+    checkpoint,
     engine,
     load_dataset,
     load_model,
@@ -306,6 +308,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="held-out mode: chunked | subset-K | subset-K-rN (--subset-refresh N) | "
         "sampled-K-rN (--subset-fill sampled)",
     )
+    p.add_argument(
+        "--run-dir",
+        default=str(ROOT / "bench" / "tmp_subset_runs"),
+        help="held-out mode: each run's --out, checkpointed every --save-every steps, so a "
+        "killed invocation resumes a run mid-way (removed once its row is written)",
+    )
+    p.add_argument("--save-every", type=int, default=10, help="held-out mode: checkpoint cadence")
     p.add_argument("--out", default=str(RESULTS / "subset_quality"))
     args = p.parse_args(argv)
     if args.corpus:
@@ -498,10 +507,10 @@ def heldout(args) -> dict:
         base = dict(
             data=corpus_path(args.corpus, tmp), steps=args.steps, max_seq_len=args.max_seq_len,
             lr=args.lr, warmup=max(1, args.steps // 10), val_fraction=args.val_fraction,
-            eval_every=0, eval_batches=-1, save_every=0, activations="ram", overwrite=True,
+            eval_every=0, eval_batches=-1, activations="ram",
             engine=args.engine, stream_weights=args.engine == "segments",
         )  # fmt: skip
-        cfg0 = TrainConfig(**base)
+        cfg0 = TrainConfig(**base, save_every=0)
         pooled = load_dataset(base["data"], load_model(None).tokenizer, cfg0)
         data, test_rows = split_val_test(pooled, args.eval_rows, args.val_rows)
         result["split"] = {
@@ -515,16 +524,24 @@ def heldout(args) -> dict:
             for variant in args.variants:
                 if str(seed) in runs.get(variant, {}):
                     continue  # cached by an earlier, interrupted invocation
-                cfg = TrainConfig(**base, **variant_cfg(variant), seed=seed, out=f"{tmp}/r")
+                run_out = Path(args.run_dir) / (
+                    f"{Path(args.corpus).name}-{args.steps}x{args.max_seq_len}-{variant}-s{seed}"
+                )
+                start = resume_step(run_out, args.steps)
+                cfg = TrainConfig(
+                    **base, **variant_cfg(variant), seed=seed, out=str(run_out),
+                    save_every=args.save_every, resume=start > 0, overwrite=start == 0,
+                )  # fmt: skip
                 loaded = fresh_model()
                 t0 = time.perf_counter()
                 res = train(cfg, loaded=loaded, data=data)
-                steps = [r for r in res.history if "loss" in r]
+                steps = logged_steps(run_out)  # all steps, also those before a resume
                 runs.setdefault(variant, {})[str(seed)] = {
                     "val_exact": res.val_loss,
                     "test_exact": exact_loss(loaded.model, cfg, test_rows),
                     "train_loss_last": steps[-1]["loss"],
                     "approx_steps": sum(not r.get("loss_exact", True) for r in steps),
+                    "resumed_at_step": start,
                     "wall_s": round(time.perf_counter() - t0, 1),
                     "loadavg": os.getloadavg(),
                 }
@@ -532,10 +549,32 @@ def heldout(args) -> dict:
                 del loaded
                 gc.collect()
                 summarize_heldout(result)
+                result["settings"]["seeds"] = sorted({int(s) for r in runs.values() for s in r})
                 result["wall_s"] = round(time.perf_counter() - t_start, 1)
                 result["loadavg_end"] = os.getloadavg()
                 write_heldout(result, out)
+                shutil.rmtree(run_out)  # its row is written: the checkpoints are not needed
     return result
+
+
+def resume_step(run_out: Path, steps: int) -> int:
+    """The step a killed run of `run_out` resumes from (0: start afresh). A run that finished
+    training but was killed before its row was written is trained again (its adapter alone
+    is not kept apart from the checkpoints; rare, and correct)."""
+    if not run_out.is_dir():
+        return 0
+    folder, saved, _ = checkpoint.find(run_out)
+    if folder is None or saved["step"] >= steps:
+        shutil.rmtree(run_out)
+        return 0
+    print(f"{run_out}: resuming at step {saved['step']}", file=sys.stderr)
+    return int(saved["step"])
+
+
+def logged_steps(run_out: Path) -> list[dict]:
+    """Every training step's record of the run's metrics.jsonl (--resume keeps earlier ones)."""
+    lines = (run_out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 # settings that must match for cached rows to be reused (the rest: what to run, where)
@@ -578,6 +617,14 @@ def write_heldout(result: dict, out: Path) -> None:
         f"{sp['test_tokens']} trainable tokens). Exact (chunked) loss; rel = vs exact-CE "
         f"training with the same seed. Load average {result['loadavg_start'][0]:.1f} at start; "
         f"{result.get('wall_s', '')} s so far.",
+        "",
+        "Command (niced, no lock: losses do not depend on load; one invocation per seed, the "
+        "rows of earlier ones are read back from the .json):",
+        "",
+        f"    nice -n 10 python bench/subset_quality.py --corpus {s['corpus']} --steps "
+        f"{s['steps']} --max-seq-len {s['max_seq_len']} --lr {s['lr']} --val-fraction "
+        f"{s['val_fraction']} --eval-rows {s['eval_rows']} --val-rows {s['val_rows']} --engine "
+        f"{s['engine']} --seeds S --variants {' '.join(s['variants'])} --out {s['out']}",
         "",
         "| variant | seed | validation exact | rel | test exact | rel | approx. steps | wall s |",
         "|---|---|---|---|---|---|---|---|",
