@@ -241,7 +241,6 @@ class BoundaryStore:
             self._start(spill_dir, near, max_pending)
 
     def _start(self, spill_dir: str | None, near: str, max_pending: int) -> None:
-        self.folder = private_folder("edgelora-spill-", spill_dir, near)
         self._aborted = threading.Event()
         self._slots = threading.Semaphore(max_pending)
         self._queues = (queue.SimpleQueue(), queue.SimpleQueue())  # writer, reader
@@ -249,9 +248,11 @@ class BoundaryStore:
             threading.Thread(target=_serve, args=(q,), name=f"edgelora-spill-{n}", daemon=True)
             for q, n in zip(self._queues, ("writer", "reader"))
         ]
+        # the cleanup is registered as soon as the folder exists (a signal may come anytime)
+        self.folder = private_folder("edgelora-spill-", spill_dir, near)
+        self._token = register_cleanup(partial(self._shutdown, 20.0))
         for t in self._threads:
             t.start()
-        self._token = register_cleanup(partial(self._shutdown, 20.0))
 
     def __enter__(self) -> BoundaryStore:  # noqa: PYI034  (typing.Self needs 3.11)
         return self
@@ -316,9 +317,9 @@ class BoundaryStore:
         if self._closed:
             return
         self._closed = True
-        if self.kind == "disk":
-            unregister_cleanup(self._token)
+        if self.kind == "disk":  # forgotten only once removed: a Ctrl-C may interrupt it
             self._shutdown(timeout=None)
+            unregister_cleanup(self._token)
 
     def check_space(self, nbytes: int) -> None:
         """Raise UserError unless the spill disk has room for `nbytes` of boundaries."""
@@ -335,7 +336,8 @@ class BoundaryStore:
         for q in self._queues:
             q.put(None)
         for t in self._threads:
-            t.join(timeout)
+            if t.ident is not None:  # started
+                t.join(timeout)
         self._writes.clear()
         self._reads.clear()
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -238,8 +238,8 @@ class SegmentOptimizer:
         if self._closed:
             return
         self._closed = True
+        self._remove()  # then forgotten: a Ctrl-C during the removal leaves it to atexit
         unregister_cleanup(self._token)
-        self._remove()
 
     def _remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -215,8 +215,8 @@ class WeightStream:
         if self._rows is not None:
             self._rows.close()
             self._rows = None
+        self._remove()  # then forgotten: a Ctrl-C during the removal leaves it to atexit
         unregister_cleanup(self._token)
-        self._remove()
 
     def _remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

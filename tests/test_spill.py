@@ -1,13 +1,16 @@
 """BoundaryStore: RAM and disk give back identical arrays; no spill file outlives its step."""
 
 import errno
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 
@@ -215,3 +218,52 @@ def test_folders_of_killed_runs_are_swept_by_the_next_run(tmp_path):
     assert not stale.exists() and foreign.exists() and alive.exists() and fresh.exists()
     assert fresh.name.startswith(f"edgelora-spill-{os.getpid()}-")
     assert list(fresh.iterdir()) == []
+
+
+def _folder_owner(kind: str, tmp_path):
+    """A BoundaryStore, WeightStream or SegmentOptimizer with its private folder made."""
+    if kind == "boundaries":
+        store = spill.BoundaryStore("disk", near=str(tmp_path / "out"))
+        store.put(0, mx.ones((4, 8)))
+        store.get(0)  # the write is done: no worker removes the folder at close
+        return store
+    from conftest import build_tiny_model
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_edgelora.state import SegmentOptimizer
+    from mlx_edgelora.stream import WeightStream
+
+    model, _ = build_tiny_model("llama")
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 2, "scale": 1.0, "dropout": 0.0})
+    if kind == "weights":
+        stream = WeightStream(model, near=str(tmp_path / "out"))
+        stream.offload()
+        return stream
+    return SegmentOptimizer(model, optim.Adam(1e-3), 1.0, None, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("kind", ["boundaries", "weights", "state"])
+def test_a_ctrl_c_while_a_folder_is_removed_leaves_it_to_the_exit_cleanup(
+    kind, tmp_path, monkeypatch
+):
+    """close() forgets its exit cleanup only once the folder is gone: a KeyboardInterrupt
+    in the middle of the removal (found flaky in test_hostile's Ctrl-C test) used to leave
+    the folder behind for good."""
+    owner = _folder_owner(kind, tmp_path)
+    folder = owner.folder
+    assert folder.is_dir()
+    real, calls = shutil.rmtree, []
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if not calls and threading.current_thread() is threading.main_thread():
+            calls.append(path)  # (a signal reaches the main thread only)
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        owner.close()
+    assert folder.is_dir()  # the interrupted removal
+    spill._run_cleanups()  # what atexit does as the interrupted process exits
+    assert not folder.exists()
