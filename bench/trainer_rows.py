@@ -277,6 +277,11 @@ def report() -> None:
             f"{r['wall_s_under_load']:.0f} | {r.get('load_average', 0):.0f} | "
             f"{r.get('code', '?')} |"
         )
+    md += [
+        f"- {r['shape']} {r['context']} {r['layers']} blocks ({r['code']}): {r['note']}"
+        for r in rows
+        if r.get("note")
+    ]
     md += ["", "Load only (load, LoRA, offload of weights and state; no step), full depth:", ""]
     md += ["| model | load | mlx peak (GB) | active after offload (GB) | max RSS (GB) |"]
     md += ["|---|---|---|---|---|"]
