@@ -384,9 +384,11 @@ def _wait_for_checkpoint(proc, out, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_checkpoints_like_ctrl_c(tmp_path, model_dir, notes, sig):
     out = tmp_path / "out"
+    # A shell without job control starts background jobs (CI launched with `&`) with SIGINT
+    # ignored, and the trainer rightly keeps an inherited ignore: give the run a default one.
     proc = subprocess.Popen(
         _cli(model_dir, notes, out, 2000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=_env(),
+        text=True, env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     _wait_for_checkpoint(proc, out)
     time.sleep(0.3)
