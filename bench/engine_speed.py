@@ -117,25 +117,35 @@ class Runner:
             self.state.close()
 
 
+def interleaved_steps(
+    runners: dict[str, Runner], rounds: int, t_start: float
+) -> tuple[dict[str, list], list, int]:
+    """(step seconds per runner, load averages, rounds done): a warm-up round, then rounds of
+    one step of each runner in turn, so that load hits them alike, up to `rounds` or until
+    another round would pass LIMIT_S since `t_start`. Closes the runners."""
+    for r in runners.values():  # warm-up round
+        r.step()
+    times: dict[str, list] = {n: [] for n in runners}
+    loads: list = []
+    done = 0
+    while done < rounds:
+        for n, r in runners.items():
+            times[n].append(round(r.step(), 3))
+            loads.append(os.getloadavg()[0])
+        done += 1
+        per_round = (time.time() - t_start) / (done + 1.5)
+        if time.time() - t_start + per_round > LIMIT_S:  # >= 2 rounds when load allows
+            break
+    for r in runners.values():
+        r.close()
+    return times, loads, done
+
+
 def child(seq: int, names: list[str], rounds: int, layers: int | None) -> None:
     t_start = time.time()
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:  # bench/tmp*: ignored
         runners = {n: Runner(CONFIGS[n], seq, f"{tmp}/{i}", layers) for i, n in enumerate(names)}
-        for r in runners.values():  # warm-up round
-            r.step()
-        times: dict[str, list] = {n: [] for n in names}
-        loads: list = []
-        done = 0
-        while done < rounds:
-            for n, r in runners.items():
-                times[n].append(round(r.step(), 3))
-                loads.append(os.getloadavg()[0])
-            done += 1
-            per_round = (time.time() - t_start) / (done + 1.5)
-            if time.time() - t_start + per_round > LIMIT_S:  # >= 2 rounds when load allows
-                break
-        for r in runners.values():
-            r.close()
+        times, loads, done = interleaved_steps(runners, rounds, t_start)
     rec = {
         "seq": seq,
         "layers": layers or 30,

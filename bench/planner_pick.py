@@ -20,7 +20,6 @@ import mlx_edgelora  # noqa: F401  (preloads OpenBLAS before mlx)
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine_speed import LOCK, Runner  # noqa: E402
+from engine_speed import LOCK, Runner, interleaved_steps  # noqa: E402
 
 from mlx_edgelora import lora, plan, planner, quant  # noqa: E402
 from mlx_edgelora.config import TrainConfig  # noqa: E402
@@ -41,7 +40,6 @@ SEQ, LAYERS = 2048, 3  # 3 of 30 blocks: 2 rounds of ~6 configurations fit the l
 NEIGHBOURS = (
     1  # per budget, besides the pick: the next-fastest speed level (the lock fits ~6 configs)
 )
-LIMIT_S = 11 * 60
 
 
 def _sizes(cfg: TrainConfig) -> plan.ModelSizes:
@@ -110,26 +108,12 @@ def budgets_and_configs() -> tuple[list[dict], dict[str, TrainConfig]]:
 def child() -> None:
     t0 = time.time()
     budgets, configs = budgets_and_configs()
-    times: dict[str, list] = {k: [] for k in configs}
-    loads: list = []
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:  # bench/tmp*: ignored
         runners = {}
         for i, (k, c) in enumerate(configs.items()):
             flags = {f: getattr(c, f) for f in planner.SPACE}
             runners[k] = Runner(flags, SEQ, f"{tmp}/{i}", LAYERS)
-        for r in runners.values():  # warm-up round
-            r.step()
-        rounds = 0
-        while True:
-            for k, r in runners.items():
-                times[k].append(round(r.step(), 3))
-                loads.append(os.getloadavg()[0])
-            rounds += 1
-            per_round = (time.time() - t0) / (rounds + 1.5)
-            if rounds >= 3 or time.time() - t0 + per_round > LIMIT_S:
-                break
-        for r in runners.values():
-            r.close()
+        times, loads, rounds = interleaved_steps(runners, 3, t0)
     rec = {
         "seq": SEQ,
         "layers": LAYERS,
