@@ -410,18 +410,11 @@ class LossHead:
         return exact
 
     def __call__(self, h: mx.array, batch: Any) -> mx.array:
-        mask = np.asarray(batch.mask).reshape(-1).astype(bool)
-        if mask.size != h.shape[0] * h.shape[1]:
-            raise ValueError(f"mask has {mask.size} positions, hidden states {h.shape[:2]}")
-        idx = np.flatnonzero(mask)
+        idx = self._positions(h, batch)
         if idx.size == 0:
             return h.sum() * 0  # no trainable row: zero loss that still has a gradient path
         targets = self._targets(batch, idx)
-        rows = h.reshape(-1, h.shape[-1])[mx.array(idx.astype(np.int32))]  # [N, D]
-        # RMSNorm is per row: exact. In float32 whatever h's dtype (--dtype): the head's
-        # logits can be large, where bfloat16 would be off by whole units
-        x = final_norm(self.model)(rows.astype(mx.float32)).astype(mx.float32)
-        value = self.ce(x, targets)
+        value = self.ce(self._head_input(h, mx.array(idx.astype(np.int32))), targets)
         self.all_exact &= self._exact()
         return value
 
@@ -437,8 +430,7 @@ class LossHead:
         tile of the head in memory at a time (loss.tiled_ce), its rows read through `read`
         (WeightStream.head_reader, or the module's own). Only the final norm and the row
         selection go through autodiff."""
-        mask = np.asarray(batch.mask).reshape(-1).astype(bool)
-        idx = np.flatnonzero(mask)
+        idx = self._positions(h, batch)
         if idx.size == 0:  # no trainable row
             return mx.array(0.0), (mx.zeros_like(h) if grad else None)
         select = mx.array(idx.astype(np.int32))
@@ -446,8 +438,7 @@ class LossHead:
         V, D = self.vocab_size, self.width
 
         def rows(h: mx.array) -> mx.array:
-            r = h.reshape(-1, h.shape[-1])[select]
-            return final_norm(self.model)(r.astype(mx.float32)).astype(mx.float32)
+            return self._head_input(h, select)
 
         x = rows(h)
         mx.eval(x)
@@ -471,6 +462,22 @@ class LossHead:
     def load_state_dict(self, state: dict | None) -> None:
         if state is not None and hasattr(self.ce, "load_state_dict"):
             self.ce.load_state_dict(state)
+
+    @staticmethod
+    def _positions(h: mx.array, batch: Any) -> np.ndarray:
+        """Flat indices of the positions that carry loss (technique 4: only they reach the
+        head)."""
+        mask = np.asarray(batch.mask).reshape(-1).astype(bool)
+        if mask.size != h.shape[0] * h.shape[1]:
+            raise ValueError(f"mask has {mask.size} positions, hidden states {h.shape[:2]}")
+        return np.flatnonzero(mask)
+
+    def _head_input(self, h: mx.array, select: mx.array) -> mx.array:
+        """The selected rows of h [B, L, D] after the final norm: the head's input [N, D].
+        RMSNorm is per row: exact. In float32 whatever h's dtype (--dtype): the head's
+        logits can be large, where bfloat16 would be off by whole units."""
+        rows = h.reshape(-1, h.shape[-1])[select]
+        return final_norm(self.model)(rows.astype(mx.float32)).astype(mx.float32)
 
     def _targets(self, batch: Any, idx: np.ndarray) -> np.ndarray:
         targets = np.asarray(batch.targets).reshape(-1)[idx]
