@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .files import SPACE_MARGIN, format_bytes
 from .plan import GB, MemoryPlan, ModelSizes
-from .precision import Precision
+from .precision import Precision, dtype_name
 from .spill import spill_parent
 
 # Half of physical memory: on an 8 GB Mac, macOS and a browser hold ~3-4 GB, and streamed
@@ -281,15 +281,16 @@ def _describe(cfg: TrainConfig, fitting: list[Candidate], n: int, budget: float,
         *(f"    {c.speed:5.2f}x {c.peak:7.3f} GB  {flags(c.cfg, defaults)}" for c in fitting[:3]),
         f"  chosen: {flags(best.cfg, cfg, 'no change')}: planned peak {best.peak:.3f} GB, "
         f"{best.speed:.2f}x the defaults' step time",
-        f"  {best.precision.describe()}; {_dtype_reason(cfg, best, fitting)}",
+        f"  --dtype {best.cfg.dtype} (weights and boundaries {dtype_name(best.precision.storage)}"
+        f", compute {dtype_name(best.precision.compute)}): {_dtype_reason(cfg, best, fitting)}",
     ]
     return "\n".join(lines)
 
 
 def _dtype_reason(cfg: TrainConfig, best: Candidate, fitting: list[Candidate]) -> str:
-    """Why the chosen --dtype (its resolution's own `why` says what auto means)."""
+    """Why the chosen --dtype (the trainer's `dtype:` line says what auto resolved to)."""
     if cfg.is_given("dtype") or cfg.engine != "segments":
-        return "--dtype kept as set"
+        return "kept as set"
     if best.cfg.dtype == "auto":
         return "the planner kept --dtype auto"
     auto = [c for c in fitting if c.cfg.dtype == "auto"]  # sorted: the fastest first

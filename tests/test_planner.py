@@ -235,7 +235,7 @@ def test_an_explicit_dtype_is_kept(tmp_path, bf16_sizes):
     cfg, _, why = planner.choose(
         bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", "100", "--dtype", "bfloat16")
     )
-    assert cfg.dtype == "bfloat16" and "--dtype kept as set" in why
+    assert cfg.dtype == "bfloat16" and "compute bfloat16): kept as set" in why
     assert "kept as set: --dtype" in why
     free = _cfg(tmp_path)
     budget = (_floor(bf16_sizes, free, "auto") + _floor(bf16_sizes, free, "float32")) / 2
