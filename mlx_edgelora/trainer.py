@@ -271,10 +271,13 @@ def _setup(
             f"--epochs {cfg.epochs:g}: {len(data.train_rows)} rows / ({world.size} x "
             f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
         )
+    asked = cfg.dtype
     cfg, memory_plan, choice = planner.choose(  # --dtype among its choices
         model, cfg, data.trainable_fraction(), data.token_bytes(), world.size, native
     )
     prec = precision.resolve(cfg.dtype, native)
+    if cfg.dtype != asked:
+        prec = replace(prec, why=f"{prec.why}, the planner's choice")
     precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
     adapter_cfg["edgelora"] = cfg.to_dict()  # the options as run, the planner's included
     reporter.info(prec.describe())

@@ -250,3 +250,26 @@ def test_dtype_choices_follow_the_model_and_the_backend():
     assert list(precision.choices(mx.bfloat16, gpu=False)) == ["auto", "float32", "bfloat16"]
     assert list(precision.choices(mx.bfloat16, gpu=True)) == ["auto", "float32"]  # bf16 = auto
     assert list(precision.choices(mx.float16, gpu=False)) == ["auto", "float32", "float16"]
+
+
+def test_the_trainer_runs_the_planners_dtype(tmp_path, monkeypatch):
+    """On a bf16 INT4 folder: the planner's --dtype is what the trainer casts to and saves
+    (float32 when the speed table rates it faster and the budget is roomy)."""
+    from test_precision import _bf16_int4_folder
+
+    model = _bf16_int4_folder(tmp_path / "m")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "d.txt").write_text("The bees were calm this morning. " * 40)
+    monkeypatch.setattr(precision, "on_gpu", lambda: False)
+    monkeypatch.setitem(planner.DTYPE_SPEED, "cpu", {"float32": 0.5, "half compute": 1.39})
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(notes), "--out", str(out), "--steps", "1"]
+    argv += ["--max-seq-len", "64", "--eval-every", "0", "--save-every", "0"]
+    printed = io.StringIO()
+    train(parse_config([*argv, "--memory-budget-gb", "50"]), reporter=Reporter(1, stream=printed))
+    printed = printed.getvalue()
+    assert "--dtype float32 (weights and boundaries float32, compute float32)" in printed
+    assert "compute float32 (--dtype float32, the planner's choice)" in printed
+    saved = json.loads((out / "adapter_config.json").read_text())["edgelora"]
+    assert saved["dtype"] == "float32"
