@@ -68,10 +68,11 @@ HEAD_FIT = 1.35
 # The tiled chunked head (LossHead.value_and_grad, run when the head is alone in the loss
 # segment) holds h and dL/dh [tokens, D] in the compute dtype, and for one block of rows
 # (loss.head_rows) TILED_HEAD_PER_ROW_D [rows, D] float32 arrays: the rows of h, the head's
-# input x, dL/dx and its next partial sum, the targets' head rows and the final norm's VJP;
-# and its tiles. Before the row blocks every row was in one block (6.5 measured on the
-# Llama-3.2-3B shape at 2048 rows, 0.165 GB above the resident state, h included).
-TILED_HEAD_PER_ROW_D = 8
+# input x, dL/dx and its next partial sum, the targets' head rows, the final norm's VJP and
+# the block's dL/dh rows; and its tiles. Fitted: the Llama-3.2-3B shape at 4096 tokens (1365-row
+# blocks: 8.4 arrays; bench/results/long_context.md). Before the row blocks every row was in
+# one block (6.5 arrays on the same shape at 2048 rows, h included).
+TILED_HEAD_PER_ROW_D = 9
 # The chunked exact head under autodiff (the graph engine, --cache-policy last) recomputes
 # each vocabulary tile in its own VJP: per row one logits tile row and two [D] rows (the input
 # and its gradient), plus ~4.4 dequantized [tile, D] weight tiles in flight. Fitted (before
