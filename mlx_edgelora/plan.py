@@ -34,13 +34,15 @@ ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
 # The segment engine's recompute of a split block's attention half (attn_half.py: one custom
 # function over query chunks) holds whole only x, its cotangent and dx ([L, D] in the compute
-# dtype), k and v ([L, kv], compute dtype) and their gradients ([L, kv] float32); per query
+# dtype), k and v ([L, kv], compute dtype) and their float32 gradients, which the walk over
+# query chunks (last to first) frees key chunk by key chunk (counted as one [L, kv]); per query
 # chunk c, ATTN_TILES [H, c, c] float32 score tiles and ATTN_CHUNK_ROWS [c, D] float32 arrays
-# (q, o, do, dq, the projections' recompute). Fitted (bench/results/long_context.md): the
-# Llama-3.2-3B shape at 4096 and 16384 tokens and a tiny model at 4096 (tests/test_attn_half.py);
-# before, the separate custom functions held ~9 [L, D] (the old terms: 6 D + 4 kv per token and
-# [H, L, chunk] scores, x 0.9).
-ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 3, 6, 12
+# (q, o, do, dq, the projections' recompute). Fitted to the Llama-3.2-3B shape
+# (bench/results/long_context.md: 0.163 / 0.237 GB above x and the cotangent at 4096 / 8192
+# tokens, so 19 KB per token and 0.090 GB per chunk; the plan 1.15x / 1.19x) and a tiny model
+# at 4096 tokens (tests/test_attn_half.py). Before, the separate custom functions held ~9
+# [L, D] (0.383 GB at 4096; the old terms: 6 D + 4 kv per token and [H, L, chunk] scores).
+ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 3, 8, 16
 # The MLP half (tokenwise.py, residual inside its custom VJP) holds MLP_HALF_PER_D [L, D] (x,
 # the cotangent, dx and its chunks, which MLX computes ahead of their writes into dx) and, for
 # one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
@@ -167,7 +169,7 @@ def _half_activations(
     if not chunked:  # the graph engine's autodiff (the constants above were fitted to it)
         return {"attn": attn, "mlp": mlp + mlp_rows * ACT_PER_I * s.I * act}
     c = min(cfg.attn_chunk, tokens) if cfg.attn_chunk else tokens
-    attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + 2 * s.kv * F32)
+    attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
     mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
     return {"attn": attn, "mlp": mlp}
