@@ -23,7 +23,7 @@ Only rows measured with the current step-memory code (same fingerprint; a record
 carrying a "commit" is checked at that commit) count toward the target; the others are
 listed in their own table, labelled "older code", not hidden.
 
-    nice -n 10 python bench/plan_accuracy.py --measure
+    nice -n 10 python bench/plan_accuracy.py --measure [--only smollm2,qwen0.5b]
     python bench/plan_accuracy.py --report          # results/plan_accuracy.{json,md}
 """
 
@@ -136,12 +136,16 @@ def measure_child(model: str, seq: int, variant: str) -> dict:
     }
 
 
-def measure() -> None:
+def measure(only: list[str] | None = None) -> None:
+    """Measure the FRESH_ROWS not yet measured with this code (`only`: these models, e.g.
+    ["smollm2", "qwen0.5b"], by name before the colon)."""
     code, done = code_fingerprint(), set()
     if FRESH.exists():
         rows = [r for r in map(json.loads, FRESH.open()) if r.get("code") == code]
         done = {(r["model"], r["seq"], r["variant"]) for r in rows}
     for model, seq, variants in FRESH_ROWS:
+        if only and model.split(":")[0] not in only:
+            continue
         for v in variants:
             if (model, seq, v) in done:
                 continue
@@ -160,12 +164,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--measure", action="store_true")
     p.add_argument("--child")
+    p.add_argument("--only", help="with --measure: comma-separated model names (smollm2,...)")
     p.add_argument("--report", action="store_true")
     a = p.parse_args()
     if a.child:
         print(json.dumps(measure_child(*json.loads(a.child))))
     elif a.measure:
-        measure()
+        measure(a.only.split(",") if a.only else None)
     if a.report:
         write_report()
 

@@ -235,9 +235,9 @@ class TrainConfig:
         None,
         "run the fastest configuration whose planned peak fits this many GB: the memory "
         "options you did not set (--activations, --stream-weights, --stream-state, "
-        "--checkpoint-every, --split-blocks, chunk sizes, --cache-policy) are chosen, the ones "
-        "you set are kept; refuse to start if nothing fits (default: half of this machine's "
-        "memory, and the default options are kept whenever they fit it)",
+        "--checkpoint-every, --split-blocks, chunk sizes, --cache-policy, --dtype) are chosen, "
+        "the ones you set are kept; refuse to start if nothing fits (default: half of this "
+        "machine's memory, and the default options are kept whenever they fit it)",
     )
     config: str | None = _opt(None, "YAML file whose keys mirror these flags")
     # Not an option: the names of the options the user set (CLI or YAML), which the planner

@@ -7,7 +7,10 @@ one process with --batch-size 2, and their summed gradients are the same sums.
 
 - Gradients: the engine hands each segment's LoRA gradients to `World.reduce` as soon as that
   segment's backward ends; it starts an `all_sum` of them (one flat buffer per segment) with
-  `mx.async_eval`, so on a Mac the transfer overlaps the next segment's recompute.
+  `mx.async_eval`, so on a Mac the transfer overlaps the next segment's recompute. With
+  --stream-state the engine hands the *reduced* sums to `SegmentOptimizer.add_gradients`, so
+  the files on disk, the global gradient norm and its clip factor are those of all ranks'
+  gradients, exactly as in memory.
 - Loss and token counts are summed over ranks (`sum_counts`): the trainer divides the summed
   gradients by the global token count, and the reported loss is the global one.
 - Only rank 0 reads and writes --out (adapter, checkpoints, metrics). It sends its adapter,
@@ -28,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -38,6 +42,9 @@ from . import spill
 from .batching import Batch, BatchIterator
 from .config import TrainConfig
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .state import SegmentOptimizer
 
 WATCHDOG_EXIT = 2  # the CLI's exit code for an error line
 SETUP_PATIENCE = 600.0  # s: the ranks meet after loading the model, which can take minutes
@@ -167,12 +174,26 @@ class World:
         return loss.item(), count.item()
 
     def broadcast(
-        self, model: nn.Module, opt: optim.Optimizer | None, ints: list[int]
+        self,
+        model: nn.Module,
+        opt: optim.Optimizer | None,
+        ints: list[int],
+        state: SegmentOptimizer | None = None,
     ) -> list[int]:
         """Make every rank hold rank 0's adapter, optimizer state (`opt`: a resumed one) and
-        `ints` (the step and data position)."""
+        `ints` (the step and data position); with --stream-state (`state`) the adapter and
+        AdamW's moments are sent unit by unit from the files, the step and learning rate
+        from `opt`."""
         if self.size == 1:
             return ints
+        if state is not None:
+            moments = self.ints_from_main([int(state.has_moments)])[0]
+            state.synchronize(self._from_main, bool(moments))
+            if opt is not None:
+                opt.state = tree_unflatten(
+                    list(self._from_main(dict(tree_flatten(opt.state))).items())
+                )
+            return self.ints_from_main(ints)
         weights = self._from_main(dict(tree_flatten(model.trainable_parameters())))
         model.load_weights(list(weights.items()), strict=False)
         if opt is not None:

@@ -11,8 +11,9 @@ under the peak and at most 15% over it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
@@ -20,7 +21,7 @@ from . import blocks
 from .config import TrainConfig
 from .loss import head_rows, vocab_tile
 from .models import Shape
-from .precision import Precision
+from .precision import Precision, is_castable, model_dtype
 
 GB = 1024**3
 F32 = 4
@@ -116,18 +117,55 @@ class ModelSizes:
     shape: Shape
     frozen: int  # bytes of every frozen parameter
     block_frozen: tuple[int, ...]  # bytes of each block's frozen parameters
+    # elements of the frozen float weights --dtype casts (precision.cast_weights: not the
+    # quantization scales/biases), whole model and per block, so that the planner sizes each
+    # --dtype's storage without casting (and their bytes as held now)
+    castable: tuple[int, int] = (0, 0)  # (bytes, elements)
+    block_castable: tuple[tuple[int, int], ...] = ()
+    native: mx.Dtype = mx.float32  # the model's own float dtype (precision.model_dtype)
+
+    def stored_as(self, dtype: mx.Dtype) -> ModelSizes:
+        """These sizes after precision.cast_weights(model, dtype)."""
+
+        def cast(total: int, c: tuple[int, int]) -> int:
+            return total - c[0] + c[1] * dtype.size
+
+        per_block = self.block_castable or ((0, 0),) * len(self.block_frozen)
+        return replace(
+            self,
+            frozen=cast(self.frozen, self.castable),
+            block_frozen=tuple(cast(b, c) for b, c in zip(self.block_frozen, per_block)),
+            castable=(self.castable[1] * dtype.size, self.castable[1]),
+            block_castable=tuple((c[1] * dtype.size, c[1]) for c in per_block),
+        )
 
 
 def sizes(model: nn.Module | ModelSizes) -> ModelSizes:
     if isinstance(model, ModelSizes):
         return model
-    per_block = tuple(_frozen_bytes(layer) for layer in blocks.layers(model))
-    return ModelSizes(blocks.shape(model), _frozen_bytes(model), per_block)
+    layers = blocks.layers(model)
+    return ModelSizes(
+        blocks.shape(model),
+        _frozen_bytes(model),
+        tuple(_frozen_bytes(layer) for layer in layers),
+        _castable(model),
+        tuple(_castable(layer) for layer in layers),
+        model_dtype(model, _frozen(model)),  # not the LoRA weights' float32
+    )
+
+
+def _frozen(module: nn.Module) -> list[tuple[str, mx.array]]:
+    trainable = {k for k, _ in tree_flatten(module.trainable_parameters())}
+    return [(k, v) for k, v in tree_flatten(module.parameters()) if k not in trainable]
 
 
 def _frozen_bytes(module: nn.Module) -> int:
-    trainable = {k for k, _ in tree_flatten(module.trainable_parameters())}
-    return sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k not in trainable)
+    return sum(v.nbytes for _, v in _frozen(module))
+
+
+def _castable(module: nn.Module) -> tuple[int, int]:
+    cast = [v for k, v in _frozen(module) if is_castable(k, v)]
+    return sum(v.nbytes for v in cast), sum(v.size for v in cast)
 
 
 def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:

@@ -1,14 +1,17 @@
 """The planner: the fastest configuration whose planned peak fits the memory budget.
 
 Why: each memory option (disk boundaries, weight and state streaming, segment size, half
-blocks, chunk sizes, selective caching) trades step time for memory, and which ones a run can
-afford depends on the model, the context and the machine. Given `--memory-budget-gb`, the
-planner enumerates the options the user did not set (SPACE; the ones set on the command line
-or in YAML are kept, `TrainConfig.given`), estimates each candidate's peak (plan.estimate) and
-disk use, rates its step time relative to the defaults (SPEED), and runs the fastest one that
-fits. Without `--memory-budget-gb` the budget is BUDGET_FRACTION of physical memory and the
-defaults are kept whenever they fit it: the defaults are the documented, memory-lean setting,
-and the planner then only steps in to avoid a swap storm or a full disk.
+blocks, chunk sizes, selective caching, half-precision storage) trades step time or precision
+for memory, and which ones a run can afford depends on the model, the context and the
+machine. Given `--memory-budget-gb`, the planner enumerates the options the user did not set
+(SPACE; the ones set on the command line or in YAML are kept, `TrainConfig.given`), estimates
+each candidate's peak (plan.estimate) and disk use, rates its step time relative to the
+defaults (SPEED, DTYPE_SPEED), and runs the fastest one that fits. Of --dtype it tries the
+values valid for the model and the backend (precision.choices), each sized with its own
+storage and compute dtype; on a CPU, half-precision compute only when nothing computing in
+float32 fits. Without `--memory-budget-gb` the budget is BUDGET_FRACTION of physical memory
+and the defaults are kept whenever they fit it: the defaults are the documented, memory-lean
+setting, and the planner then only steps in to avoid a swap storm or a full disk.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ import itertools
 import math
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import mlx.core as mx
 from mlx import nn
 
-from . import plan
+from . import plan, precision
 from .config import TrainConfig
 from .errors import UserError
 from .files import SPACE_MARGIN, format_bytes
 from .plan import GB, MemoryPlan, ModelSizes
-from .precision import Precision
+from .precision import Precision, dtype_name
 from .spill import spill_parent
 
 # Half of physical memory: on an 8 GB Mac, macOS and a browser hold ~3-4 GB, and streamed
@@ -36,8 +41,8 @@ from .spill import spill_parent
 # (bench/plan_accuracy.py), so half leaves room for both.
 BUDGET_FRACTION = 0.5
 
-# The options the planner chooses, each with the values it tries (the default first).
-# --dtype (issue 17 item 2) joins here with its values once it exists.
+# The options the planner chooses, each with the values it tries (the default first); of
+# --dtype's, only those valid for the model and the backend (precision.choices).
 SPACE: dict[str, list] = {
     "activations": ["disk", "ram"],
     "stream_weights": [True, False],
@@ -48,6 +53,22 @@ SPACE: dict[str, list] = {
     "attn_chunk": [256, 1024],
     "mlp_chunk": [256, 1024],
     "vocab_chunk": [8192, 32768],
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+}
+
+# Step time of each --dtype resolution (precision.resolve) relative to `auto`'s, by backend:
+# "half storage" is auto's on a CPU for a bf16/fp16 model (weights and boundaries in the
+# model's dtype, float32 compute), "half compute" is --dtype bfloat16/float16 (the CPU's
+# half-precision matmuls have no BLAS: 20-40x slower alone, bench/results/dtype.md, so
+# quant.matmul runs them as float32 BLAS on upcast operands; what remains is the casts and
+# the half-precision element-wise work). CPU factors: bench/results/dtype.md's whole steps,
+# the geometric mean of its SmolLM2 2048-token and Qwen2.5-0.5B-shape 512-token rows,
+# measured UNDER LOAD (load 28-47): bfloat16 compute 638/544 and 1184/717 of auto's, float32
+# 1039/544 and 451/717 (noisy: the two rows disagree on float32). No GPU measurement yet: a
+# missing kind counts as 1 (the smaller plan then wins the tie, i.e. auto).
+DTYPE_SPEED: dict[str, dict[str, float]] = {
+    "cpu": {"half storage": 1.0, "float32": 1.10, "half compute": 1.39},
+    "gpu": {},
 }
 
 # Step time of each option value relative to the defaults (all techniques on), by context
@@ -92,6 +113,7 @@ class Candidate:
     plan: MemoryPlan
     speed: float  # step time relative to the defaults
     disk: int  # bytes on the spill disk
+    precision: Precision  # its --dtype, resolved
 
     @property
     def peak(self) -> float:
@@ -111,23 +133,46 @@ def default_budget_gb() -> float | None:
     return None if ram is None else BUDGET_FRACTION * ram
 
 
-def relative_speed(cfg: TrainConfig) -> float:
-    """The step time of `cfg` relative to the defaults' (SPEED's product over its options)."""
+def relative_speed(
+    cfg: TrainConfig, native: mx.Dtype = mx.float32, gpu: bool | None = None
+) -> float:
+    """The step time of `cfg` relative to the defaults' (SPEED's product over its options,
+    times DTYPE_SPEED's factor of its --dtype for a model whose own dtype is `native`)."""
     tokens = cfg.batch_size * cfg.max_seq_len
     ctx = min(SPEED, key=lambda c: abs(math.log(tokens / c)))
     table = SPEED[ctx]
-    return math.prod(table.get(k, {}).get(getattr(cfg, k), 1.0) for k in SPACE)
+    speed = math.prod(table.get(k, {}).get(getattr(cfg, k), 1.0) for k in SPACE)
+    return speed * dtype_speed(cfg.dtype, native, gpu)
 
 
-def candidates(cfg: TrainConfig, keep_given: bool = True) -> list[TrainConfig]:
+def dtype_speed(choice: str, native: mx.Dtype, gpu: bool | None = None) -> float:
+    """--dtype `choice`'s step time relative to `auto`'s on this backend (DTYPE_SPEED)."""
+    gpu = precision.on_gpu() if gpu is None else gpu
+    table = DTYPE_SPEED["gpu" if gpu else "cpu"]
+
+    def factor(p: Precision) -> float:
+        half = "half compute" if p.compute != mx.float32 else "half storage"
+        return table.get("float32" if p.storage == mx.float32 else half, 1.0)
+
+    auto = precision.resolve("auto", native, gpu)
+    return factor(precision.resolve(choice, native, gpu)) / factor(auto)
+
+
+def candidates(
+    cfg: TrainConfig, keep_given: bool = True, dtypes: Iterable[str] | None = None
+) -> list[TrainConfig]:
     """`cfg` with every combination of the options the user did not set (all of SPACE's
-    options with `keep_given=False`); only the segment engine has options to choose."""
+    options with `keep_given=False`), --dtype among `dtypes` (default: all of SPACE's); only
+    the segment engine has options to choose."""
     if cfg.engine != "segments":
         return [cfg]
+    values = dict(SPACE)
+    if dtypes is not None:
+        values["dtype"] = [v for v in SPACE["dtype"] if v in set(dtypes)]
     free = [k for k in SPACE if not (keep_given and cfg.is_given(k))]
     return [
-        replace(cfg, **dict(zip(free, values)))
-        for values in itertools.product(*(SPACE[k] for k in free))
+        replace(cfg, **dict(zip(free, combo)))
+        for combo in itertools.product(*(values[k] for k in free))
     ]
 
 
@@ -149,9 +194,13 @@ def choose(
     trainable_fraction: float = 1.0,
     token_bytes: int = 0,
     ranks: int = 1,
-    precision: Precision | None = None,
+    native: mx.Dtype | None = None,
 ) -> tuple[TrainConfig, MemoryPlan, str]:
     """The configuration to run, its plan, and a short account of the choice (to print).
+
+    `model`'s float weights are as loaded (not cast by --dtype yet); `native` is its own
+    dtype (default: precision.model_dtype's); each candidate --dtype is sized as
+    precision.cast_weights will store it.
 
     Raises UserError when no configuration fits the budget (naming the largest
     --max-seq-len or the settings that would fit) or the spill disk (naming the folder and the
@@ -163,9 +212,17 @@ def choose(
     folder = spill_parent(cfg.spill_dir, cfg.out)
     free_disk = shutil.disk_usage(_existing(folder)).free
 
+    native = native or m.native
+    gpu = precision.on_gpu()
+    dtypes = precision.choices(native, gpu)
+    stored: dict = {}  # sizes per storage dtype
+
     def rate(c: TrainConfig) -> Candidate:
-        p = plan.estimate(m, c, trainable_fraction, token_bytes, ranks, precision)
-        return Candidate(c, p, relative_speed(c), plan.disk_bytes(m, c, precision))
+        prec = dtypes.get(c.dtype) or precision.resolve(c.dtype, native, gpu)
+        ms = stored.setdefault(prec.storage, m.stored_as(prec.storage))
+        p = plan.estimate(ms, c, trainable_fraction, token_bytes, ranks, prec)
+        speed = relative_speed(c, native, gpu)
+        return Candidate(c, p, speed, plan.disk_bytes(ms, c, prec), prec)
 
     def fits(c: Candidate) -> bool:
         return c.peak <= budget and c.disk * SPACE_MARGIN <= free_disk
@@ -174,10 +231,10 @@ def choose(
     if cfg.memory_budget_gb is None and fits(current):
         note = f"planner: the options as set fit the budget, {budget:.1f} GB ({source})"
         return cfg, current.plan, note
-    rated = [rate(c) for c in candidates(cfg)]
+    rated = [rate(c) for c in candidates(cfg, dtypes=dtypes)]
     in_memory = [c for c in rated if c.peak <= budget]
     if not in_memory:
-        raise UserError(_nothing_fits(rate, cfg, budget, source))
+        raise UserError(_nothing_fits(rate, cfg, budget, source, dtypes))
     fitting = [c for c in in_memory if c.disk * SPACE_MARGIN <= free_disk]
     if not fitting:  # the one that needs the least disk names the bytes
         least = min(in_memory, key=lambda c: c.disk)
@@ -186,7 +243,10 @@ def choose(
             f"activations, streamed weights and state ({flags(least.cfg)}), only "
             f"{format_bytes(free_disk)} free; use --spill-dir on a bigger disk"
         )
-    fitting.sort(key=lambda c: (c.speed, c.peak))
+    # on a CPU, half-precision compute only when no float32-compute configuration fits: its
+    # activations round to 8 bits of mantissa, unlike auto's, and its speed factor rests on
+    # two rows measured under load (DTYPE_SPEED)
+    fitting.sort(key=lambda c: (not gpu and c.precision.compute != mx.float32, c.speed, c.peak))
     return fitting[0].cfg, fitting[0].plan, _describe(cfg, fitting, len(rated), budget, source)
 
 
@@ -221,17 +281,36 @@ def _describe(cfg: TrainConfig, fitting: list[Candidate], n: int, budget: float,
         *(f"    {c.speed:5.2f}x {c.peak:7.3f} GB  {flags(c.cfg, defaults)}" for c in fitting[:3]),
         f"  chosen: {flags(best.cfg, cfg, 'no change')}: planned peak {best.peak:.3f} GB, "
         f"{best.speed:.2f}x the defaults' step time",
+        f"  --dtype {best.cfg.dtype} (weights and boundaries {dtype_name(best.precision.storage)}"
+        f", compute {dtype_name(best.precision.compute)}): {_dtype_reason(cfg, best, fitting)}",
     ]
     return "\n".join(lines)
 
 
-def _nothing_fits(rate, cfg: TrainConfig, budget: float, source: str) -> str:
+def _dtype_reason(cfg: TrainConfig, best: Candidate, fitting: list[Candidate]) -> str:
+    """Why the chosen --dtype (the trainer's `dtype:` line says what auto resolved to)."""
+    if cfg.is_given("dtype") or cfg.engine != "segments":
+        return "kept as set"
+    if best.cfg.dtype == "auto":
+        return "the planner kept --dtype auto"
+    auto = [c for c in fitting if c.cfg.dtype == "auto"]  # sorted: the fastest first
+    if not auto:
+        return f"the planner chose --dtype {best.cfg.dtype}: no --dtype auto configuration fits"
+    return (
+        f"the planner chose --dtype {best.cfg.dtype}: {auto[0].speed / best.speed:.2f}x faster "
+        "than the fastest --dtype auto that fits"
+    )
+
+
+def _nothing_fits(rate, cfg: TrainConfig, budget: float, source: str, dtypes: Iterable) -> str:
     """One line: the smallest plan, and the nearest setting that fits."""
     head = f"--memory-budget-gb {budget:g}"
     if source != "--memory-budget-gb":
         head = f"memory budget {budget:.1f} GB ({source}; --memory-budget-gb sets it)"
-    smallest = min((rate(c) for c in candidates(cfg)), key=lambda c: c.peak)
-    freed = min((rate(c) for c in candidates(cfg, keep_given=False)), key=lambda c: c.peak)
+    smallest = min((rate(c) for c in candidates(cfg, dtypes=dtypes)), key=lambda c: c.peak)
+    freed = min(
+        (rate(c) for c in candidates(cfg, keep_given=False, dtypes=dtypes)), key=lambda c: c.peak
+    )
     what = (
         f"{head}: no configuration fits (the smallest planned peak is {smallest.peak:.2f} GB, "
         f"with {flags(smallest.cfg, cfg, 'the options as set')})"

@@ -58,14 +58,15 @@ class Precision:
         return mx.float16 in (self.storage, self.compute)
 
 
-def model_dtype(model: nn.Module) -> mx.Dtype:
-    """The model's own float dtype: the most common among its float parameters that are not
-    quantization scales/biases (by element count); the scales' dtype if there is none."""
+def model_dtype(model: nn.Module, params: list[tuple[str, mx.array]] | None = None) -> mx.Dtype:
+    """The model's own float dtype: the most common among its float parameters (or `params`,
+    e.g. only the frozen ones once LoRA is applied) that are not quantization scales/biases
+    (by element count); the scales' dtype if there is none."""
     count: Counter = Counter()
     scales: Counter = Counter()
-    for name, p in tree_flatten(model.parameters()):
+    for name, p in tree_flatten(model.parameters()) if params is None else params:
         if mx.issubdtype(p.dtype, mx.floating):
-            (scales if name.endswith(QUANT_PARAMS) else count)[p.dtype] += p.size
+            (count if is_castable(name, p) else scales)[p.dtype] += p.size
     found = count or scales
     return found.most_common(1)[0][0] if found else mx.float32
 
@@ -94,6 +95,29 @@ def resolve(choice: str, native: mx.Dtype, gpu: bool | None = None) -> Precision
     return Precision(native, mx.float32, why)
 
 
+def is_castable(name: str, p: mx.array) -> bool:
+    """Whether --dtype's storage dtype applies to parameter `name`: a float weight that is not
+    a quantization scale/bias."""
+    return mx.issubdtype(p.dtype, mx.floating) and not name.endswith(QUANT_PARAMS)
+
+
+def choices(native: mx.Dtype, gpu: bool | None = None) -> dict[str, Precision]:
+    """The --dtype values the planner may pick for a model whose own dtype is `native`, each
+    resolved, `auto` first, one value per distinct resolution: auto, float32 (a widening:
+    exact), and the model's own half dtype (on a CPU: half-precision compute). The planner
+    never narrows the weights below the model's own precision (bfloat16 for a float32 model,
+    float16 for a bfloat16 one lose bits or range); --dtype does that when asked."""
+    gpu = on_gpu() if gpu is None else gpu
+    out: dict[str, Precision] = {}
+    for name in ("auto", "float32", dtype_name(native)):
+        if name not in ("auto", *DTYPES):
+            continue
+        p = resolve(name, native, gpu)
+        if (p.storage, p.compute) not in {(q.storage, q.compute) for q in out.values()}:
+            out[name] = p
+    return out
+
+
 def cast_weights(model: nn.Module, dtype: mx.Dtype) -> None:
     """Frozen float weights to `dtype` (lazily; quantization scales/biases and trainable
     parameters keep theirs)."""
@@ -101,10 +125,7 @@ def cast_weights(model: nn.Module, dtype: mx.Dtype) -> None:
     cast = [
         (name, p.astype(dtype))
         for name, p in tree_flatten(model.parameters())
-        if mx.issubdtype(p.dtype, mx.floating)
-        and p.dtype != dtype
-        and not name.endswith(QUANT_PARAMS)
-        and name not in trainable
+        if is_castable(name, p) and p.dtype != dtype and name not in trainable
     ]
     if cast:
         model.update(tree_unflatten(cast))

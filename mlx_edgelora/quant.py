@@ -60,12 +60,22 @@ def dequant_matmul_reference(x, w, scales, biases, group_size: int, bits: int, m
     return x @ dequantize(w, scales, biases, group_size, bits, mode).T
 
 
-TILE_BYTES = 16 * 2**20  # float32 weight rows dequantized at a time on CPU
+TILE_BYTES = 16 * 2**20  # the most float32 weight bytes dequantized at a time on CPU
+TILE_FLOOR = 2**20  # ... and the least, however few the tokens
 
 
-def _row_tiles(out_dims: int, in_dims: int) -> list[tuple[int, int]]:
-    """Row ranges of W whose float32 copy is at most TILE_BYTES (one range for small W)."""
-    rows = max(1, TILE_BYTES // (4 * in_dims))
+def tile_bytes(tokens: int, out_dims: int, in_dims: int) -> int:
+    """The float32 bytes of one dequantized tile of W [out, in] multiplied with `tokens` rows:
+    at most the larger of the product's input [tokens, in] and output [tokens, out] (and
+    TILE_FLOOR, TILE_BYTES). Why: with few tokens a 16 MB tile, not the activations, set the
+    peak: the Qwen2.5-0.5B MLP half at 128 tokens held 70 MB for 0.5 MB of activations
+    (gate and up dequantized side by side, each at ~2x while dequantizing)."""
+    return min(TILE_BYTES, max(TILE_FLOOR, 4 * tokens * max(in_dims, out_dims)))
+
+
+def _row_tiles(out_dims: int, in_dims: int, budget: int = TILE_BYTES) -> list[tuple[int, int]]:
+    """Row ranges of W whose float32 copy is at most `budget` bytes (one range for small W)."""
+    rows = max(1, min(budget, TILE_BYTES) // (4 * in_dims))
     return [(r, min(r + rows, out_dims)) for r in range(0, out_dims, rows)]
 
 
@@ -78,10 +88,10 @@ def _tile(qparams: tuple, r0: int, r1: int, after: mx.array) -> tuple:
 def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
     """A custom_function x @ W.T whose VJP re-dequantizes W (one per quantization format).
 
-    W is dequantized in row tiles of at most TILE_BYTES, each chained on the previous tile's
-    result with `mx.depends`, so at most one float32 tile exists at a time: for a 3B model's
-    8192x3072 MLP weight that is 16 MB instead of 100 MB (x2 while dequantizing), forward and
-    backward.
+    W is dequantized in row tiles of at most TILE_BYTES (fewer bytes for few tokens:
+    `tile_bytes`), each chained on the previous tile's result with `mx.depends`, so at most one
+    float32 tile exists at a time: for a 3B model's 8192x3072 MLP weight that is 16 MB instead
+    of 100 MB (x2 while dequantizing), forward and backward.
     """
     fmt = (group_size, bits, mode)
 
@@ -92,8 +102,9 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
     @mx.custom_function
     def f(x, *qparams):  # qparams: (w, scales) or (w, scales, biases)
         out_dims, in_dims = qparams[1].shape[0], x.shape[-1]
+        budget = tile_bytes(x.size // in_dims, out_dims, in_dims)
         ys, after = [], x  # dequantize only once x is ready, not all layers up front
-        for r0, r1 in _row_tiles(out_dims, in_dims):
+        for r0, r1 in _row_tiles(out_dims, in_dims, budget):
             ys.append(x @ deq(_tile(qparams, r0, r1, after)).T)
             after = ys[-1]
         return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)
@@ -108,9 +119,11 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str):
     return f
 
 
-def _col_tiles(out_dims: int, in_dims: int, group_size: int) -> list[tuple[int, int]]:
-    """Column ranges of W (whole quantization groups) whose float32 copy is <= TILE_BYTES."""
-    cols = max(1, TILE_BYTES // (4 * out_dims) // group_size) * group_size
+def _col_tiles(
+    out_dims: int, in_dims: int, group_size: int, budget: int = TILE_BYTES
+) -> list[tuple[int, int]]:
+    """Column ranges of W (whole quantization groups) whose float32 copy is <= `budget`."""
+    cols = max(1, min(budget, TILE_BYTES) // (4 * out_dims) // group_size) * group_size
     return [(c, min(c + cols, in_dims)) for c in range(0, in_dims, cols)]
 
 
@@ -122,7 +135,8 @@ def _tiled_input_grad(dy, qparams: tuple, fmt: tuple, in_dims: int, low_rank=Non
     w, scales, *biases = qparams
     group_size, bits, _ = fmt
     parts: list[mx.array] = []
-    for c0, c1 in _col_tiles(scales.shape[0], in_dims, group_size):
+    budget = tile_bytes(dy.size // dy.shape[-1], scales.shape[0], in_dims)
+    for c0, c1 in _col_tiles(scales.shape[0], in_dims, group_size, budget):
         after = parts[-1] if parts else dy
         p = slice(c0 * bits // 32, c1 * bits // 32)  # packed uint32 columns
         g = slice(c0 // group_size, c1 // group_size)  # scale/bias columns

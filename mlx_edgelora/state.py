@@ -7,13 +7,14 @@ keeps all of it on disk, per checkpoint unit (block i's attention or MLP half), 
 only while that unit runs:
 - forward / evaluation: `resident(i, halves)` loads the units' LoRA weights;
 - backward walk (pass 1): the engine hands each segment's evaluated gradients to
-  `add_gradients`, which adds them to the unit's gradient sum on disk (gradient accumulation)
-  and records the sum's squared norm. This is the seam for a per-segment reduction
-  (e.g. an all-reduce across machines) before the sum is written;
-- `apply(n_tokens)` (pass 2): the global gradient norm is known from the recorded squares, so
-  every unit gets the *global* clip factor (exactly `optim.clip_grad_norm`, never per-unit
-  clipping), then mlx's own AdamW update (`apply_single`) with its step count and learning-rate
-  schedule advanced once per step, exactly as `opt.update` does.
+  `add_gradients`, which adds them to the unit's gradient sum on disk (gradient accumulation).
+  With several ranks (distributed.py) the engine's grad_hook has summed each segment's
+  gradients over the ranks before they arrive here;
+- `apply(n_tokens)` (pass 2): a first read of the sums gives the mean gradient's global norm,
+  so every unit gets the *global* clip factor (`optim.clip_grad_norm`'s, from squared norms
+  added in a fixed order, `global_norm`: the in-memory trainer's bits; never per-unit
+  clipping), then mlx's own AdamW update (`apply_single`) with its step count and
+  learning-rate schedule advanced once per step, exactly as `opt.update` does.
 Checkpoints hold the same files as the in-memory trainer's (`adapters.safetensors`,
 `optimizer.safetensors` with mlx's flattened optimizer-state keys), written tensor by tensor,
 so either trainer resumes the other's run.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +45,22 @@ MOMENTS = ("m", "v")  # AdamW's per-parameter state keys in mlx
 ADAPTERS, OPTIMIZER = "adapters.safetensors", "optimizer.safetensors"
 
 
+def global_norm(squares: dict[str, mx.array]) -> mx.array:
+    """The gradient's global norm from {parameter name: its squared norm}, added in float32 in
+    name order. Both optimizers (trainer._update in memory, `SegmentOptimizer` unit by unit)
+    add the same terms in this order, so their clip factors are the same bits;
+    optim.clip_grad_norm adds in tree order, which the streamed walk does not follow."""
+    total = mx.array(0.0, mx.float32)
+    for k in sorted(squares):
+        total = total + squares[k]
+    return mx.sqrt(total)
+
+
+def clip_scale(norm: mx.array, max_norm: float) -> mx.array | None:
+    """optim.clip_grad_norm's factor for the global `norm` (None: --grad-clip 0, no clip)."""
+    return mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
+
+
 class SegmentOptimizer:
     """AdamW over LoRA weights whose state lives on disk per unit (see the module docstring)."""
 
@@ -57,7 +74,7 @@ class SegmentOptimizer:
         self._closed = False
         self._names: dict[Unit, list[str]] = {}  # unit -> its LoRA names, relative to the block
         self._empty: dict[Unit, dict] = {}  # unit -> placeholder tree
-        self._sq: dict[Unit, float] = {}  # unit -> squared norm of its gradient sum
+        self._summed: set[Unit] = set()  # units with a gradient sum this step
         self._fresh: set[Unit] = set()  # units whose gradient sum restarts at the next add
         self._moments = False  # AdamW's m and v exist (from the first update on)
         self._offload()
@@ -134,7 +151,7 @@ class SegmentOptimizer:
     def begin_step(self) -> None:
         """The next gradients start new sums (a new optimizer step's first micro-batch)."""
         self._fresh = set(self._names)
-        self._sq = {}
+        self._summed = set()
 
     def add_gradients(self, i: int, grads: dict) -> None:
         """Add block i's evaluated gradient tree (one or both halves) to the sums on disk."""
@@ -148,24 +165,27 @@ class SegmentOptimizer:
                 total = self._load(unit, "grad")
                 mine = {k: total[k] + v for k, v in mine.items()}  # as tree_map(mx.add, sum, g)
             self._fresh.discard(unit)
-            sq = sum((v.square().sum() for v in mine.values()), mx.array(0.0))
-            mx.eval(sq, mine)
-            self._sq[unit] = sq.item()
+            mx.eval(mine)
+            self._summed.add(unit)
             self._save(unit, "grad", mine)
 
     # --- pass 2: the update
     def apply(self, n_tokens: int) -> float:
         """Mean gradient, global-norm clip, one AdamW step, unit by unit; returns the mean
         gradient's norm, and applies nothing when it is not finite (as trainer._update)."""
-        missing = [u for u in self._names if u not in self._sq]
+        missing = [u for u in self._names if u not in self._summed]
         if missing:
             raise RuntimeError(f"no gradients for units {missing[:3]} this step")
-        norm = mx.sqrt(mx.array(math.fsum(self._sq.values()), mx.float32)) / n_tokens
+        squares = {}  # a first read of the sums: the mean gradient's squared norms
+        for unit, names in self._names.items():
+            grads = self._load(unit, "grad")
+            mine = {self._global(unit, k): (grads[k] / n_tokens).square().sum() for k in names}
+            mx.eval(mine)
+            squares.update(mine)
+        norm = global_norm(squares)
         if not math.isfinite(norm.item()):
             return norm.item()
-        scale = None
-        if self.grad_clip > 0:  # optim.clip_grad_norm on the mean gradient, from the sums
-            scale = mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
+        scale = clip_scale(norm, self.grad_clip)
         self.opt.apply_gradients({}, {})  # the schedule and step count, as opt.update does
         for unit, names in self._names.items():
             saved, grads = self._load(unit, "state"), self._load(unit, "grad")
@@ -183,6 +203,27 @@ class SegmentOptimizer:
             self._save(unit, "state", new)
         self._moments = True
         return norm.item()
+
+    # --- several ranks
+    @property
+    def has_moments(self) -> bool:
+        """AdamW's m and v exist (from the first update, or a resumed checkpoint, on)."""
+        return self._moments
+
+    def synchronize(self, from_main: Callable[[dict], dict], moments: bool) -> None:
+        """Every unit's files become rank 0's, unit by unit (data parallelism, at setup: rank 0
+        may have resumed a checkpoint). `from_main(tensors)` returns rank 0's tensors under the
+        same names (distributed.World); `moments`: whether rank 0 holds AdamW's m and v (a
+        rank without them sends placeholders of the weights' shapes, which rank 0 replaces)."""
+        self._moments = moments
+        for unit, names in self._names.items():
+            saved = self._load(unit, "state")
+            mine = {k: saved[k] for k in names}
+            if moments:
+                mine.update(
+                    {f"{k}.{m}": saved.get(f"{k}.{m}", saved[k]) for k in names for m in MOMENTS}
+                )
+            self._save(unit, "state", from_main(mine))
 
     # --- checkpoints, the adapter, the end of training
     def _global(self, unit: Unit, k: str) -> str:

@@ -31,7 +31,7 @@ from .errors import Terminated, UserError
 from .loading import LoadedModel, load_model
 from .report import Reporter
 from .selection import Selection, epoch_steps
-from .state import SegmentOptimizer
+from .state import SegmentOptimizer, clip_scale, global_norm
 
 # Options that must match between a run and its --resume (others, like --steps, may change).
 # (--batch-size may change with the number of ranks: distributed.check_resume.)
@@ -148,7 +148,10 @@ def _accumulate(step_fn, batches: BatchIterator, n_micro: int):
 def _update(model, opt, cfg: TrainConfig, grads, n_tok: int) -> float:
     """Apply the mean gradient; returns its norm, and applies nothing when that is not finite."""
     grads = tree_map(lambda g: g / n_tok, grads)
-    grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    norm = global_norm({k: g.square().sum() for k, g in tree_flatten(grads)})
+    scale = clip_scale(norm, cfg.grad_clip)  # as optim.clip_grad_norm, in SegmentOptimizer's order
+    if scale is not None:
+        grads = tree_map(lambda g: (g * scale).astype(g.dtype), grads)
     norm = norm.item()
     if math.isfinite(norm):
         opt.update(model, grads)
@@ -259,8 +262,7 @@ def _setup(
             _check_remaining(cfg, resume[1])
     mx.random.seed(cfg.seed)
     model = loaded.model
-    prec = precision.resolve(cfg.dtype, loaded.dtype or precision.model_dtype(model))
-    precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
+    native = loaded.dtype or precision.model_dtype(model)
     adapter_cfg = lora.apply_adapter(model, cfg)
     quant.prepare_for_training(model)
     if cfg.epochs:
@@ -269,9 +271,14 @@ def _setup(
             f"--epochs {cfg.epochs:g}: {len(data.train_rows)} rows / ({world.size} x "
             f"{cfg.batch_size} x {cfg.grad_accum} rows per step) -> {cfg.steps} steps"
         )
-    cfg, memory_plan, choice = planner.choose(
-        model, cfg, data.trainable_fraction(), data.token_bytes(), world.size, prec
+    asked = cfg.dtype
+    cfg, memory_plan, choice = planner.choose(  # --dtype among its choices
+        model, cfg, data.trainable_fraction(), data.token_bytes(), world.size, native
     )
+    prec = precision.resolve(cfg.dtype, native)
+    if cfg.dtype != asked:
+        prec = replace(prec, why=f"{prec.why}, the planner's choice")
+    precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
     adapter_cfg["edgelora"] = cfg.to_dict()  # the options as run, the planner's included
     reporter.info(prec.describe())
     reporter.info(choice)
@@ -284,10 +291,12 @@ def _setup(
     train_head = loss.make_loss_head(model, cfg.loss, cfg)
     eval_head = loss.exact_loss_head(model, cfg)  # both before the step may offload weights
     state = None
-    if cfg.stream_state and world.size > 1:  # the setup broadcast sends in-memory LoRA state
-        reporter.info("--stream-state: off with several ranks (the adapter stays in memory)")
-    elif cfg.stream_state:
+    if cfg.stream_state:
         state = SegmentOptimizer(model, opt, cfg.grad_clip, cfg.spill_dir, cfg.out)
+        reporter.info(
+            f"--stream-state: LoRA weights, gradient sums and AdamW moments of "
+            f"{len(state.units)} units on disk in {state.folder}"
+        )
     step_fn = None
     try:  # a failure from here on (full disk at offload, refused resume) leaves no folder
         step_fn = engine.make_step(model, cfg, train_head, state, prec)
@@ -327,7 +336,7 @@ def _start_position(run: _Run, batches: BatchIterator, folder: Path | None) -> N
     with world.collective("setup", max(cfg.dist_timeout, distributed.SETUP_PATIENCE)):
         opt = run.opt if cfg.resume else None
         ints = position + run.selection.to_ints() + [mine]
-        *position, main = world.broadcast(run.model, opt, ints)
+        *position, main = world.broadcast(run.model, opt, ints, run.state)
     world.check_same_data(main, mine)
     position, selection = position[:3], position[3:]
     run.selection = Selection.from_ints(selection)  # every rank decides --early-stop alike

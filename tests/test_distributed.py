@@ -198,6 +198,31 @@ def test_resume_of_a_two_rank_run(setup, tmp_path):
     assert state["world_size"] == 2
 
 
+def test_streamed_state_on_two_ranks_equals_it_in_memory(setup, tmp_path):
+    """--stream-state with 2 ranks (mlx.launch): each segment's gradients are summed over the
+    ranks before they reach the sums on disk, so the global-norm clip (active: 0.05 is below
+    the norms of this run) and AdamW's update are those of the in-memory optimizer, with
+    gradient accumulation. (test_resume_of_a_two_rank_run resumes a streamed 2-rank run.)"""
+    common = ["--model", str(setup["model"]), "--data", str(setup["notes"])]
+    kw = dict(grad_accum=2, grad_clip=0.05, eval_every=0, save_every=0, steps=3)
+    runs = {}
+    for flag in ["--stream-state", "--no-stream-state"]:
+        out = tmp_path / flag.strip("-")
+        done = _mlx_launch(common + ["--out", str(out), flag, *_argv(**kw)])
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[flag] = (_adapter(out), done.stdout)
+    streamed, in_memory = runs["--stream-state"], runs["--no-stream-state"]
+    assert _max_diff(streamed[0], in_memory[0]) < 1e-6
+
+    assert "--stream-state: LoRA weights, gradient sums and AdamW moments" in streamed[1]
+    assert "--stream-state" not in in_memory[1]
+    # the clip acts in this run: without it the first step's update differs
+    one = dict(steps=1, eval_every=0, save_every=0, stream_state=False)
+    for clip in (0.05, 0.0):
+        _single(setup["model"], setup["notes"], tmp_path / f"clip{clip}", grad_clip=clip, **one)
+    assert _max_diff(_adapter(tmp_path / "clip0.05"), _adapter(tmp_path / "clip0.0")) > 1e-4
+
+
 def test_resume_with_another_global_batch_is_refused_in_one_line(setup, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(setup["out"], out)

@@ -5,10 +5,12 @@ import io
 import json
 from collections import namedtuple
 
+import mlx_edgelora  # noqa: F401  # isort: skip (preloads OpenBLAS before mlx.core)
+import mlx.core as mx
 import pytest
 from conftest import build_tiny_model
 
-from mlx_edgelora import lora, plan, planner, quant
+from mlx_edgelora import lora, plan, planner, precision, quant
 from mlx_edgelora.config import TrainConfig, parse_config
 from mlx_edgelora.errors import UserError
 from mlx_edgelora.report import Reporter
@@ -41,6 +43,20 @@ def speed(monkeypatch):
 @pytest.fixture(scope="module")
 def sizes():
     model, _ = build_tiny_model("llama", quantize_bits=4, **SHAPE)
+    lora.apply_lora(model, TrainConfig())
+    quant.prepare_for_training(model)
+    return plan.sizes(model)
+
+
+@pytest.fixture(scope="module")
+def bf16_sizes():
+    """The same model as mlx-community ships it: bfloat16 norms (and scales)."""
+    # wider and with a smaller vocabulary than SHAPE: the recompute, not the loss head, is
+    # the peak phase of the leanest plans, so that half-precision activations show
+    shape = dict(SHAPE, hidden_size=1024, intermediate_size=2816, vocab_size=1024)
+    model, _ = build_tiny_model("llama", quantize_bits=4, **shape)
+    model.freeze()  # as loaded: cast_weights leaves trainable parameters alone
+    precision.cast_weights(model, mx.bfloat16)
     lora.apply_lora(model, TrainConfig())
     quant.prepare_for_training(model)
     return plan.sizes(model)
@@ -155,3 +171,105 @@ def test_the_trainer_runs_the_planners_choice(tmp_path, tiny_model_dir):
     assert "planner: budget 50.00 GB" in printed and "chosen:" in printed
     saved = json.loads((out / "adapter_config.json").read_text())["edgelora"]
     assert saved["activations"] == "disk" and saved["stream_weights"] is False  # as chosen
+
+
+def _floor(sizes, cfg, dtype):
+    """The smallest planned peak with --dtype `dtype` (on a CPU), the other options free."""
+    p = precision.resolve(dtype, sizes.native, gpu=False)
+    stored = sizes.stored_as(p.storage)
+    return min(
+        plan.estimate(stored, c, precision=p).total_gb
+        for c in planner.candidates(cfg, dtypes=[dtype])
+    )
+
+
+def test_dtype_sizes_the_weights_as_cast(bf16_sizes):
+    assert bf16_sizes.native == mx.bfloat16 and bf16_sizes.castable[1] > 0
+    wide = bf16_sizes.stored_as(mx.float32)
+    assert wide.frozen - bf16_sizes.frozen == 2 * bf16_sizes.castable[1]
+    assert sum(wide.block_frozen) > sum(bf16_sizes.block_frozen)
+    assert wide.stored_as(mx.bfloat16) == bf16_sizes
+
+
+def test_a_budget_only_bf16_storage_fits_picks_it(tmp_path, bf16_sizes, monkeypatch):
+    monkeypatch.setattr(precision, "on_gpu", lambda: False)
+    # float32 made faster than auto, so that only memory makes the planner store bf16
+    monkeypatch.setitem(planner.DTYPE_SPEED, "cpu", {"float32": 0.5, "half compute": 1.39})
+    roomy, _, why = planner.choose(bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", "100"))
+    assert roomy.dtype == "float32" and "the planner chose --dtype float32: 2.00x faster" in why
+    free = _cfg(tmp_path)
+    wide, narrow = _floor(bf16_sizes, free, "float32"), _floor(bf16_sizes, free, "auto")
+    assert narrow < wide
+    budget = (narrow + wide) / 2
+    cfg, memory_plan, why = planner.choose(
+        bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", str(budget))
+    )
+    assert cfg.dtype == "auto" and memory_plan.total_gb <= budget
+    assert "weights and boundaries bfloat16, compute float32" in why
+    assert "the planner kept --dtype auto" in why
+
+
+def test_a_cpu_never_picks_half_compute_when_float32_compute_fits(
+    tmp_path, bf16_sizes, monkeypatch
+):
+    assert not precision.on_gpu()  # MLX's CPU backend: these tests run without a GPU
+    free = _cfg(tmp_path)
+    half, auto = _floor(bf16_sizes, free, "bfloat16"), _floor(bf16_sizes, free, "auto")
+    assert half < auto  # bf16 activations are smaller
+    # only half compute fits: chosen, and said why
+    cfg, _, why = planner.choose(
+        bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", str((half + auto) / 2))
+    )
+    assert cfg.dtype == "bfloat16" and "compute bfloat16" in why
+    assert "no --dtype auto configuration fits" in why
+    # whatever its speed factor says (here: twice as fast), as long as float32 compute fits
+    monkeypatch.setitem(planner.DTYPE_SPEED, "cpu", {"half compute": 0.5})
+    assert planner.relative_speed(_cfg(tmp_path, "--dtype", "bfloat16"), mx.bfloat16, False) < 1
+    for i in range(12):
+        budget = auto * 4 ** (i / 11)  # from the leanest float32-compute plan to 4x it
+        cfg, _, why = planner.choose(bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", str(budget)))
+        assert precision.resolve(cfg.dtype, mx.bfloat16, gpu=False).compute == mx.float32, budget
+
+
+def test_an_explicit_dtype_is_kept(tmp_path, bf16_sizes):
+    cfg, _, why = planner.choose(
+        bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", "100", "--dtype", "bfloat16")
+    )
+    assert cfg.dtype == "bfloat16" and "compute bfloat16): kept as set" in why
+    assert "kept as set: --dtype" in why
+    free = _cfg(tmp_path)
+    budget = (_floor(bf16_sizes, free, "auto") + _floor(bf16_sizes, free, "float32")) / 2
+    with pytest.raises(UserError, match=r"no configuration fits.*; --dtype (auto|bfloat16)"):
+        planner.choose(
+            bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", str(budget), "--dtype", "float32")
+        )
+
+
+def test_dtype_choices_follow_the_model_and_the_backend():
+    assert list(precision.choices(mx.float32, gpu=False)) == ["auto"]  # never narrowed
+    assert list(precision.choices(mx.bfloat16, gpu=False)) == ["auto", "float32", "bfloat16"]
+    assert list(precision.choices(mx.bfloat16, gpu=True)) == ["auto", "float32"]  # bf16 = auto
+    assert list(precision.choices(mx.float16, gpu=False)) == ["auto", "float32", "float16"]
+
+
+def test_the_trainer_runs_the_planners_dtype(tmp_path, monkeypatch):
+    """On a bf16 INT4 folder: the planner's --dtype is what the trainer casts to and saves
+    (float32 when the speed table rates it faster and the budget is roomy)."""
+    from test_precision import _bf16_int4_folder
+
+    model = _bf16_int4_folder(tmp_path / "m")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "d.txt").write_text("The bees were calm this morning. " * 40)
+    monkeypatch.setattr(precision, "on_gpu", lambda: False)
+    monkeypatch.setitem(planner.DTYPE_SPEED, "cpu", {"float32": 0.5, "half compute": 1.39})
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(notes), "--out", str(out), "--steps", "1"]
+    argv += ["--max-seq-len", "64", "--eval-every", "0", "--save-every", "0"]
+    printed = io.StringIO()
+    train(parse_config([*argv, "--memory-budget-gb", "50"]), reporter=Reporter(1, stream=printed))
+    printed = printed.getvalue()
+    assert "--dtype float32 (weights and boundaries float32, compute float32)" in printed
+    assert "compute float32 (--dtype float32, the planner's choice)" in printed
+    saved = json.loads((out / "adapter_config.json").read_text())["edgelora"]
+    assert saved["dtype"] == "float32"
