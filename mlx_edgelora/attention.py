@@ -148,27 +148,61 @@ def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array,
         qi = _rows(q, kv, s, e)  # [B, Hkv, rep*n, hd]
         if outs:  # finish the previous query chunk before this one starts
             qi = mx.depends(qi, [outs[-1], lses[-1]])
-        m = l = acc = None
-        for j in range(i + 1):
-            if not _visible(spans[i], spans[j], window):
-                continue
-            ks, ke = spans[j]
-            if acc is not None:  # finish the previous tile before this one starts
-                qi = mx.depends(qi, [acc, l])
-            t = _scores(qi, k[:, :, ks:ke], spans[i], spans[j], H // kv, scale, window)
-            m_new = t.max(axis=-1) if m is None else mx.maximum(m, t.max(axis=-1))
-            p = mx.exp(t - m_new[..., None])
-            pv = matmul(p.astype(v.dtype), v[:, :, ks:ke], mx.float32)
-            if acc is None:
-                l, acc = p.sum(axis=-1), pv
-            else:
-                alpha = mx.exp(m - m_new)
-                l = alpha * l + p.sum(axis=-1)
-                acc = alpha[..., None] * acc + pv
-            m = m_new
-        outs.append((acc / l[..., None]).astype(q.dtype))
-        lses.append(m + mx.log(l))
+        o, lse = attend_rows(qi, k, v, spans, i, H // kv, scale, window)
+        outs.append(o)
+        lses.append(lse)
     return _unrows(outs, H), _unrows(lses, H)
+
+
+def attend_rows(qi, k, v, spans: list[Span], i: int, rep: int, scale: float, window):
+    """(o, lse) of query chunk i (grouped rows qi [B, Hkv, rep*n, hd]) over the visible key
+    chunks of k, v [B, Hkv, L, hd]: one row block of the online-softmax forward."""
+    m = l = acc = None
+    for j in range(i + 1):
+        if not _visible(spans[i], spans[j], window):
+            continue
+        ks, ke = spans[j]
+        if acc is not None:  # finish the previous tile before this one starts
+            qi = mx.depends(qi, [acc, l])
+        t = _scores(qi, k[:, :, ks:ke], spans[i], spans[j], rep, scale, window)
+        m_new = t.max(axis=-1) if m is None else mx.maximum(m, t.max(axis=-1))
+        p = mx.exp(t - m_new[..., None])
+        pv = matmul(p.astype(v.dtype), v[:, :, ks:ke], mx.float32)
+        if acc is None:
+            l, acc = p.sum(axis=-1), pv
+        else:
+            alpha = mx.exp(m - m_new)
+            l = alpha * l + p.sum(axis=-1)
+            acc = alpha[..., None] * acc + pv
+        m = m_new
+    return (acc / l[..., None]).astype(qi.dtype), m + mx.log(l)
+
+
+def grad_rows(qi, k, v, oi, lse_i, doi, spans: list[Span], i: int, dkv: list, scale, window):
+    """dq of query chunk i (grouped rows, as attend_rows) from its output's cotangent doi;
+    adds its share of dk, dv to dkv[j] = [dk_j, dv_j] (float32) of each visible key chunk j.
+    The FlashAttention-2 backward of one row block: P = exp(S - lse) recomputed per tile."""
+    rep = qi.shape[2] // (spans[i][1] - spans[i][0])
+    d_i = (doi * oi).sum(axis=-1).astype(mx.float32)  # rowsum(dO * O)
+    dq, last = None, []
+    for j in range(i + 1):
+        if not _visible(spans[i], spans[j], window):
+            continue
+        ks, ke = spans[j]
+        kj, vj = k[:, :, ks:ke], v[:, :, ks:ke]
+        if last:  # finish the previous tile before this one starts
+            qi = mx.depends(qi, last)
+        t = _scores(qi, kj, spans[i], spans[j], rep, scale, window)
+        p = mx.exp(t - lse_i[..., None])
+        ds = p * (matmul(doi, vj.swapaxes(-1, -2), mx.float32) - d_i[..., None])
+        p, ds = p.astype(qi.dtype), (ds * scale).astype(qi.dtype)  # d(scores) / d(q k^T)
+        dk, dv = dkv[j] or (None, None)
+        dv = _acc(dv, matmul(p.swapaxes(-1, -2), doi, mx.float32))  # sums over rep heads
+        dk = _acc(dk, matmul(ds.swapaxes(-1, -2), qi, mx.float32))
+        dkv[j] = [dk, dv]
+        dq = _acc(dq, matmul(ds, kj, mx.float32))
+        last = [dq, dk, dv]
+    return dq.astype(qi.dtype)
 
 
 def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int, window):
@@ -210,12 +244,15 @@ def _acc(total: mx.array | None, term: mx.array) -> mx.array:
 # ----------------------------------------------------------------------------------- MLP
 
 
-def mlp_forward(mlp: nn.Module, x: mx.array, chunk: int, norm=None, post=None) -> mx.array:
-    """post(mlp(norm(x))) (norm, post: optional token-wise modules, e.g. the half's RMSNorms),
-    over token chunks with a recomputing VJP when 0 < chunk < B*L."""
+def mlp_forward(
+    mlp: nn.Module, x: mx.array, chunk: int, norm=None, post=None, residual=None
+) -> mx.array:
+    """residual(x, post(mlp(norm(x)))) (norm, post: optional token-wise modules, e.g. the
+    half's RMSNorms; residual: e.g. the block's x + r, None = the branch alone), over token
+    chunks with a recomputing VJP when 0 < chunk < B*L."""
     if chunk <= 0 or chunk >= x.shape[0] * x.shape[1]:
-        return _mlp_call(mlp, x, norm, post)
-    return chunked_mlp(mlp, x, chunk, norm, post)
+        return _mlp_call(mlp, x, norm, post, residual)
+    return chunked_mlp(mlp, x, chunk, norm, post, residual)
 
 
 def mlp_reference(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
@@ -225,20 +262,25 @@ def mlp_reference(mlp: nn.Module, x: mx.array, chunk: int) -> mx.array:
     return y.reshape(*x.shape[:-1], -1)
 
 
-def chunked_mlp(mlp: nn.Module, x: mx.array, chunk: int, norm=None, post=None) -> mx.array:
-    """post(mlp(norm(x))) whose VJP recomputes each chunk's [chunk, intermediate] SwiGLU
-    activations (tokenwise.py); chunks run over all B*L tokens."""
+def chunked_mlp(
+    mlp: nn.Module, x: mx.array, chunk: int, norm=None, post=None, residual=None
+) -> mx.array:
+    """residual(x, post(mlp(norm(x)))) whose VJP recomputes each chunk's [chunk,
+    intermediate] SwiGLU activations (tokenwise.py); chunks run over all B*L tokens. With the
+    residual inside, the VJP's dx is written once, chunk by chunk: outside, the half's
+    backward would hold the branch's dx and the sum with the cotangent as two more [L, D]."""
     _check_no_dropout(mlp)
     flat = x.reshape(1, -1, x.shape[-1])  # [1, B*L, D]
     modules = [m for m in (norm, mlp, post) if m is not None]
-    fn = lambda s, t: (_mlp_call(mlp, t, norm, post),)  # noqa: E731
+    fn = lambda s, t: (_mlp_call(mlp, t, norm, post, residual),)  # noqa: E731
     (y,) = tokenwise(fn, modules, [flat], [1], [1], chunk)
     return y.reshape(*x.shape[:-1], -1)
 
 
-def _mlp_call(mlp: nn.Module, x: mx.array, norm, post) -> mx.array:
+def _mlp_call(mlp: nn.Module, x: mx.array, norm, post, residual=None) -> mx.array:
     y = mlp(x if norm is None else norm(x))
-    return y if post is None else post(y)
+    y = y if post is None else post(y)
+    return y if residual is None else residual(x, y)
 
 
 def _check_no_dropout(mlp: nn.Module) -> None:

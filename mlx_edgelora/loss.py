@@ -60,7 +60,17 @@ from .neighbours import neighbour_table
 # the head's peak scales with this (see the docstring); below 2^20 it stopped falling.
 ROW_BLOCK_ELEMENTS = 1 << 20
 
+# Rows x D of one block of rows of the tiled head (LossHead.value_and_grad): 2^22 float32 =
+# 16 MB per [rows, D] array (1365 rows at D = 3072); each block re-reads the head's tiles, so
+# blocks much smaller than a vocabulary tile's work would cost dequantizing time.
+HEAD_ROW_ELEMENTS = 1 << 22
+
 CrossEntropy = Callable[[mx.array, np.ndarray], mx.array]
+
+
+def head_rows(D: int) -> int:
+    """Rows per block of the tiled head: HEAD_ROW_ELEMENTS // D (at least 256)."""
+    return max(256, HEAD_ROW_ELEMENTS // D)
 
 
 def vocab_tile(chunk: int, D: int) -> int:
@@ -441,29 +451,39 @@ class LossHead:
         """(this head's value, dL/dh) for a `tiled` head, evaluated with one vocabulary
         tile of the head in memory at a time (loss.tiled_ce), its rows read through `read`
         (WeightStream.head_reader, or the module's own). Only the final norm and the row
-        selection go through autodiff."""
+        selection go through autodiff.
+
+        The CE is a sum over rows, so the rows go through the head `head_rows(D)` at a time
+        (each block re-reads the head's tiles): what is whole is only h and dL/dh [B*L, D]
+        (in h's dtype), never the head's float32 [rows, D] input, its gradient, the targets'
+        head rows and the norm's VJP (7 [rows, D] float32 arrays: 5.6 GB at 64K tokens on
+        the Llama-3.2-3B shape)."""
         idx = self._positions(h, batch)
         if idx.size == 0:  # no trainable row
             return mx.array(0.0), (mx.zeros_like(h) if grad else None)
-        select = mx.array(idx.astype(np.int32))
         targets = self._targets(batch, idx)
         V, D = self.vocab_size, self.width
-
-        def rows(h: mx.array) -> mx.array:
-            return self._head_input(h, select)
-
-        x = rows(h)
-        mx.eval(x)
+        tile = vocab_tile(self.vocab_chunk, D)
+        flat = h.reshape(-1, D)  # [B*L, D]
+        dh = mx.zeros_like(flat) if grad else None
+        value, step = mx.array(0.0), head_rows(D)
 
         def weight_rows(sel):
             return head_weight_rows(self.model, sel, read=read)
 
-        value, dx = tiled_ce(x, targets, weight_rows, V, vocab_tile(self.vocab_chunk, D), grad)
-        if not grad:
-            return value, None
-        del x
-        _, (dh,) = mx.vjp(rows, [h], [dx])
-        return value, dh
+        for r in range(0, idx.size, step):
+            select = mx.array(idx[r : r + step].astype(np.int32))
+            hr = flat[select]  # [n, D]
+            x = self._normed(hr)
+            mx.eval(x)
+            v, dx = tiled_ce(x, targets[r : r + step], weight_rows, V, tile, grad)
+            value = value + v
+            if grad:
+                del x
+                _, (dhr,) = mx.vjp(self._normed, [hr], [dx])
+                dh = dh.at[select].add(dhr)  # distinct rows: a placement, dh's buffer reused
+            mx.eval(value, dh if grad else [])
+        return value, (dh.reshape(h.shape) if grad else None)
 
     def state_dict(self) -> dict | None:
         """The head's running state (a cached scoring pass, sample tables), JSON-able, saved
@@ -486,9 +506,12 @@ class LossHead:
 
     def _head_input(self, h: mx.array, select: mx.array) -> mx.array:
         """The selected rows of h [B, L, D] after the final norm: the head's input [N, D].
-        RMSNorm is per row: exact. In float32 whatever h's dtype (--dtype): the head's
-        logits can be large, where bfloat16 would be off by whole units."""
-        rows = h.reshape(-1, h.shape[-1])[select]
+        RMSNorm is per row: exact."""
+        return self._normed(h.reshape(-1, h.shape[-1])[select])
+
+    def _normed(self, rows: mx.array) -> mx.array:
+        """Rows [N, D] of h after the final norm, in float32 whatever h's dtype (--dtype):
+        the head's logits can be large, where bfloat16 would be off by whole units."""
         return final_norm(self.model)(rows.astype(mx.float32)).astype(mx.float32)
 
     def _targets(self, batch: Any, idx: np.ndarray) -> np.ndarray:

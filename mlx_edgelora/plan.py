@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from . import blocks
 from .config import TrainConfig
-from .loss import vocab_tile
+from .loss import head_rows, vocab_tile
 from .models import Shape
 from .precision import Precision, is_castable, model_dtype
 
@@ -33,19 +33,22 @@ F32 = 4
 # live no longer than LoRA's own (tests/test_plan.py measures both).
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
-# The segment engine's recompute (token-chunked custom VJPs for each half's token-wise parts,
-# fused LoRA VJPs, chunked attention: tokenwise.py, fused_lora.py) holds, per half: the
-# attention half RECOMPUTE_FIT x its bytes above; the MLP half the same [L, D] terms and, for
+# The segment engine's recompute of a split block's attention half (attn_half.py: one custom
+# function over query chunks) holds whole only x, its cotangent and dx ([L, D] in the compute
+# dtype), k and v ([L, kv], compute dtype) and their float32 gradients, which the walk over
+# query chunks (last to first) frees key chunk by key chunk (counted as one [L, kv]); per query
+# chunk c, ATTN_TILES [H, c, c] float32 score tiles and ATTN_CHUNK_ROWS [c, D] float32 arrays
+# (q, o, do, dq, the projections' recompute). Fitted to the Llama-3.2-3B shape
+# (bench/results/long_context.md: 0.163 / 0.237 GB above x and the cotangent at 4096 / 8192
+# tokens, so 19 KB per token and 0.090 GB per chunk; the plan 1.15x / 1.19x) and a tiny model
+# at 4096 tokens (tests/test_attn_half.py). Before, the separate custom functions held ~9
+# [L, D] (0.383 GB at 4096; the old terms: 6 D + 4 kv per token and [H, L, chunk] scores).
+ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 3, 8, 16
+# The MLP half (tokenwise.py, residual inside its custom VJP) holds MLP_HALF_PER_D [L, D] (x,
+# the cotangent, dx and its chunks, which MLX computes ahead of their writes into dx) and, for
 # one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
-# gradients, and the dequantized weight tiles). Fitted to the current (thin) recompute: the
-# Llama-3.2-3B shape at 2048 tokens measured 216 MB above its inputs for the attention half and
-# 163 MB for the MLP half (bench/results/recompute_profile.md; with the [L, D] cotangent 0.83x
-# the attention terms, and the plan's MLP half 1.12x), its 2-block split cell 0.361 GB (the
-# plan 1.05x), and the Qwen2.5-0.5B shape's whole-block recompute at 512 tokens
-# (bench/results/plan_accuracy.md, "no split blocks"). Before the thinner recompute the
-# factors were 1.6 (attention) and 1.15 (MLP, 4 [chunk, I] arrays). Refit with
-# bench/plan_accuracy.py when the recompute changes.
-RECOMPUTE_FIT = {"attn": 0.9}
+# gradients, and the dequantized weight tiles); fitted as above (before: 6 [L, D]).
+MLP_HALF_PER_D = 4
 RECOMPUTE_PER_I = 16
 # A whole block's recompute (--no-split-blocks) runs its MLP half's VJP while the attention
 # half's custom functions keep their inputs and outputs (x, q, k, v, the attention output:
@@ -65,11 +68,14 @@ CACHED_PER_D, CACHED_PER_KV = 6, 2
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
-# The tiled chunked head (loss.tiled_ce, run when the head is alone in the loss segment) holds
-# [rows, D] float32 arrays only: the head's input x, dL/dx and its next partial sum, the
-# targets' head rows, and the final norm's VJP; 6.5 of them measured on the Llama-3.2-3B
-# shape at 2048 rows (0.165 GB above the resident state), and its tiles
-TILED_HEAD_PER_ROW_D = 7
+# The tiled chunked head (LossHead.value_and_grad, run when the head is alone in the loss
+# segment) holds h and dL/dh [tokens, D] in the compute dtype, and for one block of rows
+# (loss.head_rows) TILED_HEAD_PER_ROW_D [rows, D] float32 arrays: the rows of h, the head's
+# input x, dL/dx and its next partial sum, the targets' head rows, the final norm's VJP and
+# the block's dL/dh rows; and its tiles. Fitted: the Llama-3.2-3B shape at 4096 tokens (1365-row
+# blocks: 8.4 arrays; bench/results/long_context.md). Before the row blocks every row was in
+# one block (6.5 arrays on the same shape at 2048 rows, h included).
+TILED_HEAD_PER_ROW_D = 9
 # The chunked exact head under autodiff (the graph engine, --cache-policy last) recomputes
 # each vocabulary tile in its own VJP: per row one logits tile row and two [D] rows (the input
 # and its gradient), plus ~4.4 dequantized [tile, D] weight tiles in flight. Fitted (before
@@ -200,11 +206,11 @@ def _half_activations(
     mlp = tokens * (ACT_PER_D - ATTN_PER_D) * s.D * act
     if not chunked:  # the graph engine's autodiff (the constants above were fitted to it)
         return {"attn": attn, "mlp": mlp + mlp_rows * ACT_PER_I * s.I * act}
-    per_i = mlp_rows * RECOMPUTE_PER_I * s.I * act
-    # + the half's cotangent and dx, [L, D] each (with the tiled head the recompute is the peak
-    # phase: SmolLM2 and the Qwen2.5-0.5B shape at 512 tokens were 1-2% under without them)
-    cot = 2 * tokens * s.D * act
-    return {"attn": attn * RECOMPUTE_FIT["attn"], "mlp": mlp + per_i + cot}
+    c = min(cfg.attn_chunk, tokens) if cfg.attn_chunk else tokens
+    attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + s.kv * F32)
+    attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
+    mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    return {"attn": attn, "mlp": mlp}
 
 
 def _block_activations(
@@ -237,14 +243,17 @@ def _tiled_head(cfg: TrainConfig) -> bool:
     return cfg.engine == "segments" and cfg.loss == "chunked" and cfg.cache_policy == "none"
 
 
-def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
+def _loss_head_bytes(
+    s: Shape, rows: int, cfg: TrainConfig, tokens: int = 0, act: int = F32
+) -> float:
+    """Bytes of the loss head's phase for `rows` trainable rows of `tokens` (default rows)."""
     tile = min(vocab_tile(cfg.vocab_chunk, s.D), s.V)
     if _tiled_head(cfg):
-        return _tiled_head_bytes(s, rows, tile)
+        return _tiled_head_bytes(s, rows, tile) + 2 * (tokens or rows) * s.D * act
     if cfg.loss == "full":  # autodiff over [rows, V] logits; the kernel dequantizes tiles
         return (rows * s.V * 3 + tile * s.D * 2 + rows * s.D * 4) * F32 * HEAD_FIT
     if cfg.loss == "chunked":  # under autodiff: at least what the tiled head holds
-        return max(_chunked_head_bytes(s, rows, tile), _tiled_head_bytes(s, rows, tile))
+        return max(_chunked_head_bytes(s, rows, tile), _tiled_head_bytes(s, rows, tile, False))
     # subset: autodiff over [rows, k] logits and the k gathered head rows; the predicted and
     # sampled fills first score every vocabulary tile without gradient (at most the chunked
     # head's pass), then differentiate the k columns
@@ -255,8 +264,10 @@ def _loss_head_bytes(s: Shape, rows: int, cfg: TrainConfig) -> float:
     return own
 
 
-def _tiled_head_bytes(s: Shape, rows: int, tile: int) -> float:
-    """One tile of logits and of the head at a time, twice (read + use)."""
+def _tiled_head_bytes(s: Shape, rows: int, tile: int, blocks: bool = True) -> float:
+    """One block of rows (`blocks`: loss.head_rows, else all rows), one tile of logits and of
+    the head at a time, twice (read + use)."""
+    rows = min(rows, head_rows(s.D)) if blocks else rows
     return (rows * s.D * TILED_HEAD_PER_ROW_D + 2 * rows * tile + 2 * tile * s.D) * F32
 
 
@@ -297,7 +308,7 @@ def estimate(
     streamed = bool(cfg.stream_weights) and cfg.engine == "segments"
     parts = {"weights (resident)": (0 if streamed else m.frozen) / GB}
     parts["LoRA + optimizer"] = _optimizer_bytes(cfg, s) / GB
-    head = _loss_head_bytes(s, rows, cfg)
+    head = _loss_head_bytes(s, rows, cfg, tokens, act)
     if cfg.engine == "graph":
         parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False, act) / GB
         parts["loss head"] = head / GB

@@ -7,7 +7,10 @@ one chunk's intermediates ([chunk, d] each) instead of one [L, d] tensor per pro
 and output: only the function's inputs, outputs and input gradients are whole.
 The token axis may differ per array (x [B, L, D], heads [B, H, L, hd]); `fn` gets the chunk's
 first position too (RoPE needs it). `mx.depends` chains the chunks so that MLX finishes one
-before the next starts. `tokenwise_reference` is the same loop under plain autodiff.
+before the next starts, and each whole output (and input gradient) is written chunk by chunk
+into one buffer (`assemble`: `mx.slice_update`, which reuses the buffer it updates) instead of
+concatenated: a concatenation holds every chunk and the result, twice the bytes.
+`tokenwise_reference` is the same loop under plain autodiff.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def tokenwise(
     L = xs[0].shape[in_axes[0]]
     if chunk <= 0 or chunk >= L:
         return tuple(fn(0, *xs))
-    plan = _Plan(_pure(fn, modules), spans(L, chunk), tuple(in_axes), tuple(out_axes))
+    plan = _Plan(bind(fn, modules), spans(L, chunk), tuple(in_axes), tuple(out_axes))
     params = [p for m in modules for _, p in tree_flatten(m.trainable_parameters())]
     n = len(xs)
     f = mx.custom_function(lambda *a: _forward(plan, a[:n], a[n:]))
@@ -82,7 +85,29 @@ def _rows(a: mx.array, axis: int, s: int, e: int) -> mx.array:
     return a[(slice(None),) * axis + (slice(s, e),)]
 
 
-def _pure(fn: TokenFn, modules: Sequence[nn.Module]):
+def assemble(chunks: Sequence[mx.array], spans_: Sequence[tuple[int, int]], axis: int):
+    """The chunks written at their spans along `axis` into one buffer, in order.
+
+    Each `mx.slice_update` reuses its input buffer once nothing else holds it (MLX donates
+    it), so the whole array is allocated once and each chunk is freed as soon as it is
+    written, where `mx.concatenate` holds all chunks and its result at once.
+    """
+    first = chunks[0]
+    shape = list(first.shape)
+    shape[axis] = spans_[-1][1]
+    out = mx.zeros(shape, first.dtype)
+    for c, (s, _) in zip(chunks, spans_):
+        out = write_rows(out, c, s, axis)
+    return out
+
+
+def write_rows(out: mx.array, chunk: mx.array, start: int, axis: int) -> mx.array:
+    """`out` with `chunk` written at position `start` of its token axis (in place when MLX
+    can donate `out`)."""
+    return mx.slice_update(out, chunk, mx.array([start]), [axis])
+
+
+def bind(fn: TokenFn, modules: Sequence[nn.Module]):
     """(start, chunks, params) -> fn's outputs with `params` set on the modules, restored after."""
     names = [[k for k, _ in tree_flatten(m.trainable_parameters())] for m in modules]
 
@@ -107,7 +132,9 @@ def _forward(plan: _Plan, xs, params) -> tuple[mx.array, ...]:
         if outs:  # finish the previous chunk before this one starts
             chunks = [mx.depends(c, list(outs[-1])) for c in chunks]
         outs.append(plan.pure(s, chunks, params))
-    return _join(outs, plan.out_axes)
+    return tuple(
+        assemble([o[j] for o in outs], plan.spans, ax) for j, ax in enumerate(plan.out_axes)
+    )
 
 
 def _backward(plan: _Plan, xs, params, cotangents) -> tuple[mx.array, ...]:
@@ -126,5 +153,5 @@ def _backward(plan: _Plan, xs, params, cotangents) -> tuple[mx.array, ...]:
             d.append(g)
         dps = [g if t is None else t + g for t, g in zip(dps, grads[n:])]
         last = [*grads[:n], *dps]
-    dx = [mx.concatenate(d, axis=ax) for d, ax in zip(dxs, plan.in_axes)]
+    dx = [assemble(d, plan.spans, ax) for d, ax in zip(dxs, plan.in_axes)]
     return (*dx, *dps)

@@ -139,12 +139,16 @@ def test_predicted_subset_head_gives_the_same_step_in_both_engines(tmp_path, str
     assert_same_step(got, ref)
 
 
+@pytest.mark.parametrize("rows", [0, 7])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True), ("gemma3_text", True)])
-def test_tiled_chunked_head_gives_the_graph_step(arch, tied, stream, tmp_path):
+def test_tiled_chunked_head_gives_the_graph_step(arch, tied, stream, rows, tmp_path, monkeypatch):
     """The exact chunked head runs tile by tile outside autodiff when it is alone in the loss
     segment (streamed: its tiles and the embedding rows read from disk): same loss, same
-    gradients and the same evaluation loss as the graph engine's lazy chunked head."""
+    gradients and the same evaluation loss as the graph engine's lazy chunked head; also when
+    the rows go through the head in blocks (`rows` 7: ~42 trainable rows in 7 blocks)."""
+    if rows:
+        monkeypatch.setattr(loss, "head_rows", lambda D: rows)
     model, _ = build_tiny_model(arch, quantize_bits=4, tie_word_embeddings=tied)
     model.freeze()
     linear_to_lora_layers(model, 4, {"rank": 4, "scale": 2.0, "dropout": 0.0})

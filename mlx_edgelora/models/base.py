@@ -18,7 +18,7 @@ from mlx import nn
 from mlx_lm.models.base import create_attention_mask
 
 from ..attention import attention_core, mlp_forward
-from ..tokenwise import tokenwise
+from ..attn_half import HalfFns, attention_half
 
 HALVES = ("attn", "mlp")  # a block's two residual halves, in order
 
@@ -197,37 +197,57 @@ class Family:
         """One residual half of block i; chunk = 0 runs the plain, unchunked path."""
         layer = self.layers(model)[i]
         if half == "attn":
-            return x + self.attention(model, i, x, attn_chunk, norm=layer.input_layernorm)
-        return x + mlp_forward(layer.mlp, x, mlp_chunk, norm=layer.post_attention_layernorm)
+            return self.attention(
+                model, i, x, attn_chunk, norm=layer.input_layernorm, residual=add_residual
+            )
+        norm = layer.post_attention_layernorm
+        return mlp_forward(layer.mlp, x, mlp_chunk, norm=norm, residual=add_residual)
 
     def attention(
-        self, model: nn.Module, i: int, x: mx.array, chunk: int, norm=None, post=None
+        self, model: nn.Module, i: int, x: mx.array, chunk: int, norm=None, post=None, residual=None
     ) -> mx.array:
-        """post(mlx-lm's Attention.__call__ (no cache) of block i on norm(x)), its core in
-        chunks (attention.py) and its token-wise parts before and after the core (norm, q/k/v
-        projections, q/k norms, RoPE; o projection, post) in token chunks of the same size
-        (tokenwise.py), so their recompute holds one chunk's intermediates."""
+        """residual(x, post(mlx-lm's Attention.__call__ (no cache) of block i on norm(x)))
+        (residual None: the branch alone). With 0 < chunk < L the whole half is one custom
+        function (attn_half.py) over query chunks of `chunk` tokens, the token-wise parts
+        (norm, q/k/v projections, q/k norms, RoPE; o projection, post, residual) run on
+        those chunks and its VJP holds k, v, x, dx and the cotangent whole, nothing else."""
         attn = self.layers(model)[i].self_attn
         B = x.shape[0]
 
-        def qkv(start: int, xc: mx.array):
-            n = xc.shape[1]
-            xc = xc if norm is None else norm(xc)
-            q, k, v = attn.q_proj(xc), attn.k_proj(xc), attn.v_proj(xc)
-            # [B, n, H*hd] -> [B, H, n, hd]
-            q = q.reshape(B, n, attn.n_heads, -1).transpose(0, 2, 1, 3)
-            k = k.reshape(B, n, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            v = v.reshape(B, n, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            if self.qk_norm:  # RMSNorm over head_dim: the same before or after the transpose
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            return attn.rope(q, offset=start), attn.rope(k, offset=start), v
+        def heads(t: mx.array, n: int, count: int) -> mx.array:
+            return t.reshape(B, n, count, -1).transpose(0, 2, 1, 3)  # [B, n, c*hd] -> [B, c, n, hd]
 
-        def out(start: int, oc: mx.array):
+        def q_fn(start: int, xc: mx.array) -> mx.array:
+            xn = xc if norm is None else norm(xc)
+            q = heads(attn.q_proj(xn), xc.shape[1], attn.n_heads)
+            q = attn.q_norm(q) if self.qk_norm else q  # per-head RMSNorm over head_dim
+            return attn.rope(q, offset=start)
+
+        def kv_fn(start: int, xc: mx.array) -> tuple[mx.array, mx.array]:
+            xn = xc if norm is None else norm(xc)
+            k = heads(attn.k_proj(xn), xc.shape[1], attn.n_kv_heads)
+            v = heads(attn.v_proj(xn), xc.shape[1], attn.n_kv_heads)
+            k = attn.k_norm(k) if self.qk_norm else k
+            return attn.rope(k, offset=start), v
+
+        def out_fn(start: int, xc: mx.array, oc: mx.array) -> mx.array:
             r = attn.o_proj(oc.transpose(0, 2, 1, 3).reshape(B, oc.shape[2], -1))  # [B, n, q]
-            return (r if post is None else post(r),)
+            r = r if post is None else post(r)
+            return r if residual is None else residual(xc, r)
 
-        pre = [m for m in (norm, attn.q_proj, attn.k_proj, attn.v_proj) if m is not None]
-        q, k, v = tokenwise(qkv, pre, [x], [1], [2, 2, 2], chunk)
-        o = attention_core(q, k, v, attn.scale, chunk, self.window(model, i))
-        after = [m for m in (attn.o_proj, post) if m is not None]
-        return tokenwise(out, after, [o], [2], [1], chunk)[0]
+        window = self.window(model, i)
+        L = x.shape[1]
+        if 0 < chunk < L:
+            fns = HalfFns(
+                lambda s, t: (q_fn(s, t),), kv_fn, lambda s, t, o: (out_fn(s, t, o),),
+                attn.scale, window,
+            )  # fmt: skip
+            mods = [norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, post]
+            return attention_half(fns, [m for m in mods if m is not None], x, chunk)
+        k, v = kv_fn(0, x)
+        return out_fn(0, x, attention_core(q_fn(0, x), k, v, attn.scale, 0, window))
+
+
+def add_residual(x: mx.array, r: mx.array) -> mx.array:
+    """The pre-norm block's residual connection."""
+    return x + r

@@ -125,9 +125,9 @@ class Gemma3(Family):
         layer = self.layers(model)[i]
         if half == "attn":
             norms = dict(norm=layer.input_layernorm, post=layer.post_attention_layernorm)
-            return clip_residual(x, self.attention(model, i, x, attn_chunk, **norms))
+            return self.attention(model, i, x, attn_chunk, **norms, residual=clip_residual)
         norms = dict(norm=layer.pre_feedforward_layernorm, post=layer.post_feedforward_layernorm)
-        return clip_residual(x, mlp_forward(layer.mlp, x, mlp_chunk, **norms))
+        return mlp_forward(layer.mlp, x, mlp_chunk, **norms, residual=clip_residual)
 
 
 FAMILY = Gemma3()

@@ -1,0 +1,168 @@
+"""A block's attention half as one custom function, recomputed and differentiated per query chunk.
+
+Paper: "Going beyond the paper" (long-context layer recompute), serving technique 2. The
+half is y = residual(x, post(o_proj(attention(q(x), k(x), v(x))))), with q, k, v the
+token-wise projections (norm, LoRA linears, RoPE: the family's). Built from separate custom
+functions (token-wise q/k/v, the flash core, token-wise out) its VJP held every tensor between
+them whole: q, k, v, the attention output o, do, dq, and dx as chunks plus their
+concatenation, about 9 [L, D] (Llama-3.2-3B shape: 1.7 GB at 16K tokens in float32).
+Here only what attention needs whole is: k and v (and their float32 gradients; with grouped
+queries each is a third of [L, D] on Llama-3.2-3B), besides the input x, its cotangent and
+dx. The VJP walks the query chunks last to first; for each it recomputes q_i, the chunk's
+output o_i and log-sum-exp (attention.attend_rows), takes the out projection's VJP
+(do_i), the flash backward of the chunk's rows (attention.grad_rows: dq_i, and dk, dv of the
+key chunks it sees), the q projection's VJP, and then, key chunk i being complete (no earlier
+query sees it), the k/v projections' VJP; dx_i is written once (tokenwise.write_rows).
+About 4.3 [L, D] in all. The extra compute is one attention forward per step (o_i,
+recomputed in the backward), where the separate functions recomputed the half's forward.
+The forward runs the same per-chunk computations (k, v whole, then per query chunk q_i, o_i
+and y_i), so its outputs are those of the separate functions, and it holds x, k, v and y.
+`attention_half_reference` is the same computation under plain autodiff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_flatten
+
+from .attention import Span, attend_rows, grad_rows
+from .tokenwise import assemble, bind, spans, write_rows
+
+
+@dataclass(frozen=True)
+class HalfFns:
+    """The family's token-wise parts of an attention half, on one token chunk.
+
+    q(start, x [B, n, D]) -> [B, H, n, hd]; kv(start, x) -> (k, v) [B, Hkv, n, hd] (both
+    rotated: `start` is the chunk's first position); out(start, x, o [B, H, n, hd]) -> y
+    [B, n, D], the half's output (o projection, post norm, residual with x).
+    """
+
+    q: Callable
+    kv: Callable
+    out: Callable
+    scale: float
+    window: int | None = None
+
+
+def attention_half(fns: HalfFns, modules: Sequence[nn.Module], x: mx.array, chunk: int) -> mx.array:
+    """The half's output y [B, L, D] for x [B, L, D] over query chunks of `chunk` tokens, with
+    the VJP of the module docstring. `modules`: those whose trainable parameters (LoRA) the
+    functions use; their gradients come back as with tokenwise.tokenwise."""
+    params = [p for m in modules for _, p in tree_flatten(m.trainable_parameters())]
+    plan = _Plan(bind(fns.q, modules), bind(fns.kv, modules), bind(fns.out, modules), fns, chunk)
+    f = mx.custom_function(lambda x, *p: (_forward(plan, x, p),))  # a tuple: a list of cotangents
+
+    def vjp(primals, cotangents, outputs):
+        return _backward(plan, primals[0], primals[1:], cotangents[0])
+
+    f.vjp(vjp)
+    return f(x, *params)[0]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    q: Callable  # (start, chunks, params) -> outputs, the params set on the modules
+    kv: Callable
+    out: Callable
+    fns: HalfFns
+    chunk: int
+
+
+def _group(a: mx.array, kv: int) -> mx.array:
+    """[B, H, n, ...] -> [B, Hkv, rep*n, ...]: query heads grouped by their KV head (the layout
+    of attention._rows)."""
+    B, H, n = a.shape[:3]
+    return a.reshape(B, kv, (H // kv) * n, *a.shape[3:])
+
+
+def _ungroup(a: mx.array, H: int, n: int) -> mx.array:
+    return a.reshape(a.shape[0], H, n, *a.shape[3:])
+
+
+def _keys(plan: _Plan, x: mx.array, params, ss: list[Span]) -> tuple[mx.array, mx.array]:
+    """k, v [B, Hkv, L, hd] of the whole sequence, chunk by chunk."""
+    ks, vs, last = [], [], []
+    for s, e in ss:
+        xi = x[:, s:e]
+        if last:
+            xi = mx.depends(xi, last)
+        k, v = plan.kv(s, [xi], params)
+        ks.append(k)
+        vs.append(v)
+        last = [k, v]
+    return assemble(ks, ss, 2), assemble(vs, ss, 2)
+
+
+def _forward(plan: _Plan, x: mx.array, params) -> mx.array:
+    ss = spans(x.shape[1], plan.chunk)
+    k, v = _keys(plan, x, params, ss)
+    ys, last = [], [k, v]
+    for i, (s, e) in enumerate(ss):
+        xi = mx.depends(x[:, s:e], last)  # finish the previous chunk before this one starts
+        (q,) = plan.q(s, [xi], params)
+        H = q.shape[1]
+        o, _ = attend_rows(_group(q, k.shape[1]), k, v, ss, i, H // k.shape[1], *_sw(plan))
+        (y,) = plan.out(s, [xi, _ungroup(o, H, e - s)], params)
+        ys.append(y)
+        last = [y]
+    return assemble(ys, ss, 1)
+
+
+def _sw(plan: _Plan) -> tuple[float, int | None]:
+    return plan.fns.scale, plan.fns.window
+
+
+def _backward(plan: _Plan, x: mx.array, params, cot: mx.array):
+    ss = spans(x.shape[1], plan.chunk)
+    k, v = _keys(plan, x, params, ss)
+    kv = k.shape[1]
+    dkv: list = [None] * len(ss)  # [dk_j, dv_j] float32, while key chunk j is incomplete
+    dx = mx.zeros(x.shape, x.dtype)
+    dps: list = [None] * len(params)
+    last = [k, v]
+    for i in reversed(range(len(ss))):
+        s, e = ss[i]
+        xi = mx.depends(x[:, s:e], last)  # finish the previous chunk before this one starts
+        (q,) = plan.q(s, [xi], params)
+        H = q.shape[1]
+        qg = _group(q, kv)
+        o, lse = attend_rows(qg, k, v, ss, i, H // kv, *_sw(plan))
+        # the out projection (and residual): dx's share through it, do, its parameters
+        dxi, do, *dp = _vjp(plan.out, s, [xi, _ungroup(o, H, e - s)], params, [cot[:, s:e]])
+        dq = grad_rows(qg, k, v, o, lse, _group(do, kv), ss, i, dkv, *_sw(plan))
+        dxq, *dq_p = _vjp(plan.q, s, [xi], params, [_ungroup(dq, H, e - s)])
+        dk, dv = dkv[i]  # complete: queries before chunk i never see its keys
+        dkv[i] = None
+        dxk, *dk_p = _vjp(plan.kv, s, [xi], params, [dk.astype(k.dtype), dv.astype(v.dtype)])
+        dxi = dxi + dxq + dxk
+        dps = [_sum(t, a, b, c) for t, a, b, c in zip(dps, dp, dq_p, dk_p)]
+        dx = write_rows(dx, dxi, s, 1)
+        last = [dxi, *dps, *(t for pair in dkv if pair for t in pair)]
+    return (dx, *dps)
+
+
+def _vjp(fn, start: int, chunks: list, params, cotangents: list) -> list[mx.array]:
+    """d/d(chunks, params) of fn(start, chunks) at `cotangents`: [*d_chunks, *d_params]."""
+    n = len(chunks)
+    _, grads = mx.vjp(lambda *a: fn(start, a[:n], a[n:]), [*chunks, *params], cotangents)
+    return list(grads)
+
+
+def _sum(total, *terms):
+    out = sum(terms[1:], terms[0])
+    return out if total is None else total + out
+
+
+def attention_half_reference(fns: HalfFns, x: mx.array) -> mx.array:
+    """The same half under plain autodiff, unchunked: k, v, q of all tokens, causal
+    (windowed) softmax attention, out."""
+    from .attention import attention_reference
+
+    k, v = fns.kv(0, x)
+    o, _ = attention_reference(fns.q(0, x), k, v, fns.scale, fns.window)
+    return fns.out(0, x, o)
