@@ -25,12 +25,15 @@ import mlx.core as mx
 
 # isort: on
 import argparse
-import gc
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recompute_profile import peak_above  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GB = 2**30
@@ -38,14 +41,7 @@ GB = 2**30
 
 def _peak_above(fn) -> float:
     """GB of peak memory above the active memory while fn() builds and evaluates."""
-    gc.collect()
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    out = fn()
-    mx.eval(out)
-    del out
-    return (mx.get_peak_memory() - before) / GB
+    return peak_above(fn)[0] / GB
 
 
 def _cut_head(model, rows: int) -> None:

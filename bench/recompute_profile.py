@@ -47,15 +47,21 @@ def _mb(*arrays) -> float:
     return round(sum(a.nbytes for a in arrays) / MB, 1)
 
 
-def measure(fn, io) -> dict:
-    """Peak above the active memory while `fn()` builds and evaluates one piece."""
+def peak_above(fn) -> tuple[int, object]:
+    """Bytes of peak memory above the active memory while `fn()` builds and evaluates, and
+    fn's output (the caller drops it)."""
     gc.collect()
     mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     out = fn()
     mx.eval(out)
-    extra = mx.get_peak_memory() - before
+    return mx.get_peak_memory() - before, out
+
+
+def measure(fn, io) -> dict:
+    """Peak above the active memory while `fn()` builds and evaluates one piece."""
+    extra, out = peak_above(fn)
     res = {"extra_mb": round(extra / MB, 1), "io_mb": _mb(*io, *_leaves(out))}
     del out
     return res

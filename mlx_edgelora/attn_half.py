@@ -29,7 +29,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from .attention import Span, attend_rows, grad_rows
+from .attention import Span, attend_rows, attention_reference, grad_rows
 from .tokenwise import assemble, bind, spans, write_rows
 
 
@@ -161,8 +161,6 @@ def _sum(total, *terms):
 def attention_half_reference(fns: HalfFns, x: mx.array) -> mx.array:
     """The same half under plain autodiff, unchunked: k, v, q of all tokens, causal
     (windowed) softmax attention, out."""
-    from .attention import attention_reference
-
     k, v = fns.kv(0, x)
     o, _ = attention_reference(fns.q(0, x), k, v, fns.scale, fns.window)
     return fns.out(0, x, o)
