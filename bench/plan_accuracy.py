@@ -115,16 +115,80 @@ def _layers(model: str) -> int | None:
     return int(n) if name == "smollm2" and n else None
 
 
+class PhaseTracker:
+    """The peak of each phase of a step: `mark(name)` closes the running phase (its peak is
+    mx.get_peak_memory() since the last mark) and starts `name` with the peak reset. Resetting
+    the peak counter allocates nothing, so the step's peak is the largest phase's.
+
+    `install()` marks at the entry of the segment engine's phases (engine.SegmentStep: the
+    forward, the loss head with what runs inside its VJP, each segment's recompute under VJP,
+    the hand-over of its gradients to the optimizer) and of the optimizer update (the bench's
+    Runner); the graph engine's step is one phase."""
+
+    def __init__(self):
+        self.phases: list[dict] = []
+        self.name: str | None = None
+        self._backward = False
+
+    def mark(self, name: str | None) -> None:
+        if self.name is not None:  # (a reset peak stays 0 until the next allocation)
+            peak = max(mx.get_peak_memory(), mx.get_active_memory()) / GB
+            self.phases[-1]["peak_gb"] = round(max(peak, self.phases[-1]["start_gb"]), 4)
+        self.name = name
+        if name is not None:
+            self.phases.append({"phase": name, "start_gb": round(mx.get_active_memory() / GB, 4)})
+        mx.reset_peak_memory()
+
+    def install(self, runner) -> None:
+        from mlx_edgelora import engine
+
+        step = runner.step_fn
+        if not isinstance(step, engine.SegmentStep):
+            self._wrap(step, "__call__", lambda *a: "graph step")
+            return
+        kind = {("attn",): "attn", ("mlp",): "mlp"}
+
+        def unit_names(us) -> str:
+            return "+".join(f"{i}{kind.get(tuple(h), 'block')}" for i, h in us)
+
+        self._wrap(step, "_forward", lambda *a: "forward")
+        self._wrap(step, "_loss_and_vjp", lambda *a: "loss head")
+        self._wrap(step, "_backward", lambda *a: None, backward=True)
+        self._wrap(step, "_vjp", lambda us, *a: f"recompute {unit_names(us)}", in_backward=True)
+        self._wrap(step, "_hand_over", lambda j, us, *a: "hand over")
+
+    def _wrap(self, obj, attr: str, name, backward=False, in_backward=False) -> None:
+        fn = getattr(obj, attr)
+
+        def wrapped(*a, **k):
+            if backward:
+                self._backward = True
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self._backward = False
+            if not in_backward or self._backward:
+                self.mark(name(*a))
+            return fn(*a, **k)
+
+        setattr(obj, attr, wrapped)
+
+
 def measure_child(model: str, seq: int, variant: str) -> dict:
     from engine_speed import Runner
 
     code = code_fingerprint()  # the code this process imported, before it can change on disk
+    tracker = PhaseTracker()
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:  # bench/tmp*: ignored
         r = Runner(VARIANTS[variant], seq, f"{tmp}/out", _layers(model), _model_path(model))
         r.step()  # AdamW's moments exist from here on
+        tracker.install(r)
+        _wrap_update(r, tracker)
         mx.reset_peak_memory()
+        tracker.mark("step start")
         r.step()
-        peak = mx.get_peak_memory() / GB
+        tracker.mark(None)
+        peak = max(p["peak_gb"] for p in tracker.phases)
         r.close()
     return {
         "source": "fresh",
@@ -133,14 +197,33 @@ def measure_child(model: str, seq: int, variant: str) -> dict:
         "variant": variant,
         "measured_gb": round(peak, 4),
         "code": code,
+        "phases": tracker.phases,
     }
 
 
-def measure(only: list[str] | None = None) -> None:
+def _wrap_update(runner, tracker: PhaseTracker) -> None:
+    """Mark the optimizer update of the Runner's step (SegmentOptimizer.apply, or the
+    in-memory trainer's update)."""
+    from mlx_edgelora import trainer
+
+    if runner.state is not None:
+        tracker._wrap(runner.state, "apply", lambda *a: "optimizer update")
+    else:
+        update = trainer._update
+
+        def wrapped(*a, **k):
+            tracker.mark("optimizer update")
+            return update(*a, **k)
+
+        trainer._update = wrapped
+
+
+def measure(only: list[str] | None = None, again: bool = False) -> None:
     """Measure the FRESH_ROWS not yet measured with this code (`only`: these models, e.g.
-    ["smollm2", "qwen0.5b"], by name before the colon)."""
+    ["smollm2", "qwen0.5b"], by name before the colon; `again`: those too, as a repeat: the
+    report keeps each row's largest peak and lists every repeat's)."""
     code, done = code_fingerprint(), set()
-    if FRESH.exists():
+    if FRESH.exists() and not again:
         rows = [r for r in map(json.loads, FRESH.open()) if r.get("code") == code]
         done = {(r["model"], r["seq"], r["variant"]) for r in rows}
     for model, seq, variants in FRESH_ROWS:
@@ -166,40 +249,131 @@ def main() -> None:
     p.add_argument("--child")
     p.add_argument("--only", help="with --measure: comma-separated model names (smollm2,...)")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--phases", action="store_true", help="print each phase against its term")
+    p.add_argument(
+        "--again", action="store_true", help="with --measure: measure rows done with this code"
+    )
     a = p.parse_args()
     if a.child:
         print(json.dumps(measure_child(*json.loads(a.child))))
     elif a.measure:
-        measure(a.only.split(",") if a.only else None)
+        measure(a.only.split(",") if a.only else None, a.again)
     if a.report:
         write_report()
+    if a.phases:
+        print_phases()
 
 
 # ------------------------------------------------------------------------------ report
 
 
-def fresh_rows() -> list[dict]:
-    """The fresh rows, planned with the current code (the model's sizes, loaded lazily)."""
+_SIZES: dict = {}
+
+
+def plan_fresh(model: str, seq: int, variant: str):
+    """plan.estimate for a fresh row (the model's sizes, loaded lazily, once per model)."""
     from mlx_edgelora import lora, plan, quant
     from mlx_edgelora.config import TrainConfig
     from mlx_edgelora.loading import load_model
 
-    out, sizes, code = [], {}, code_fingerprint()
-    for r in map(json.loads, FRESH.open()):
-        cfg = TrainConfig(max_seq_len=r["seq"], out="/tmp/x", **VARIANTS[r["variant"]])
-        cfg.validate()
-        if r["model"] not in sizes:
-            model = load_model(_model_path(r["model"]), lazy=True).model
-            if _layers(r["model"]):
-                model.model.layers = model.model.layers[: _layers(r["model"])]
-            lora.apply_adapter(model, cfg)
-            quant.prepare_for_training(model)
-            sizes[r["model"]] = plan.sizes(model)
-        planned = plan.estimate(sizes[r["model"]], cfg)
+    cfg = TrainConfig(max_seq_len=seq, out="/tmp/x", **VARIANTS[variant])
+    cfg.validate()
+    if model not in _SIZES:
+        m = load_model(_model_path(model), lazy=True).model
+        if _layers(model):
+            m.model.layers = m.model.layers[: _layers(model)]
+        lora.apply_adapter(m, cfg)
+        quant.prepare_for_training(m)
+        _SIZES[model] = plan.sizes(m)
+    return plan.estimate(_SIZES[model], cfg)
+
+
+def fresh_measured() -> list[dict]:
+    """The fresh rows measured with the current code: one per (model, seq, variant), the
+    largest of its repeats (`runs`: every repeat's peak), then the rows of older code."""
+    code = code_fingerprint()
+    rows = list(map(json.loads, FRESH.open())) if FRESH.exists() else []
+    current: dict = {}
+    for r in rows:
+        if r.get("code") != code:
+            continue
+        key = (r["model"], r["seq"], r["variant"])
+        best = current.get(key)
+        runs = (best["runs"] if best else []) + [r["measured_gb"]]
+        if best is None or r["measured_gb"] >= best["measured_gb"]:  # the newest of ties
+            best = r
+        current[key] = {**best, "runs": runs}
+    return list(current.values()) + [r for r in rows if r.get("code") != code]
+
+
+def fresh_rows() -> list[dict]:
+    """The fresh rows, planned with the current code."""
+    out, code = [], code_fingerprint()
+    for r in fresh_measured():
+        planned = plan_fresh(r["model"], r["seq"], r["variant"])
         key = f"{r['model']} {r['seq']} {r['variant']}"
         current = r.get("code") == code
-        out.append(_row("fresh (optimizer steps)", key, planned, r["measured_gb"], current))
+        row = _row("fresh (optimizer steps)", key, planned, r["measured_gb"], current)
+        if len(r.get("runs", [])) > 1:
+            row["runs"] = r["runs"]
+        out.append(row)
     return out
+
+
+# the measured phases (PhaseTracker names) -> the plan's phase (MemoryPlan.phases) that
+# covers them; phases without a term (the forward, the hand-over, the update) are below the
+# plan's peak phase by construction and are listed with "-"
+def _plan_phase(measured: str, plan_phases: dict) -> str | None:
+    if measured.startswith("recompute"):
+        for unit, name in (("attn", "attention-half recompute"), ("mlp", "MLP-half recompute")):
+            if measured.endswith(unit) and "+" not in measured and name in plan_phases:
+                return name
+        return "segment recompute"
+    return measured if measured in plan_phases else None
+
+
+def phase_rows() -> list[dict]:
+    """Per fresh row of the current code with phases: each kind of phase's measured peak
+    (the largest over its occurrences, e.g. every block's attention half) next to the plan's
+    total for it (what the plan holds through the step plus that phase's term)."""
+    out = []
+    for r in fresh_measured():
+        if r.get("code") != code_fingerprint() or not r.get("phases"):
+            continue
+        planned = plan_fresh(r["model"], r["seq"], r["variant"])
+        held = sum(v for k, v in planned.parts.items() if not k.endswith("(peak phase)"))
+        kinds: dict = {}
+        for p in r["phases"]:
+            kind = p["phase"]
+            if kind.startswith("recompute"):
+                units = kind.split(" ", 1)[1].split("+")
+                kind = "recompute " + "+".join(u.lstrip("0123456789") for u in units)
+            kinds[kind] = max(kinds.get(kind, 0), p["peak_gb"])
+        for kind, peak in kinds.items():
+            name = _plan_phase(kind, planned.phases)
+            term = planned.phases.get(name) if name else None
+            out.append({
+                "row": f"{r['model']} {r['seq']} {r['variant']}",
+                "phase": kind,
+                "measured_gb": peak,
+                "plan_phase": name,
+                "planned_gb": None if term is None else round(held + term, 4),
+                "ratio": None if term is None else round((held + term) / peak, 3),
+                "held_gb": round(held, 4),
+            })  # fmt: skip
+    return out
+
+
+def print_phases() -> None:
+    print("| row | phase | measured GB | plan's phase | planned GB (held + term) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for p in phase_rows():
+        planned = "-" if p["planned_gb"] is None else f"{p['planned_gb']:.4f}"
+        ratio = "-" if p["ratio"] is None else f"{p['ratio']:.2f}"
+        print(
+            f"| {p['row']} | {p['phase']} | {p['measured_gb']:.4f} | {p['plan_phase'] or '-'} | "
+            f"{planned} (held {p['held_gb']:.4f}) | {ratio} |"
+        )
 
 
 class _NoEval:
@@ -261,7 +435,9 @@ def _methods_cells() -> list[dict]:
 
 def trainer_rows() -> list[dict]:
     """results/trainer_rows.jsonl: the trainer's own reported peak (token store included)."""
-    from mlx_edgelora import lora, plan, quant
+    from dataclasses import replace
+
+    from mlx_edgelora import lora, plan, precision, quant
     from mlx_edgelora.config import parse_config
     from mlx_edgelora.loading import load_model
 
@@ -278,8 +454,13 @@ def trainer_rows() -> list[dict]:
         per_block = m.block_frozen[0]
         n = r["layers"]
         shape = type(m.shape)(**{**m.shape.__dict__, "n_layers": n})
-        full = plan.ModelSizes(shape, m.frozen + (n - 2) * per_block, (per_block,) * n)
-        planned = plan.estimate(full, cfg, 1.0, TOKEN_STORE_BYTES)
+        full = replace(
+            m, shape=shape, frozen=m.frozen + (n - 2) * per_block, block_frozen=(per_block,) * n
+        )
+        # as the trainer plans it: --dtype auto on a CPU (bf16 storage, float32 compute)
+        prec = precision.resolve(cfg.dtype, m.native, gpu=False)
+        full = full.stored_as(prec.storage)
+        planned = plan.estimate(full, cfg, 1.0, TOKEN_STORE_BYTES, precision=prec)
         key = f"{r['shape']} {r['context']} {r['steps']} steps {' '.join(r['flags'])}".strip()
         out.append(
             _row(

@@ -43,13 +43,14 @@ ATTN_PER_D = 6
 # tokens, so 19 KB per token and 0.090 GB per chunk; the plan 1.15x / 1.19x) and a tiny model
 # at 4096 tokens (tests/test_attn_half.py). Before, the separate custom functions held ~9
 # [L, D] (0.383 GB at 4096; the old terms: 6 D + 4 kv per token and [H, L, chunk] scores).
-ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 3, 8, 16
+ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 2, 6, 9
+ATTN_KV_GRADS = 2
 # The MLP half (tokenwise.py, residual inside its custom VJP) holds MLP_HALF_PER_D [L, D] (x,
 # the cotangent, dx and its chunks, which MLX computes ahead of their writes into dx) and, for
 # one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
 # gradients, and the dequantized weight tiles); fitted as above (before: 6 [L, D]).
-MLP_HALF_PER_D = 4
-RECOMPUTE_PER_I = 16
+MLP_HALF_PER_D = 3
+RECOMPUTE_PER_I = 17
 # A whole block's recompute (--no-split-blocks) runs its MLP half's VJP while the attention
 # half's custom functions keep their inputs and outputs (x, q, k, v, the attention output:
 # about 4 [L, D] + 2 [L, kv]), then the attention half's VJP: the larger of the two. Fitted:
@@ -69,13 +70,22 @@ CACHED_PER_D, CACHED_PER_KV = 6, 2
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
 # The tiled chunked head (LossHead.value_and_grad, run when the head is alone in the loss
-# segment) holds h and dL/dh [tokens, D] in the compute dtype, and for one block of rows
-# (loss.head_rows) TILED_HEAD_PER_ROW_D [rows, D] float32 arrays: the rows of h, the head's
-# input x, dL/dx and its next partial sum, the targets' head rows, the final norm's VJP and
-# the block's dL/dh rows; and its tiles. Fitted: the Llama-3.2-3B shape at 4096 tokens (1365-row
-# blocks: 8.4 arrays; bench/results/long_context.md). Before the row blocks every row was in
-# one block (6.5 arrays on the same shape at 2048 rows, h included).
-TILED_HEAD_PER_ROW_D = 9
+# segment) holds h and dL/dh [tokens, D] in the compute dtype, and for one block of n rows
+# (loss.head_rows) float32 arrays, at the larger of two moments: the vocabulary loop (the
+# rows' normed input x and dL/dx's partial sums: TILED_HEAD_LOOP_PER_ROW_D [n, D]; one
+# [n, tile] logits/softmax buffer; TILED_HEAD_TILES dequantized [tile, D] head tiles) and the
+# end of the block (x, dL/dx, the targets' head rows, the final norm's VJP, the rows' dL/dh:
+# TILED_HEAD_PER_ROW_D [n, D]). From the second block on, the previous block's arrays that
+# are still referenced (its dL/dx and dL/dh rows) and the gathered rows add
+# TILED_HEAD_BLOCKS = (at the end, in the loop) [n, D]. Measured with the head alone
+# (LossHead.value_and_grad, peak above h; bench/results/plan_accuracy.md, "head alone") at
+# D = 256-3072, 512-8192 tokens: the end 7.00 [n, D] in one block, 9.19-9.21 in several; the
+# loop set the peak only at D = 576 / 896 (SmolLM2, Qwen2.5-0.5B: 2.0 [n, D] + the tiles at
+# 512 rows in one block, 6.0 + the tiles in blocks of 512 and 1024). Before: 9 [n, D] +
+# 2 [n, tile] + 2 [tile, D], fitted at D = 3072 only: 2.4x the head's phase on SmolLM2 at
+# 2048 tokens (the [n, tile] term, 14 MB there, is one buffer, not two).
+TILED_HEAD_PER_ROW_D, TILED_HEAD_LOOP_PER_ROW_D, TILED_HEAD_TILES = 7, 2, 2.25
+TILED_HEAD_BLOCKS = (2.5, 4)
 # The chunked exact head under autodiff (the graph engine, --cache-policy last) recomputes
 # each vocabulary tile in its own VJP: per row one logits tile row and two [D] rows (the input
 # and its gradient), plus ~4.4 dequantized [tile, D] weight tiles in flight. Fitted (before
@@ -88,7 +98,12 @@ OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # --stream-state: one unit's state is in memory at a time; its update holds the old and new
 # weight, m and v and the gradient sum
 STREAMED_OPT_COPIES = 7
-DISK_BOUNDARIES_IN_MEMORY = 3  # --activations disk: one being written, one in use, one prefetched
+# ... and while its segment recomputes: its weights with AdamW's m and v as loaded
+# (state.resident), their gradients, and the gradient sum they are added to
+STATE_COPIES = 2
+# --activations disk: the boundary prefetched for the next segment (the one in use is the
+# recompute's input, counted with the recompute; the forward's pending writes are below it)
+DISK_BOUNDARIES_IN_MEMORY = 1
 
 
 @dataclass
@@ -98,6 +113,10 @@ class MemoryPlan:
     parts: dict[str, float] = field(default_factory=dict)
     ranks: int = 1  # data-parallel processes (Macs); every figure is one rank's
     global_batch: str = ""  # what one optimizer step trains on, over all ranks
+    # every phase the plan weighed (GB, its own working memory and the weights it loads),
+    # of which the largest is the part named "(peak phase)"; the rest of `parts` is held
+    # through the whole step (bench/plan_accuracy.py --phases compares each with its peak)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_gb(self) -> float:
@@ -123,6 +142,9 @@ class ModelSizes:
     castable: tuple[int, int] = (0, 0)  # (bytes, elements)
     block_castable: tuple[tuple[int, int], ...] = ()
     native: mx.Dtype = mx.float32  # the model's own float dtype (precision.model_dtype)
+    # the share of a block's frozen bytes in its attention half (the largest block's): a
+    # streamed half loads only its own half's weights (None: unknown, each half counts all)
+    attn_share: float | None = None
 
     def stored_as(self, dtype: mx.Dtype) -> ModelSizes:
         """These sizes after precision.cast_weights(model, dtype)."""
@@ -151,7 +173,18 @@ def sizes(model: nn.Module | ModelSizes) -> ModelSizes:
         _castable(model),
         tuple(_castable(layer) for layer in layers),
         model_dtype(model, _frozen(model)),  # not the LoRA weights' float32
+        _attn_share(model, layers),
     )
+
+
+def _attn_share(model: nn.Module, layers: list[nn.Module]) -> float | None:
+    """The largest block's share of frozen bytes in its attention half (blocks.half_of)."""
+    if not layers:
+        return None
+    big = max(layers, key=_frozen_bytes)
+    total = _frozen_bytes(big)
+    attn = sum(v.nbytes for k, v in _frozen(big) if blocks.half_of(model, k) == "attn")
+    return attn / total if total else None
 
 
 def _frozen(module: nn.Module) -> list[tuple[str, mx.array]]:
@@ -206,8 +239,9 @@ def _half_activations(
     mlp = tokens * (ACT_PER_D - ATTN_PER_D) * s.D * act
     if not chunked:  # the graph engine's autodiff (the constants above were fitted to it)
         return {"attn": attn, "mlp": mlp + mlp_rows * ACT_PER_I * s.I * act}
+    # the segment engine's recompute (the input x is a boundary, counted with them)
     c = min(cfg.attn_chunk, tokens) if cfg.attn_chunk else tokens
-    attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + s.kv * F32)
+    attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + ATTN_KV_GRADS * s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
     mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
     return {"attn": attn, "mlp": mlp}
@@ -265,10 +299,13 @@ def _loss_head_bytes(
 
 
 def _tiled_head_bytes(s: Shape, rows: int, tile: int, blocks: bool = True) -> float:
-    """One block of rows (`blocks`: loss.head_rows, else all rows), one tile of logits and of
-    the head at a time, twice (read + use)."""
-    rows = min(rows, head_rows(s.D)) if blocks else rows
-    return (rows * s.D * TILED_HEAD_PER_ROW_D + 2 * rows * tile + 2 * tile * s.D) * F32
+    """One block of rows (`blocks`: loss.head_rows, else all rows in one), its larger moment:
+    the vocabulary loop (one tile of logits and of the head) or the block's end."""
+    n = min(rows, head_rows(s.D)) if blocks else rows
+    more_end, more_loop = TILED_HEAD_BLOCKS if rows > n else (0, 0)
+    end = (TILED_HEAD_PER_ROW_D + more_end) * n * s.D
+    loop = (TILED_HEAD_LOOP_PER_ROW_D + more_loop) * n * s.D + n * tile
+    return (max(end, loop + TILED_HEAD_TILES * tile * s.D)) * F32
 
 
 def _chunked_head_bytes(s: Shape, rows: int, tile: int) -> float:
@@ -307,24 +344,49 @@ def estimate(
     rows = max(1, int(tokens * trainable_fraction))
     streamed = bool(cfg.stream_weights) and cfg.engine == "segments"
     parts = {"weights (resident)": (0 if streamed else m.frozen) / GB}
-    parts["LoRA + optimizer"] = _optimizer_bytes(cfg, s) / GB
+    # streamed LoRA state (--stream-state) is in memory only with its units: counted in the
+    # phases that load it (the recompute, the update), not through the loss head
+    streamed_state = bool(cfg.stream_state) and cfg.engine == "segments"
+    if not streamed_state:
+        parts["LoRA + optimizer"] = _optimizer_bytes(cfg, s) / GB
     head = _loss_head_bytes(s, rows, cfg, tokens, act)
+    all_phases: dict[str, float] = {}
     if cfg.engine == "graph":
         parts["activations"] = s.n_layers * _block_activations(s, tokens, cfg, False, act) / GB
         parts["loss head"] = head / GB
     else:
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         n_seg = -(-n_units // cfg.checkpoint_every)
-        kept = n_seg if cfg.activations == "ram" else DISK_BOUNDARIES_IN_MEMORY
-        parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
-        segment = _segment_activations(s, tokens, cfg, act)
-        segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
+        storage = precision.storage.size
+        boundary = tokens * s.D * storage
+        ram = cfg.activations == "ram"
+        kept = n_seg if ram else DISK_BOUNDARIES_IN_MEMORY
+        parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
+        # the recompute's input x: on disk, the boundary read back (in RAM, one of them);
+        # in another dtype than the compute's, its cast too; and the running units' state
+        x_in = (0 if ram else boundary) + (tokens * s.D * act if storage != act else 0)
+        if streamed_state:
+            x_in += _lora_bytes(cfg, s) / n_blocks(cfg, s) * _segment_blocks(cfg) * STATE_COPIES
+        big = max(m.block_frozen)
+        segment_w = _segment_blocks(cfg) * big if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
         head_w = m.frozen - sum(m.block_frozen) if streamed and not _tiled_head(cfg) else 0
-        phases = {
-            "segment recompute": segment + segment_w,
-            "loss head": head + head_w,
-        }
+        if cfg.split_blocks and cfg.checkpoint_every == 1:  # the halves take turns
+            halves = _half_activations(s, tokens, cfg, True, act)
+            share = 1.0 if m.attn_share is None else m.attn_share
+            attn_w, mlp_w = (big * share, big * (1 - share)) if streamed else (0, 0)
+            if m.attn_share is None:
+                mlp_w = attn_w
+            phases = {
+                "attention-half recompute": halves["attn"] + x_in + attn_w,
+                "MLP-half recompute": halves["mlp"] + x_in + mlp_w,
+            }
+        else:
+            segment = _segment_activations(s, tokens, cfg, act)
+            phases = {"segment recompute": segment + x_in + segment_w}
+        if streamed_state:  # unit by unit, after the backward (its boundaries are gone)
+            phases["optimizer update"] = _optimizer_bytes(cfg, s)
+        phases["loss head"] = head + head_w
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
             n = _segment_blocks(cfg)
             kept = n * tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
@@ -332,6 +394,7 @@ def estimate(
             phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB
+        all_phases = {k: v / GB for k, v in phases.items()}
     if token_bytes:
         parts["token store"] = token_bytes / GB
     seqs = ranks * cfg.batch_size * cfg.grad_accum
@@ -340,15 +403,19 @@ def estimate(
         batch += (
             f" = {ranks} rank(s) x --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}"
         )
-    return MemoryPlan(parts, ranks, batch)
+    return MemoryPlan(parts, ranks, batch, all_phases)
+
+
+def n_blocks(cfg: TrainConfig, s: Shape) -> int:
+    """Blocks that carry an adapter (--num-layers)."""
+    return max(1, s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers))
 
 
 def _optimizer_bytes(cfg: TrainConfig, s: Shape) -> float:
     """LoRA weights, gradients and AdamW state: all blocks', or with --stream-state only the
     running segment's units (state.py)."""
     if cfg.stream_state and cfg.engine == "segments":
-        n = s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers)
-        per_block = _lora_bytes(cfg, s) / max(n, 1)
+        per_block = _lora_bytes(cfg, s) / n_blocks(cfg, s)
         return per_block * _segment_blocks(cfg) * STREAMED_OPT_COPIES
     return _lora_bytes(cfg, s) * OPT_COPIES
 

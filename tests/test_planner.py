@@ -108,11 +108,13 @@ def test_without_a_budget_the_defaults_are_kept_when_they_fit(tmp_path, sizes, m
     cfg, _, why = planner.choose(sizes, defaults)
     assert cfg == defaults and "default: 0.5 x 16.0 GB of RAM" in why
     # The defaults are the leanest in memory; a disk too small for them makes the planner step
-    # in under the default budget: it runs what needs no disk.
+    # in under the default budget: it runs what fits that disk (the streamed LoRA state alone,
+    # a few MB, may stay on it: it is in memory only with its units, so the plan is lower).
     small = Usage(10**12, 10**12, plan.disk_bytes(sizes, defaults) // 2)
     monkeypatch.setattr(planner.shutil, "disk_usage", lambda p: small)
     cfg, _, why = planner.choose(sizes, defaults)
-    assert plan.disk_bytes(sizes, cfg) == 0 and "chosen:" in why
+    assert plan.disk_bytes(sizes, cfg) * planner.SPACE_MARGIN <= small.free and "chosen:" in why
+    assert not cfg.stream_weights and cfg.activations == "ram"
 
 
 def test_nothing_fits_names_the_largest_context_that_fits(tmp_path, sizes):
@@ -141,9 +143,11 @@ def test_nothing_fits_names_the_set_option_to_drop(tmp_path, sizes):
 
 def test_a_disk_too_small_is_refused_up_front(tmp_path, sizes, monkeypatch):
     cfg = _cfg(tmp_path, "--memory-budget-gb", "100", "--activations", "disk")
-    need = plan.disk_bytes(sizes, planner.choose(sizes, cfg)[0])
+    # the least disk any candidate needs (float32 boundaries; bfloat16 halves them): a quarter
+    # of it fits none, whichever the tie-breaks between equally fast candidates pick
+    need = min(plan.disk_bytes(sizes, c) for c in planner.candidates(cfg))
     assert need > 0
-    monkeypatch.setattr(planner.shutil, "disk_usage", lambda p: Usage(10**12, 10**12, need // 2))
+    monkeypatch.setattr(planner.shutil, "disk_usage", lambda p: Usage(10**12, 10**12, need // 4))
     with pytest.raises(UserError, match=rf"^{tmp_path}: needs ~.* free for spilled activations"):
         planner.choose(sizes, cfg)
     # with the options free, it runs what needs no disk
