@@ -79,6 +79,7 @@ FRESH_ROWS = [  # the most telling first (a run on a shared CPU may not get to t
     ("smollm2:6", 2048, ALL[2:]),
     ("smollm2:6", 512, ALL[3:]),
     ("llama3b:2", 2048, ["defaults", "no split blocks"]),
+    ("qwen3b:2", 2048, ["defaults"]),
 ]
 # The modules whose code decides a step's memory: a row measured with other versions of them
 # is "older code" (plan.py and planner.py only estimate, so they are not here).

@@ -49,23 +49,22 @@ ATTN_KV_GRADS = 2
 # the cotangent, dx and its chunks, which MLX computes ahead of their writes into dx) and, for
 # one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
 # gradients, and the dequantized weight tiles); fitted as above (before: 6 [L, D]).
-MLP_HALF_PER_D = 3
+MLP_HALF_PER_D = 2
 RECOMPUTE_PER_I = 17
-# A whole block's recompute (--no-split-blocks) runs its MLP half's VJP while the attention
-# half's custom functions keep their inputs and outputs (x, q, k, v, the attention output:
-# about 4 [L, D] + 2 [L, kv]), then the attention half's VJP: the larger of the two. Fitted:
-# SmolLM2 (6 blocks) at 2048 tokens and the Qwen2.5-0.5B shape (4 blocks) at 512 (the sum of
-# both halves was 1.28x SmolLM2's peak).
-KEPT_ATTN_PER_D, KEPT_ATTN_PER_KV = 4, 2
+# A segment's recompute runs its units' VJPs last to first, each while the units before it
+# keep their custom functions' inputs and outputs (an attention half: x, q, k, v, the
+# attention output: about KEPT_ATTN_PER_D [L, D] + KEPT_ATTN_PER_KV [L, kv]; an MLP half:
+# its input and output): the peak is the largest VJP plus what the units before it keep. A
+# whole block (--no-split-blocks) is its two halves so, and --checkpoint-every 2 with split
+# blocks measured as much as a whole block (SmolLM2, 512 and 2048 tokens). Fitted: SmolLM2
+# (6 blocks) at 2048 tokens and the Qwen2.5-0.5B shape (4 blocks) at 512. Before, k units
+# counted k whole VJPs: 1.4-1.8x SmolLM2's peak at --checkpoint-every 2.
+KEPT_ATTN_PER_D, KEPT_ATTN_PER_KV, KEPT_MLP_PER_D = 4, 2, 2
 # With --cache-policy last the last segment runs inside the loss head's graph: the head's and
-# the segment's weights are alive together, its forward keeps only its custom functions' inputs
-# and outputs through the head (per block x, q, k, v, the attention output, o_proj's output,
-# the MLP's input and output: about 6 [L, D] + 2 [L, kv]), and its backward recomputes inside
-# those functions' VJPs as a whole block does (_whole_block_recompute; a split last half
-# measured as much). Fitted: SmolLM2 (6 blocks, 512 tokens) and the Qwen2.5-0.5B shape (4 blocks,
-# 512 tokens) at 1.08x and 1.02x (bench/results/plan_accuracy.md); with plain autodiff the
-# cached segment was a whole block's graph activations.
-CACHED_PER_D, CACHED_PER_KV = 6, 2
+# the segment's weights are alive together, its forward keeps what its units keep (above)
+# through the head, and its backward recomputes inside those functions' VJPs as a segment
+# does: the larger of the two. Fitted: SmolLM2 (6 blocks, 512 and 2048 tokens) and the
+# Qwen2.5-0.5B shape (4 blocks, 512 tokens; bench/results/plan_accuracy.md).
 # The loss head's working memory (logit tiles, dequantized head tiles, the input and its
 # gradient) was 1.27x these terms in the Qwen2.5-0.5B trainer row (512 tokens, its peak phase)
 HEAD_FIT = 1.35
@@ -84,7 +83,7 @@ HEAD_FIT = 1.35
 # 512 rows in one block, 6.0 + the tiles in blocks of 512 and 1024). Before: 9 [n, D] +
 # 2 [n, tile] + 2 [tile, D], fitted at D = 3072 only: 2.4x the head's phase on SmolLM2 at
 # 2048 tokens (the [n, tile] term, 14 MB there, is one buffer, not two).
-TILED_HEAD_PER_ROW_D, TILED_HEAD_LOOP_PER_ROW_D, TILED_HEAD_TILES = 7, 2, 2.25
+TILED_HEAD_PER_ROW_D, TILED_HEAD_LOOP_PER_ROW_D, TILED_HEAD_TILES = 7.25, 2, 2.5
 TILED_HEAD_BLOCKS = (2.5, 4)
 # The chunked exact head under autodiff (the graph engine, --cache-policy last) recomputes
 # each vocabulary tile in its own VJP: per row one logits tile row and two [D] rows (the input
@@ -93,7 +92,7 @@ TILED_HEAD_BLOCKS = (2.5, 4)
 # the head phase, weights included) and checked on
 # the Qwen2.5-0.5B shape at 512 and the Llama-3.2-3B cells (bench/results/plan_accuracy.md);
 # the terms above (fitted before the head had its own VJP) were 2.2x SmolLM2's at 2048 tokens.
-CHUNKED_HEAD = {"per_row_cols": 1, "per_row_D": 2, "weight_tiles": 4.4, "fit": 1.2}
+CHUNKED_HEAD = {"per_row_cols": 0, "per_row_D": 2, "weight_tiles": 6.5, "fit": 1.2}
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # --stream-state: one unit's state is in memory at a time; its update holds the old and new
 # weight, m and v and the gradient sum
@@ -215,9 +214,10 @@ def _lora_bytes(cfg: TrainConfig, s: Shape) -> int:
 
 
 def _segment_blocks(cfg: TrainConfig) -> int:
-    """The most blocks one segment touches (k halves can straddle k // 2 + 1 blocks)."""
+    """The most blocks one segment touches: k blocks, or k halves (segments start at unit
+    multiples of k: an even k covers k / 2 whole blocks, an odd k straddles (k + 1) / 2)."""
     k = cfg.checkpoint_every
-    return k // 2 + 1 if cfg.split_blocks else k
+    return -(-k // 2) if cfg.split_blocks else k
 
 
 def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
@@ -254,21 +254,51 @@ def _block_activations(
     return sum(_half_activations(s, tokens, cfg, chunked, act).values())
 
 
+def _kept(s: Shape, tokens: int, kind: str, act: int) -> float:
+    """Bytes a unit's custom functions keep while a later unit of its segment runs its VJP."""
+    attn = tokens * (KEPT_ATTN_PER_D * s.D + KEPT_ATTN_PER_KV * s.kv) * act
+    mlp = tokens * KEPT_MLP_PER_D * s.D * act
+    return {"attn": attn, "mlp": mlp, "block": attn + mlp}[kind]
+
+
+def _units_recompute(s: Shape, tokens: int, cfg: TrainConfig, act: int, kinds) -> float:
+    """Bytes the recompute of units `kinds` (in order) holds: the largest VJP plus what the
+    units before it keep."""
+    h = _half_activations(s, tokens, cfg, True, act)
+    vjp = {**h, "block": max(h["attn"], h["mlp"] + _kept(s, tokens, "attn", act))}
+    return max(
+        vjp[k] + sum(_kept(s, tokens, j, act) for j in kinds[:i]) for i, k in enumerate(kinds)
+    )
+
+
+def _segment_kinds(cfg: TrainConfig) -> list[list[str]]:
+    """The unit sequences a segment can be: k whole blocks, or k alternating halves starting
+    with either half (an odd k shifts the start)."""
+    k = cfg.checkpoint_every
+    if not cfg.split_blocks:
+        return [["block"] * k]
+    halves = ["attn", "mlp"] * (k // 2 + 1)
+    return [halves[:k], halves[1 : k + 1]] if k % 2 else [halves[:k]]
+
+
 def _whole_block_recompute(s: Shape, tokens: int, cfg: TrainConfig, act: int) -> float:
     """Bytes one whole block's recompute holds: its MLP half's VJP next to what the attention
     half keeps, or the attention half's VJP."""
-    h = _half_activations(s, tokens, cfg, True, act)
-    kept = tokens * (KEPT_ATTN_PER_D * s.D + KEPT_ATTN_PER_KV * s.kv) * act
-    return max(h["attn"], h["mlp"] + kept)
+    return _units_recompute(s, tokens, cfg, act, ["block"])
 
 
 def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32) -> float:
-    """Bytes one checkpoint segment's recompute holds: k blocks, or k alternating halves."""
-    k = cfg.checkpoint_every
+    """Bytes one checkpoint segment's recompute holds (the worst of its possible unit orders)."""
+    return max(_units_recompute(s, tokens, cfg, act, ks) for ks in _segment_kinds(cfg))
+
+
+def _last_segment_kinds(cfg: TrainConfig, s: Shape) -> list[str]:
+    """The units of the model's last segment (the one --cache-policy last keeps)."""
+    n_units = s.n_layers * (2 if cfg.split_blocks else 1)
+    k = n_units - (-(-n_units // cfg.checkpoint_every) - 1) * cfg.checkpoint_every
     if not cfg.split_blocks:
-        return k * _whole_block_recompute(s, tokens, cfg, act)
-    big, small = sorted(_half_activations(s, tokens, cfg, True, act).values(), reverse=True)
-    return -(-k // 2) * big + k // 2 * small
+        return ["block"] * k
+    return (["attn", "mlp"] * n_units)[n_units - k : n_units]
 
 
 def _tiled_head(cfg: TrainConfig) -> bool:
@@ -388,9 +418,9 @@ def estimate(
             phases["optimizer update"] = _optimizer_bytes(cfg, s)
         phases["loss head"] = head + head_w
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
-            n = _segment_blocks(cfg)
-            kept = n * tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
-            recomputed = n * _whole_block_recompute(s, tokens, cfg, act)
+            kinds = _last_segment_kinds(cfg, s)
+            kept = sum(_kept(s, tokens, k, act) for k in kinds)
+            recomputed = _units_recompute(s, tokens, cfg, act, kinds)
             phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB
