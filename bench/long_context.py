@@ -108,7 +108,8 @@ def run(model_path: str, L: int, dtype: str, phases: list[str], vocab: int) -> d
 
 def planned(row: dict) -> dict:
     """The plan's terms (plan.py, this code) for a row's phases, less what is resident
-    there: the halves' x and cotangent, the head's h ([L, D] in the compute dtype each)."""
+    there: the halves' cotangent (x is a boundary, not in their terms), the head's h ([L, D]
+    in the compute dtype each)."""
     from mlx_edgelora import plan
     from mlx_edgelora.config import TrainConfig
     from mlx_edgelora.models import Shape
@@ -126,8 +127,8 @@ def planned(row: dict) -> dict:
     io = L * shape.D * act
     head = plan._loss_head_bytes(shape, L, cfg, L, act)
     return {
-        "attn half": round((halves["attn"] - 2 * io) / GB, 4),
-        "mlp half": round((halves["mlp"] - 2 * io) / GB, 4),
+        "attn half": round((halves["attn"] - io) / GB, 4),
+        "mlp half": round((halves["mlp"] - io) / GB, 4),
         "loss head": round((head - io) / GB, 4),
     }
 

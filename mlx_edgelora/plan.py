@@ -50,7 +50,7 @@ ATTN_KV_GRADS = 2
 # one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
 # gradients, and the dequantized weight tiles); fitted as above (before: 6 [L, D]).
 MLP_HALF_PER_D = 2
-RECOMPUTE_PER_I = 17
+RECOMPUTE_PER_I = 16
 # A segment's recompute runs its units' VJPs last to first, each while the units before it
 # keep their custom functions' inputs and outputs (an attention half: x, q, k, v, the
 # attention output: about KEPT_ATTN_PER_D [L, D] + KEPT_ATTN_PER_KV [L, kv]; an MLP half:
@@ -59,7 +59,7 @@ RECOMPUTE_PER_I = 17
 # blocks measured as much as a whole block (SmolLM2, 512 and 2048 tokens). Fitted: SmolLM2
 # (6 blocks) at 2048 tokens and the Qwen2.5-0.5B shape (4 blocks) at 512. Before, k units
 # counted k whole VJPs: 1.4-1.8x SmolLM2's peak at --checkpoint-every 2.
-KEPT_ATTN_PER_D, KEPT_ATTN_PER_KV, KEPT_MLP_PER_D = 4, 2, 2
+KEPT_ATTN_PER_D, KEPT_ATTN_PER_KV, KEPT_MLP_PER_D = 3.5, 1, 2
 # With --cache-policy last the last segment runs inside the loss head's graph: the head's and
 # the segment's weights are alive together, its forward keeps what its units keep (above)
 # through the head, and its backward recomputes inside those functions' VJPs as a segment
@@ -395,8 +395,12 @@ def estimate(
         # the recompute's input x: on disk, the boundary read back (in RAM, one of them);
         # in another dtype than the compute's, its cast too; and the running units' state
         x_in = (0 if ram else boundary) + (tokens * s.D * act if storage != act else 0)
+        unit_state = 0
         if streamed_state:
-            x_in += _lora_bytes(cfg, s) / n_blocks(cfg, s) * _segment_blocks(cfg) * STATE_COPIES
+            unit_state = (
+                _lora_bytes(cfg, s) / n_blocks(cfg, s) * _segment_blocks(cfg) * STATE_COPIES
+            )
+        x_in += unit_state
         big = max(m.block_frozen)
         segment_w = _segment_blocks(cfg) * big if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
@@ -421,7 +425,9 @@ def estimate(
             kinds = _last_segment_kinds(cfg, s)
             kept = sum(_kept(s, tokens, k, act) for k in kinds)
             recomputed = _units_recompute(s, tokens, cfg, act, kinds)
-            phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
+            # its input is the forward's output, not a boundary; its state is loaded too
+            own = tokens * s.D * act + unit_state + head_w + segment_w
+            phases["loss head"] = own + max(head + kept, recomputed)
         name = max(phases, key=phases.get)
         parts[f"{name} (peak phase)"] = phases[name] / GB
         all_phases = {k: v / GB for k, v in phases.items()}
