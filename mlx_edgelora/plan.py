@@ -33,24 +33,28 @@ F32 = 4
 # live no longer than LoRA's own (tests/test_plan.py measures both).
 ACT_PER_D, ACT_PER_KV, ACT_PER_I = 10, 4, 4
 ATTN_PER_D = 6
-# The segment engine's recompute of a split block's attention half (attn_half.py: one custom
-# function over query chunks) holds whole only x, its cotangent and dx ([L, D] in the compute
-# dtype), k and v ([L, kv], compute dtype) and their float32 gradients, which the walk over
-# query chunks (last to first) frees key chunk by key chunk (counted as one [L, kv]); per query
-# chunk c, ATTN_TILES [H, c, c] float32 score tiles and ATTN_CHUNK_ROWS [c, D] float32 arrays
-# (q, o, do, dq, the projections' recompute). Fitted to the Llama-3.2-3B shape
-# (bench/results/long_context.md: 0.163 / 0.237 GB above x and the cotangent at 4096 / 8192
-# tokens, so 19 KB per token and 0.090 GB per chunk; the plan 1.15x / 1.19x) and a tiny model
-# at 4096 tokens (tests/test_attn_half.py). Before, the separate custom functions held ~9
-# [L, D] (0.383 GB at 4096; the old terms: 6 D + 4 kv per token and [H, L, chunk] scores).
+# The segment engine's recompute terms count what each phase allocates beyond the boundaries
+# (the recompute's input x is one: counted with them, or as the boundary read back from disk)
+# by shape, so that they hold across D = 576 (SmolLM2), 896 (Qwen2.5-0.5B), 2048 (Qwen2.5-3B)
+# and 3072 (Llama-3.2-3B). Fitted to each phase's own peak: bench/plan_accuracy.py --phases
+# (whole optimizer steps, every phase's peak) and one half's VJP alone on each real shape.
+# A split block's attention half (attn_half.py: one custom function over query chunks) holds
+# whole the cotangent and dx (ATTN_HALF_PER_D [L, D], compute dtype), k and v ([L, kv],
+# compute dtype) and their float32 gradients (ATTN_KV_GRADS [L, kv]: the walk over query
+# chunks, last to first, frees them key chunk by key chunk); per query chunk c, ATTN_TILES
+# [H, c, c] float32 score tiles and ATTN_CHUNK_ROWS [c, D] float32 arrays (q, o, do, dq, the
+# projections' recompute). Measured: SmolLM2 0.043 GB (plan 1.01x), Llama-3.2-3B 0.201 GB
+# (1.02x), whole steps at 2048 tokens. Before: 3 [L, D] (x counted again), 8 tiles, 16 rows.
 ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 2, 6, 9
 ATTN_KV_GRADS = 2
-# The MLP half (tokenwise.py, residual inside its custom VJP) holds MLP_HALF_PER_D [L, D] (x,
-# the cotangent, dx and its chunks, which MLX computes ahead of their writes into dx) and, for
-# one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
-# gradients, and the dequantized weight tiles); fitted as above (before: 6 [L, D]).
+# The MLP half (tokenwise.py, residual inside its custom VJP) holds MLP_HALF_PER_D [L, D] (the
+# cotangent and dx) and, for one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up
+# and their products and gradients, and the dequantized weight tiles, each [chunk, I] at
+# quant.tile_bytes). Measured above dx: 14.1-15.5 [chunk, I] in whole steps (SmolLM2,
+# Qwen2.5-0.5B, Llama-3.2-3B shapes), 15.7-17.3 for the half alone on resident weights
+# quantized by mlx (a tiny model: 16.3); Qwen2.5-3B's shape measured 18.2 that way.
 MLP_HALF_PER_D = 2
-RECOMPUTE_PER_I = 16
+RECOMPUTE_PER_I = 16.5
 # A segment's recompute runs its units' VJPs last to first, each while the units before it
 # keep their custom functions' inputs and outputs (an attention half: x, q, k, v, the
 # attention output: about KEPT_ATTN_PER_D [L, D] + KEPT_ATTN_PER_KV [L, kv]; an MLP half:
