@@ -126,10 +126,10 @@ class MemoryPlan:
         return sum(self.parts.values())
 
     def describe(self) -> str:
-        rows = [f"  {name:<22} {gb:7.3f} GB" for name, gb in self.parts.items()]
+        rows = [f"  {name:<34} {gb:7.3f} GB" for name, gb in self.parts.items()]
         who = f"per rank, {self.ranks} ranks" if self.ranks > 1 else "one process"
         head = f"memory plan (estimated peak, {who}; global batch {self.global_batch}):"
-        return "\n".join([head, *rows, f"  {'total':<22} {self.total_gb:7.3f} GB"])
+        return "\n".join([head, *rows, f"  {'total':<34} {self.total_gb:7.3f} GB"])
 
 
 @dataclass(frozen=True)
