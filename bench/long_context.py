@@ -84,7 +84,7 @@ def run(model_path: str, L: int, dtype: str, phases: list[str], vocab: int) -> d
     def half(name: str):
         us = [(1, (name,))]
         grads = [{} for _ in blocks.layers(model)]
-        _, dx = step._vjp(us, x, dy, partial(step._run, us), grads)
+        dx = step._segment_vjp(us, x, dy, grads)
         return [dx, grads[1]]
 
     for name in ("attn", "mlp"):
