@@ -19,7 +19,9 @@ graph engine has one segment, the whole model.
   segment: its VJP gives dL/dh. The backward pass walks the segments in reverse: it reads the
   boundary back (prefetching the next one), recomputes the segment under `mx.vjp` w.r.t. its
   LoRA parameters and its input, with chunked attention/MLP (attention.py), evaluates the
-  LoRA gradients and the input's cotangent, and frees the rest. The embedding has no
+  LoRA gradients and the input's cotangent, and frees the rest (a segment that is one MLP
+  half, token-wise, runs one evaluated VJP per token chunk instead: `_vjp_by_rows`, which
+  holds dx once). The embedding has no
   trainable parameters, so the walk stops at block 0. With `stream_weights` each segment's
   frozen weights are loaded only while it runs (stream.py); with a `SegmentOptimizer`
   (`stream_state`, state.py) its LoRA weights too, and each segment's gradients (after
