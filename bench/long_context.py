@@ -123,7 +123,7 @@ def planned(row: dict) -> dict:
     )  # fmt: skip
     L, act = row["seq"], 4 if row["dtype"] == "float32" else 2
     cfg = TrainConfig(max_seq_len=L)
-    halves = plan._half_activations(shape, L, cfg, True, act)
+    halves = plan._half_activations(shape, L, cfg, True, act, by_rows=True)
     io = L * shape.D * act
     head = plan._loss_head_bytes(shape, L, cfg, L, act)
     return {

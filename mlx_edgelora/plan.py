@@ -50,7 +50,9 @@ ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 3, 8, 16
 # gradients, and the dequantized weight tiles). Fitted as above: 0.162 GB above x and the
 # cotangent at 4096 tokens, the plan 1.06x (bench/results/long_context.md). Before: 4 [L, D]
 # (tokenwise.py's custom VJP computed every chunk's dx ahead of their writes), and 6 before it.
-MLP_HALF_PER_D = 3
+# Segments of more than one unit (whole blocks, --checkpoint-every > 1) still run the MLP
+# through tokenwise.py's VJP: MLP_TOKENWISE_PER_D.
+MLP_HALF_PER_D, MLP_TOKENWISE_PER_D = 3, 4
 RECOMPUTE_PER_I = 16
 # A whole block's recompute (--no-split-blocks) runs its MLP half's VJP while the attention
 # half's custom functions keep their inputs and outputs (x, q, k, v, the attention output:
@@ -202,10 +204,11 @@ def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
 
 
 def _half_activations(
-    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32, by_rows=False
 ) -> dict:
     """Bytes each half of one block's autodiff graph holds for `tokens` tokens, with
-    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32)."""
+    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32);
+    `by_rows`: the MLP half is a segment of its own (engine.SegmentStep._vjp_by_rows)."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
@@ -216,7 +219,8 @@ def _half_activations(
     c = min(cfg.attn_chunk, tokens) if cfg.attn_chunk else tokens
     attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
-    mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    per_d = MLP_HALF_PER_D if by_rows and 0 < cfg.mlp_chunk < tokens else MLP_TOKENWISE_PER_D
+    mlp = tokens * per_d * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
     return {"attn": attn, "mlp": mlp}
 
 
@@ -240,7 +244,9 @@ def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
         return k * _whole_block_recompute(s, tokens, cfg, act)
-    big, small = sorted(_half_activations(s, tokens, cfg, True, act).values(), reverse=True)
+    by_rows = k == 1  # one half per segment
+    halves = _half_activations(s, tokens, cfg, True, act, by_rows)
+    big, small = sorted(halves.values(), reverse=True)
     return -(-k // 2) * big + k // 2 * small
 
 
