@@ -89,6 +89,11 @@ OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # weight, m and v and the gradient sum
 STREAMED_OPT_COPIES = 7
 DISK_BOUNDARIES_IN_MEMORY = 3  # --activations disk: one being written, one in use, one prefetched
+# --keep-attention: each attention half's output o [tokens, q] (compute dtype) and
+# log-sum-exp [tokens, H] (float32) are stored with the boundaries: all of them in RAM, or on
+# disk with KEPT_ON_DISK_IN_MEMORY segments' worth in memory (the one whose recompute reads
+# them, the one prefetched)
+KEPT_ON_DISK_IN_MEMORY = 2
 
 
 @dataclass
@@ -317,6 +322,10 @@ def estimate(
         n_seg = -(-n_units // cfg.checkpoint_every)
         kept = n_seg if cfg.activations == "ram" else DISK_BOUNDARIES_IN_MEMORY
         parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
+        if _keeps_attention(cfg):
+            n = s.n_layers if cfg.activations == "ram" else KEPT_ON_DISK_IN_MEMORY
+            n = min(n * _segment_blocks(cfg), s.n_layers)
+            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
@@ -341,6 +350,16 @@ def estimate(
             f" = {ranks} rank(s) x --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}"
         )
     return MemoryPlan(parts, ranks, batch)
+
+
+def _keeps_attention(cfg: TrainConfig) -> bool:
+    """Whether the forward keeps attention outputs: only the chunked attention half does."""
+    return cfg.keep_attention and 0 < cfg.attn_chunk < cfg.max_seq_len
+
+
+def _kept_attention_bytes(s: Shape, tokens: int, act: int) -> int:
+    """One attention half's kept o and log-sum-exp (attn_half.record)."""
+    return tokens * (s.q * act + s.H * F32)
 
 
 def _optimizer_bytes(cfg: TrainConfig, s: Shape) -> float:
@@ -368,6 +387,9 @@ def disk_bytes(
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         tokens = cfg.batch_size * cfg.max_seq_len
         total += -(-n_units // cfg.checkpoint_every) * tokens * s.D * storage
+        if _keeps_attention(cfg):
+            act = (precision or Precision()).compute.size
+            total += s.n_layers * _kept_attention_bytes(s, tokens, act)
     if cfg.stream_weights:
         total += m.frozen  # every block, and the embedding/head
     if cfg.stream_state:

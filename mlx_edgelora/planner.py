@@ -50,6 +50,7 @@ SPACE: dict[str, list] = {
     "split_blocks": [True, False],
     "checkpoint_every": [1, 2, 4],
     "cache_policy": ["none", "last"],
+    "keep_attention": [True, False],
     "attn_chunk": [256, 1024],
     "mlp_chunk": [256, 1024],
     "vocab_chunk": [8192, 32768],
