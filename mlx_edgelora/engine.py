@@ -38,6 +38,8 @@ Kept attention output (`keep_attention`, attn_half.py): the forward records each
 half's output o and log-sum-exp and stores them with the segment's boundary (RAM or disk,
 under keys "{segment}o{n}" and "{segment}l{n}"); the backward reads them back with the
 boundary and the recompute reuses them instead of repeating the attention forward.
+Each segment's forward and its recompute run in a quant.dequantize_once scope: the token
+chunks share one float32 copy of each (small enough) frozen weight.
 
 Precision (`--dtype`, precision.py): the embedding's output is cast to the compute dtype;
 each boundary is rounded to the storage dtype before it is stored *and* before the forward
@@ -59,7 +61,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import attn_half, blocks
+from . import attn_half, blocks, quant
 from .config import TrainConfig
 from .errors import UserError
 from .lora import has_active_dropout
@@ -267,7 +269,8 @@ class SegmentStep:
             mx.eval(stored)  # else a RAM boundary would keep the compute-dtype h alive
             store.put(j, stored)
             keep = attn_half.record() if self.cfg.keep_attention else nullcontext([])
-            with _resident(self.stream, self.segments[j], state=self.state), keep as outs:
+            once = quant.dequantize_once()
+            with _resident(self.stream, self.segments[j], state=self.state), once, keep as outs:
                 h = self._run(self.segments[j], stored.astype(p.compute))
                 mx.eval(h, outs)
             for n, (o, lse) in enumerate(outs):
@@ -316,7 +319,8 @@ class SegmentStep:
                 _prefetch(store, j - 1, kept)
             us = self.segments[j]
             reuse = attn_half.reuse(outs) if kept[j] else nullcontext()
-            with _resident(self.stream, us, state=self.state), reuse:
+            once = quant.dequantize_once()
+            with _resident(self.stream, us, state=self.state), once, reuse:
                 out, dh = self._vjp(us, x, dh, partial(self._run, us), grads)
                 mx.eval([grads[i] for i, _ in us], dh if j > 0 else [])  # unit 0: no dx needed
             del x, out, outs  # the lazy recomputed output would keep this segment's graph alive

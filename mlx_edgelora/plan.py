@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from . import blocks
+from . import blocks, quant
 from .config import TrainConfig
 from .loss import head_rows, vocab_tile
 from .models import Shape
@@ -215,6 +215,9 @@ def _half_activations(
     attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
     mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    # the segment engine's dequantize_once scope: small weights' float32 copies (quant.py)
+    attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
+    mlp += quant.once_bytes([(s.I, s.D), (s.I, s.D), (s.D, s.I)])
     return {"attn": attn, "mlp": mlp}
 
 
