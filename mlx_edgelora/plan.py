@@ -91,9 +91,9 @@ STREAMED_OPT_COPIES = 7
 DISK_BOUNDARIES_IN_MEMORY = 3  # --activations disk: one being written, one in use, one prefetched
 # --keep-attention: each attention half's output o [tokens, q] (compute dtype) and
 # log-sum-exp [tokens, H] (float32) are stored with the boundaries: all of them in RAM, or on
-# disk with KEPT_ON_DISK_IN_MEMORY segments' worth in memory (the one whose recompute reads
-# them, the one prefetched)
-KEPT_ON_DISK_IN_MEMORY = 2
+# disk with two segments' worth in memory (the one whose recompute reads them, the one
+# prefetched); with half-block segments one attention half's (an MLP half's segment, which
+# keeps none, is always in use or prefetched beside it)
 
 
 @dataclass
@@ -326,8 +326,10 @@ def estimate(
         kept = n_seg if cfg.activations == "ram" else DISK_BOUNDARIES_IN_MEMORY
         parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
         if _keeps_attention(cfg):
-            n = s.n_layers if cfg.activations == "ram" else KEPT_ON_DISK_IN_MEMORY
-            n = min(n * _segment_blocks(cfg), s.n_layers)
+            n = s.n_layers
+            if cfg.activations == "disk":
+                one = cfg.split_blocks and cfg.checkpoint_every == 1
+                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
             parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
