@@ -175,6 +175,25 @@ def test_the_trainer_runs_the_planners_choice(tmp_path, tiny_model_dir):
     assert saved["activations"] == "disk" and saved["stream_weights"] is False  # as chosen
 
 
+def test_keeps_attention_outputs_when_they_fit(tmp_path, sizes, monkeypatch):
+    """--keep-attention is faster (its speed factor) and costs memory: kept with room, dropped
+    when only that fits."""
+    monkeypatch.setattr(planner, "SPEED", {2048: {**SPEED, "keep_attention": {False: 1.2}}})
+    argv = ["--activations", "ram", "--no-stream-weights", "--checkpoint-every", "1"]
+    assert planner.choose(sizes, _cfg(tmp_path, "--memory-budget-gb", "100", *argv))[
+        0
+    ].keep_attention
+    free = _cfg(tmp_path, *argv)
+    peaks = {
+        keep: min(_peak(sizes, c) for c in planner.candidates(free) if c.keep_attention == keep)
+        for keep in (True, False)
+    }
+    assert peaks[False] < peaks[True]
+    budget = str((peaks[False] + peaks[True]) / 2)
+    cfg, _, _ = planner.choose(sizes, _cfg(tmp_path, "--memory-budget-gb", budget, *argv))
+    assert not cfg.keep_attention
+
+
 def _floor(sizes, cfg, dtype):
     """The smallest planned peak with --dtype `dtype` (on a CPU), the other options free."""
     p = precision.resolve(dtype, sizes.native, gpu=False)
