@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from . import blocks
+from . import blocks, quant
 from .config import TrainConfig
 from .loss import head_rows, vocab_tile
 from .models import Shape
@@ -98,6 +98,11 @@ DISK_BOUNDARIES_IN_MEMORY = 3  # --activations disk: one being written, one in u
 # memory (counted here). Measured on a tiny model's whole step (tests/test_engine.py): at each
 # backward unit's start only its cotangent and its stored boundary are alive.
 DISK_BOUNDARIES_IN_RECOMPUTE = 1
+# --keep-attention: each attention half's output o [tokens, q] (compute dtype) and
+# log-sum-exp [tokens, H] (float32) are stored with the boundaries: all of them in RAM, or on
+# disk with two segments' worth in memory (the one whose recompute reads them, the one
+# prefetched); with half-block segments one attention half's (an MLP half's segment, which
+# keeps none, is always in use or prefetched beside it)
 
 
 @dataclass
@@ -221,6 +226,9 @@ def _half_activations(
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
     per_d = MLP_HALF_PER_D if by_rows and 0 < cfg.mlp_chunk < tokens else MLP_TOKENWISE_PER_D
     mlp = tokens * per_d * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    # the segment engine's dequantize_once scope: small weights' float32 copies (quant.py)
+    attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
+    mlp += quant.once_bytes([(s.I, s.D), (s.I, s.D), (s.D, s.I)])
     return {"attn": attn, "mlp": mlp}
 
 
@@ -334,6 +342,12 @@ def estimate(
             "segment recompute": n_seg if ram else min(DISK_BOUNDARIES_IN_RECOMPUTE, n_seg),
             "loss head": n_seg if ram else min(DISK_BOUNDARIES_IN_MEMORY, n_seg),
         }
+        if _keeps_attention(cfg):
+            n = s.n_layers
+            if cfg.activations == "disk":
+                one = cfg.split_blocks and cfg.checkpoint_every == 1
+                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
+            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
@@ -361,6 +375,16 @@ def estimate(
     return MemoryPlan(parts, ranks, batch)
 
 
+def _keeps_attention(cfg: TrainConfig) -> bool:
+    """Whether the forward keeps attention outputs: only the chunked attention half does."""
+    return cfg.keep_attention and 0 < cfg.attn_chunk < cfg.max_seq_len
+
+
+def _kept_attention_bytes(s: Shape, tokens: int, act: int) -> int:
+    """One attention half's kept o and log-sum-exp (attn_half.record)."""
+    return tokens * (s.q * act + s.H * F32)
+
+
 def _optimizer_bytes(cfg: TrainConfig, s: Shape) -> float:
     """LoRA weights, gradients and AdamW state: all blocks', or with --stream-state only the
     running segment's units (state.py)."""
@@ -386,6 +410,9 @@ def disk_bytes(
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         tokens = cfg.batch_size * cfg.max_seq_len
         total += -(-n_units // cfg.checkpoint_every) * tokens * s.D * storage
+        if _keeps_attention(cfg):
+            act = (precision or Precision()).compute.size
+            total += s.n_layers * _kept_attention_bytes(s, tokens, act)
     if cfg.stream_weights:
         total += m.frozen  # every block, and the embedding/head
     if cfg.stream_state:

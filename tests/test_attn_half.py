@@ -153,17 +153,19 @@ def test_long_context_mlp_half_recompute_holds_dx_once(long_setup):
     assert _units_above(partial(_half_vjp, model, x, dy, "mlp")) < 2.1
 
 
-def test_long_context_backward_holds_one_cotangent_and_one_boundary(long_setup, tmp_path):
+@pytest.mark.parametrize("keep", [False, True])
+def test_long_context_backward_holds_one_cotangent_and_one_boundary(long_setup, tmp_path, keep):
     """A whole step (2 blocks, 2048 tokens, disk boundaries in bfloat16): as each backward
     unit starts, only its cotangent and its stored boundary are alive above the resident
     weights (1.5 [L, D] float32); the loss head's dL/dh stayed alive through the whole
-    backward (2.5)."""
+    backward (2.5). With --keep-attention an attention half also has its kept output o
+    (one more [L, D] float32 here) and log-sum-exp."""
     from mlx_edgelora import precision
 
     model, L = long_setup[0], 2048
     cfg = TrainConfig(
         attn_chunk=256, mlp_chunk=256, stream_weights=False, activations="disk",
-        spill_dir=str(tmp_path), out=str(tmp_path), max_seq_len=L,
+        spill_dir=str(tmp_path), out=str(tmp_path), max_seq_len=L, keep_attention=keep,
     )  # fmt: skip
     p = precision.Precision(storage=mx.bfloat16, compute=mx.float32)
     step = engine.SegmentStep(model, cfg, loss.make_loss_head(model, "chunked", cfg), None, p)
@@ -179,7 +181,9 @@ def test_long_context_backward_holds_one_cotangent_and_one_boundary(long_setup, 
 
     step._segment_vjp = recorded
     step(batch)
-    assert len(at_start) == 4 and max(at_start) < 1.75, at_start
+    # the backward's units: block 1's MLP and attention halves, then block 0's
+    assert len(at_start) == 4 and max(at_start[0::2]) < 1.75, at_start
+    assert max(at_start[1::2]) < (2.75 if keep else 1.75), at_start
 
 
 def test_long_context_tiled_head_goes_through_rows_in_blocks(long_setup, monkeypatch):
