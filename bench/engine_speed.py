@@ -60,6 +60,7 @@ CONFIGS = {
     "checkpoint-every 2": {"checkpoint_every": 2},
     "checkpoint-every 4": {"checkpoint_every": 4},
     "cache last": {"cache_policy": "last"},
+    "no keep attention": {"keep_attention": False},
     "attn/mlp chunk 1024": {"attn_chunk": 1024, "mlp_chunk": 1024},
     "vocab chunk 32768": {"vocab_chunk": 32768},
 }
@@ -208,6 +209,7 @@ OPTIONS = {
     "checkpoint-every 2": [("checkpoint_every", 2)],
     "checkpoint-every 4": [("checkpoint_every", 4)],
     "cache last": [("cache_policy", "last")],
+    "no keep attention": [("keep_attention", False)],
     "attn/mlp chunk 1024": [("attn_chunk", 1024), ("mlp_chunk", 1024)],
     "vocab chunk 32768": [("vocab_chunk", 32768)],
 }

@@ -133,12 +133,8 @@ def pieces(model, cfg, L: int) -> dict:
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         out.update(projection(getattr(attn, name), name, x, L))
     out["rope (q)"] = measure(lambda: mx.vjp(attn.rope, [q], [dq])[1], [q, dq])
-    from mlx_edgelora.attention import attention_core
-
-    core = partial(attention_core, scale=attn.scale, chunk=cfg.attn_chunk)
-    out["attention core (chunked)"] = measure(
-        lambda: mx.vjp(lambda a, b, c: core(a, b, c), [q, k, v], [dq])[1], [q, k, v, dq]
-    )
+    core = partial(flash_core, scale=attn.scale, chunk=cfg.attn_chunk)
+    out["attention core (chunked)"] = measure(lambda: core(q, k, v, dq), [q, k, v, dq])
     out["post-attn norm"] = measure(
         lambda: mx.vjp(layer.post_attention_layernorm, [x], [dy])[1], [x, dy]
     )
@@ -148,6 +144,29 @@ def pieces(model, cfg, L: int) -> dict:
         lambda: mx.vjp(lambda t: mlp_forward(mlp, t, cfg.mlp_chunk), [x], [dy])[1], [x, dy]
     )
     return out
+
+
+def flash_core(q, k, v, do, scale: float, chunk: int) -> list:
+    """The attention half's flash core alone, as its VJP runs it (attn_half.py): per query
+    chunk, o and lse (attention.attend_rows), then dq and the chunk's share of dk, dv
+    (attention.grad_rows); returns [dq, dk, dv]."""
+    from mlx_edgelora.attention import attend_rows, grad_rows
+    from mlx_edgelora.tokenwise import spans
+
+    B, H, L, hd = q.shape
+    kv = k.shape[1]
+
+    def rows(a, s, e):  # [B, H, L, ...] rows s:e -> [B, kv, rep*n, ...] (heads grouped by KV)
+        return a[:, :, s:e].reshape(B, kv, (H // kv) * (e - s), *a.shape[3:])
+
+    ss, dkv, dqs = spans(L, chunk), [None] * len(spans(L, chunk)), []
+    for i, (s, e) in enumerate(ss):
+        qi, doi = rows(q, s, e), rows(do, s, e)
+        o, lse = attend_rows(qi, k, v, ss, i, H // kv, scale, None)
+        dqs.append(grad_rows(qi, k, v, o, lse, doi, ss, i, dkv, scale, None))
+    dk = mx.concatenate([d[0] for d in dkv], axis=2)
+    dv = mx.concatenate([d[1] for d in dkv], axis=2)
+    return [mx.concatenate([d.reshape(B, H, -1, hd) for d in dqs], axis=2), dk, dv]
 
 
 def run(label: str, L: int) -> dict:

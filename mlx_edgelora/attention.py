@@ -1,14 +1,16 @@
-"""Long-context layer recompute: chunked attention with its own VJP, MLP over token chunks.
+"""Long-context layer recompute: flash attention by query chunks, MLP over token chunks.
 
 Paper: "Going beyond the paper" (long-context layer recompute), serving technique 2
 (checkpointing): when a block is recomputed in the backward pass, no tensor of size L x L
 (attention scores) or L x intermediate (SwiGLU) exists at once.
 Why: MLX's fused attention has no fused backward, so autodiff of `layer(x, "causal")`
 holds [B, H, L, L] scores and probabilities; autodiff of the MLP holds every token's
-[intermediate] activations. Here attention is FlashAttention-2 style (online softmax forward
-saving only O and the log-sum-exp; backward recomputes scores tile by tile), and the MLP
-(with its half's norms) has a custom VJP that recomputes one token chunk at a time
-(tokenwise.py). Both sit next to a plain reference.
+[intermediate] activations. Here attention is FlashAttention-2 style, one query chunk (row
+block) at a time: `attend_rows` is its online-softmax forward (o and the log-sum-exp, scores
+tile by tile), `grad_rows` its backward (P recomputed tile by tile); attn_half.py composes
+them into the attention half's custom VJP. The MLP (with its half's norms) has a custom VJP
+that recomputes one token chunk at a time (tokenwise.py). Both sit next to a plain
+reference (`attention_reference`, `mlp_reference`); `attention_core` is the unchunked path.
 `mx.depends` chains the tiles so that MLX's evaluator finishes one tile (and frees its
 scores) before starting the next; without it, tiles feeding two accumulators stay alive.
 Sliding-window layers (Gemma 3's local layers, Mistral's `layer_types`) mask keys older than
@@ -24,61 +26,31 @@ from mlx import nn
 from .errors import UserError
 from .lora import has_active_dropout
 from .quant import fused_available, matmul
-from .tokenwise import spans as token_spans
 from .tokenwise import tokenwise, tokenwise_reference
 
 # ----------------------------------------------------------------------------- attention
 
 
 def attention_core(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int, window: int | None = None
+    q: mx.array, k: mx.array, v: mx.array, scale: float, window: int | None = None
 ) -> mx.array:
     """Causal (optionally sliding-window) attention of rotated q [B, H, L, hd] and k, v
-    [B, Hkv, L, hd]: MLX's fused kernel when unchunked, else `chunked_attention`."""
+    [B, Hkv, L, hd] through MLX's fused kernel: the unchunked path (the chunked one is the
+    attention half's, attn_half.py, built from attend_rows and grad_rows below)."""
     L = q.shape[2]
-    if chunk <= 0 or chunk >= L:
-        mask = "causal" if window is None or window >= L else window_mask(L, window)
-        if q.dtype == mx.float32 or fused_available():
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        # CPU, half precision: MLX's fallback would run half matmuls without BLAS
-        f32 = (a.astype(mx.float32) for a in (q, k, v))
-        o = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
-        return o.astype(q.dtype)
-    return chunked_attention(q, k, v, scale, chunk, window)
+    mask = "causal" if window is None or window >= L else window_mask(L, window)
+    if q.dtype == mx.float32 or fused_available():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    # CPU, half precision: MLX's fallback would run half matmuls without BLAS
+    f32 = (a.astype(mx.float32) for a in (q, k, v))
+    o = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
+    return o.astype(q.dtype)
 
 
 def window_mask(L: int, window: int) -> mx.array:
     """[L, L] bool: key j visible to query i iff i - window < j <= i (mlx-lm's rule)."""
     i, j = mx.arange(L)[:, None], mx.arange(L)[None, :]
     return (i >= j) & (i < j + window)
-
-
-def chunked_attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, chunk: int, window: int | None = None
-) -> mx.array:
-    """Causal softmax(scale q k^T) v over chunk x chunk tiles, with a FlashAttention-2 VJP.
-
-    q [B, H, L, hd]; k, v [B, Hkv, L, hd] with H a multiple of Hkv (GQA, never repeated).
-    `window` (sliding-window layers): query i sees keys i - window < j <= i only, and tiles
-    wholly outside the window are skipped, so a windowed layer costs O(L * window).
-    Returns o [B, H, L, hd]. `chunked_attention_lse` also returns the log-sum-exp.
-    """
-    return chunked_attention_lse(q, k, v, scale, chunk, window)[0]
-
-
-def chunked_attention_lse(
-    q, k, v, scale: float, chunk: int, window: int | None = None
-) -> tuple[mx.array, mx.array]:
-    """(o [B, H, L, hd], lse [B, H, L]); differentiable in q, k, v (lse's cotangent too)."""
-    if window is not None and window < 1:
-        raise ValueError(f"sliding window must be >= 1, got {window}")
-    fn = mx.custom_function(lambda q, k, v: _flash_forward(q, k, v, scale, chunk, window))
-
-    def vjp(primals, cotangents, outputs):
-        return _flash_backward(*primals, *outputs, *cotangents, scale, chunk, window)
-
-    fn.vjp(vjp)
-    return fn(q, k, v)
 
 
 def attention_reference(q, k, v, scale: float, window: int | None = None):
@@ -91,22 +63,6 @@ def attention_reference(q, k, v, scale: float, window: int | None = None):
     s = mx.where(window_mask(L, window or L), s, -mx.inf)
     lse = mx.logsumexp(s, axis=-1)
     return mx.exp(s - lse[..., None]) @ v, lse
-
-
-def _rows(a: mx.array, kv: int, s: int, e: int) -> mx.array:
-    """Rows s:e of a [B, H, L, ...] tensor as [B, Hkv, rep*(e-s), ...] (query heads grouped)."""
-    B, H, L = a.shape[:3]
-    g = a.reshape(B, kv, H // kv, L, *a.shape[3:])[:, :, :, s:e]
-    return g.reshape(B, kv, (H // kv) * (e - s), *a.shape[3:])
-
-
-def _unrows(tiles: list[mx.array], H: int) -> mx.array:
-    """Inverse of _rows over all spans: [B, Hkv, rep*n_i, ...] list -> [B, H, L, ...]."""
-    B, kv = tiles[0].shape[:2]
-    rest = tiles[0].shape[3:]
-    g = [t.reshape(B, kv, H // kv, -1, *rest) for t in tiles]
-    out = mx.concatenate(g, axis=3)
-    return out.reshape(B, H, out.shape[3], *rest)
 
 
 Span = tuple[int, int]  # [start, end) token positions of one chunk
@@ -136,22 +92,6 @@ def _scores(qi: mx.array, kj: mx.array, qs: Span, ks: Span, rep: int, scale: flo
         keep = (i >= j) & (i < j + (window or qs[1]))  # [n, m]
         s = mx.where(mx.tile(keep, (rep, 1)), s, MASKED)
     return s
-
-
-def _flash_forward(q, k, v, scale: float, chunk: int, window) -> tuple[mx.array, mx.array]:
-    """Online-softmax forward, query chunk outer, tiles outside the window skipped; saves
-    only o and lse. Scores, softmax and the output accumulate in float32 whatever q's dtype."""
-    H, kv = q.shape[1], k.shape[1]
-    spans = token_spans(q.shape[2], chunk)
-    outs, lses = [], []
-    for i, (s, e) in enumerate(spans):
-        qi = _rows(q, kv, s, e)  # [B, Hkv, rep*n, hd]
-        if outs:  # finish the previous query chunk before this one starts
-            qi = mx.depends(qi, [outs[-1], lses[-1]])
-        o, lse = attend_rows(qi, k, v, spans, i, H // kv, scale, window)
-        outs.append(o)
-        lses.append(lse)
-    return _unrows(outs, H), _unrows(lses, H)
 
 
 def attend_rows(qi, k, v, spans: list[Span], i: int, rep: int, scale: float, window):
@@ -203,38 +143,6 @@ def grad_rows(qi, k, v, oi, lse_i, doi, spans: list[Span], i: int, dkv: list, sc
         dq = _acc(dq, matmul(ds, kj, mx.float32))
         last = [dq, dk, dv]
     return dq.astype(qi.dtype)
-
-
-def _flash_backward(q, k, v, o, lse, do, dlse, scale: float, chunk: int, window):
-    """FlashAttention-2 backward: key chunk outer, recompute P = exp(S - lse) per tile (the
-    tiles the forward skipped contribute nothing); dq, dk, dv accumulate in float32."""
-    H, kv, rep = q.shape[1], k.shape[1], q.shape[1] // k.shape[1]
-    spans = token_spans(q.shape[2], chunk)
-    # D = rowsum(dO * O) - dlse, so that dS = P * (dP - D) also carries lse's cotangent
-    d = (do * o).sum(axis=-1).astype(mx.float32) - dlse
-    dq: list[mx.array | None] = [None] * len(spans)
-    dks, dvs, last = [], [], []
-    for j, (ks, ke) in enumerate(spans):
-        kj, vj, dk, dv = k[:, :, ks:ke], v[:, :, ks:ke], None, None
-        for i in range(j, len(spans)):
-            if not _visible(spans[i], spans[j], window):
-                break  # later query chunks are even further from this key chunk
-            # grouped row copies are made per tile (cheap next to its matmuls), not kept
-            qi, doi, lse_i, d_i = (_rows(a, kv, *spans[i]) for a in (q, do, lse, d))
-            if last:  # finish the previous tile (free its P, dS) before this one starts
-                qi = mx.depends(qi, last)
-            t = _scores(qi, kj, spans[i], spans[j], rep, scale, window)
-            p = mx.exp(t - lse_i[..., None])
-            ds = p * (matmul(doi, vj.swapaxes(-1, -2), mx.float32) - d_i[..., None])
-            p, ds = p.astype(q.dtype), (ds * scale).astype(q.dtype)  # d(scores) / d(q k^T)
-            dv = _acc(dv, matmul(p.swapaxes(-1, -2), doi, mx.float32))  # sums over rep heads
-            dk = _acc(dk, matmul(ds.swapaxes(-1, -2), qi, mx.float32))
-            dq[i] = _acc(dq[i], matmul(ds, kj, mx.float32))
-            last = [dv, dk, dq[i]]
-        dks.append(dk)
-        dvs.append(dv)
-    dk, dv = mx.concatenate(dks, axis=2), mx.concatenate(dvs, axis=2)
-    return _unrows(dq, H).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _acc(total: mx.array | None, term: mx.array) -> mx.array:

@@ -158,6 +158,13 @@ class TrainConfig:
         "segment's activations at the loss head's peak)",
         choices=["none", "last"],
     )
+    keep_attention: bool = _opt(
+        True,
+        "keep each attention half's output and log-sum-exp from the forward with its "
+        "boundary (RAM or disk, as --activations), so that the backward does not run the "
+        "attention forward again (faster steps; costs one [tokens, q width] array per "
+        "block in the boundary store, and one more while a half recomputes)",
+    )
     attn_chunk: int = _opt(
         256,
         "query/key chunk of the chunked attention used in recompute, and the token chunk of "

@@ -19,7 +19,9 @@ graph engine has one segment, the whole model.
   segment: its VJP gives dL/dh. The backward pass walks the segments in reverse: it reads the
   boundary back (prefetching the next one), recomputes the segment under `mx.vjp` w.r.t. its
   LoRA parameters and its input, with chunked attention/MLP (attention.py), evaluates the
-  LoRA gradients and the input's cotangent, and frees the rest. The embedding has no
+  LoRA gradients and the input's cotangent, and frees the rest (a segment that is one MLP
+  half, token-wise, runs one evaluated VJP per token chunk instead: `_vjp_by_rows`, which
+  holds dx once). The embedding has no
   trainable parameters, so the walk stops at block 0. With `stream_weights` each segment's
   frozen weights are loaded only while it runs (stream.py); with a `SegmentOptimizer`
   (`stream_state`, state.py) its LoRA weights too, and each segment's gradients (after
@@ -34,6 +36,13 @@ Selective caching (`cache_policy`), what to keep from the forward instead of rec
   (logits over trainable rows, vocabulary chunks) then adds to one segment's recompute peak.
   Worth it with few segments (large checkpoint_every) or when the head is cheap.
 
+Kept attention output (`keep_attention`, attn_half.py): the forward records each attention
+half's output o and log-sum-exp and stores them with the segment's boundary (RAM or disk,
+under keys "{segment}o{n}" and "{segment}l{n}"); the backward reads them back with the
+boundary and the recompute reuses them instead of repeating the attention forward.
+Each segment's forward and its recompute run in a quant.dequantize_once scope: the token
+chunks share one float32 copy of each (small enough) frozen weight.
+
 Precision (`--dtype`, precision.py): the embedding's output is cast to the compute dtype;
 each boundary is rounded to the storage dtype before it is stored *and* before the forward
 goes on from it, so the recompute starts from exactly what the forward ran on; the backward
@@ -47,14 +56,14 @@ Spill files are removed on every exit: the BoundaryStore lives in a `with` for t
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from functools import partial
 
 import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import blocks
+from . import attn_half, blocks, quant
 from .config import TrainConfig
 from .errors import UserError
 from .lora import has_active_dropout
@@ -221,13 +230,16 @@ class SegmentStep:
         _check_no_dropout(self.model)
         n_ckpt = len(self.segments) - (self.cfg.cache_policy == "last")
         grads: list[dict] = [{} for _ in blocks.layers(self.model)]
+        kept = [0] * n_ckpt  # attention outputs kept per segment
         with BoundaryStore(self.cfg.activations, self.cfg.spill_dir, self.cfg.out) as store:
-            h = self._forward(store, mx.array(batch.inputs), n_ckpt)
+            h = self._forward(store, mx.array(batch.inputs), n_ckpt, kept)
             if n_ckpt:
-                store.prefetch(n_ckpt - 1)  # read overlaps the loss head
+                _prefetch(store, n_ckpt - 1, kept)  # read overlaps the loss head
             loss, dh = self._loss_and_vjp(h, batch, n_ckpt, grads)
             del h
-            self._backward(store, dh, n_ckpt, grads)
+            handed = [dh]  # _backward gets the only reference: it frees dL/dh after one unit
+            del dh
+            self._backward(store, handed.pop(), n_ckpt, grads, kept)
         if self.state is not None:  # the gradients went to the optimizer segment by segment
             return loss, int(batch.mask.sum()), None
         mx.eval(grads)  # the hook's work (e.g. all-reduces) may still be in flight
@@ -246,21 +258,30 @@ class SegmentStep:
             self.stream.close()
             self.stream = None
 
-    def _forward(self, store: BoundaryStore, inputs: mx.array, n_ckpt: int) -> mx.array:
+    def _forward(
+        self, store: BoundaryStore, inputs: mx.array, n_ckpt: int, kept: list[int]
+    ) -> mx.array:
         """Run segments 0..n_ckpt-1 without autodiff, storing each one's input (rounded to
-        the storage dtype, and the forward goes on from that rounded input)."""
+        the storage dtype, and the forward goes on from that rounded input) and, with
+        keep_attention, its attention halves' outputs (kept[j]: how many)."""
         p = self.precision
         h = _embed(self.model, self.stream, inputs).astype(p.compute)
         mx.eval(h)
-        store.check_space(h.size * p.storage.size * n_ckpt)
+        store.check_space(h.size * p.storage.size * n_ckpt + self._kept_bytes(h, n_ckpt))
         for j in range(n_ckpt):
             stored = h.astype(p.storage)
             mx.eval(stored)  # else a RAM boundary would keep the compute-dtype h alive
             store.put(j, stored)
-            with _resident(self.stream, self.segments[j], state=self.state):
+            keep = attn_half.record() if self.cfg.keep_attention else nullcontext([])
+            once = quant.dequantize_once()
+            with _resident(self.stream, self.segments[j], state=self.state), once, keep as outs:
                 h = self._run(self.segments[j], stored.astype(p.compute))
-                mx.eval(h)
-            del stored
+                mx.eval(h, outs)
+            for n, (o, lse) in enumerate(outs):
+                store.put(f"{j}o{n}", o)
+                store.put(f"{j}l{n}", lse)
+            kept[j] = len(outs)
+            del stored, outs
             if p.checks_overflow:
                 check_finite(h, f"after segment {j} (blocks {self.segments[j][0][0]}-)")
         return h
@@ -281,17 +302,31 @@ class SegmentStep:
         self._hand_over(n_ckpt, us, grads)
         return loss.item(), dh
 
-    def _backward(self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict]):
+    def _kept_bytes(self, h: mx.array, n_ckpt: int) -> int:
+        """Bytes of the attention outputs the forward will keep (an upper bound: every
+        checkpointed segment's attention halves)."""
+        if not self.cfg.keep_attention:
+            return 0
+        s = blocks.shape(self.model)
+        n_attn = sum(halves.count("attn") for seg in self.segments[:n_ckpt] for _, halves in seg)
+        tokens = h.size // h.shape[-1]
+        return n_attn * tokens * (s.q * h.dtype.size + s.H * 4)
+
+    def _backward(
+        self, store: BoundaryStore, dh: mx.array, n_ckpt: int, grads: list[dict], kept: list[int]
+    ):
         """Recompute segments n_ckpt-1..0 under VJP; fill their LoRA gradients."""
         for j in reversed(range(n_ckpt)):
             x = store.get(j).astype(self.precision.compute)
+            outs = [(store.get(f"{j}o{n}"), store.get(f"{j}l{n}")) for n in range(kept[j])]
             if j > 0:
-                store.prefetch(j - 1)
+                _prefetch(store, j - 1, kept)
             us = self.segments[j]
-            with _resident(self.stream, us, state=self.state):
-                out, dh = self._vjp(us, x, dh, partial(self._run, us), grads)
-                mx.eval([grads[i] for i, _ in us], dh if j > 0 else [])  # unit 0: no dx needed
-            del x, out  # the lazy recomputed output would keep this segment's graph alive
+            reuse = attn_half.reuse(outs) if kept[j] else nullcontext()
+            once = quant.dequantize_once()
+            with _resident(self.stream, us, state=self.state), once, reuse:
+                dh = self._segment_vjp(us, x, dh, grads, need_dx=j > 0)  # unit 0: no dx
+            del x, outs
             self._hand_over(j, us, grads)
 
     def _hand_over(self, j: int, us: list[Unit], grads: list[dict]) -> None:
@@ -318,6 +353,63 @@ class SegmentStep:
             h = blocks.block_forward(self.model, i, h, c.attn_chunk, c.mlp_chunk, halves)
         return h
 
+    def _segment_vjp(
+        self, us: list[Unit], x: mx.array, cotangent: mx.array, grads: list[dict], need_dx=True
+    ) -> mx.array:
+        """Segment `us`'s recompute under VJP at `cotangent`: its LoRA gradients -> grads
+        (evaluated) and d/dx (evaluated if `need_dx`)."""
+        if self._by_rows(us, x):
+            return self._vjp_by_rows(us, x, cotangent, grads)
+        out, dx = self._vjp(us, x, cotangent, partial(self._run, us), grads)
+        mx.eval([grads[i] for i, _ in us], dx if need_dx else [])
+        del out  # the lazy recomputed output would keep this segment's graph alive
+        return dx
+
+    def _by_rows(self, us: list[Unit], x: mx.array) -> bool:
+        """Whether segment `us` is one MLP half run in token chunks: every family's MLP half
+        is token-wise (models/: attention.mlp_forward, its norms and residual inside)."""
+        chunk = self.cfg.mlp_chunk
+        return len(us) == 1 and us[0][1] == ("mlp",) and 0 < chunk < x.shape[0] * x.shape[1]
+
+    def _vjp_by_rows(self, us: list[Unit], x: mx.array, cotangent: mx.array, grads: list[dict]):
+        """d/dx of a token-wise segment (an MLP half) at `cotangent`, and its LoRA gradients
+        -> grads[block], computed and evaluated one token chunk at a time.
+
+        One mx.vjp per chunk of `mlp_chunk` tokens, evaluated before the next: each chunk's
+        dx is written into dx (evaluated, so MLX updates it in place) and its parameter
+        gradients added to the running sums, so the backward holds x, the cotangent, dx once
+        and one chunk's recompute. The same VJP as one custom function over the chunks
+        (tokenwise.py) cannot: MLX evaluates every chunk's dx there before the writes that
+        assemble them (dx twice), a dependency chain on dx stops the in-place writes, and
+        inside a VJP `mx.eval` keeps what it evaluates linked to its graph (every chunk's
+        recompute, dequantized weights included, stays alive: measured 6 GB at 4096 tokens).
+        """
+        (i, halves), layer = us[0], blocks.layers(self.model)[us[0][0]]
+        saved = _unit_parameters(self.model, i, halves)
+        names = [k for k, _ in tree_flatten(saved)]
+        B, L, D = x.shape
+        rows = max(1, self.cfg.mlp_chunk // B)  # tokens per chunk over the batch's rows
+
+        def pure(xc: mx.array, *params: mx.array) -> mx.array:
+            layer.update(tree_unflatten(list(zip(names, params))))
+            return self._run(us, xc)  # a chunk <= mlp_chunk tokens: the MLP unchunked
+
+        dx = mx.zeros(x.shape, x.dtype)
+        sums: list[mx.array] | None = None
+        try:
+            for s in range(0, L, rows):
+                e = min(s + rows, L)
+                primals = [x[:, s:e], *(v for _, v in tree_flatten(saved))]
+                _, (dxc, *dps) = mx.vjp(pure, primals, [cotangent[:, s:e]])
+                dx = mx.slice_update(dx, dxc.astype(x.dtype), mx.array([s]), [1])
+                sums = dps if sums is None else [a + b for a, b in zip(sums, dps)]
+                mx.eval(dx, sums)
+        finally:
+            layer.update(saved)
+        it = iter(sums)
+        grads[i] = {**grads[i], **tree_map(lambda _: next(it), saved)}
+        return dx
+
     def _vjp(self, us: list[Unit], x: mx.array, cotangent: mx.array, fn, grads: list[dict]):
         """(fn(x), d/dx) under mx.vjp w.r.t. x and the units' LoRA params -> grads[block]."""
         layers = [blocks.layers(self.model)[i] for i, _ in us]
@@ -340,6 +432,14 @@ class SegmentStep:
         for (i, _), p in zip(us, saved):  # a block's halves fill its tree in two calls
             grads[i] = {**grads[i], **tree_map(lambda _: next(it), p)}
         return out, dx
+
+
+def _prefetch(store: BoundaryStore, j: int, kept: list[int]) -> None:
+    """Start reading segment j's boundary and its kept attention outputs."""
+    store.prefetch(j)
+    for n in range(kept[j]):
+        store.prefetch(f"{j}o{n}")
+        store.prefetch(f"{j}l{n}")
 
 
 def _unit_parameters(model: nn.Module, i: int, halves: tuple[str, ...]) -> dict:

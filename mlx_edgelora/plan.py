@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from . import blocks
+from . import blocks, quant
 from .config import TrainConfig
 from .loss import head_rows, vocab_tile
 from .models import Shape
@@ -53,7 +53,11 @@ ATTN_KV_GRADS = 2
 # quant.tile_bytes). Measured above dx: 14.1-15.5 [chunk, I] in whole steps (SmolLM2,
 # Qwen2.5-0.5B, Llama-3.2-3B shapes), 15.7-17.3 for the half alone on resident weights
 # quantized by mlx (a tiny model: 16.3); Qwen2.5-3B's shape measured 18.2 that way.
-MLP_HALF_PER_D = 2
+# The MLP half as a segment of its own runs its backward by rows (engine.SegmentStep.
+# _vjp_by_rows: one evaluated VJP per token chunk, dx written in place); segments of more
+# than one unit (whole blocks, --checkpoint-every > 1) run it through tokenwise.py's VJP,
+# which computes the chunks' dx ahead of their writes: MLP_TOKENWISE_PER_D.
+MLP_HALF_PER_D, MLP_TOKENWISE_PER_D = 2, 3
 RECOMPUTE_PER_I = 16.5
 # A segment's recompute runs its units' VJPs last to first, each while the units before it
 # keep their custom functions' inputs and outputs (an attention half: x, q, k, v, the
@@ -107,6 +111,11 @@ STATE_COPIES = 2
 # --activations disk: the boundary prefetched for the next segment (the one in use is the
 # recompute's input, counted with the recompute; the forward's pending writes are below it)
 DISK_BOUNDARIES_IN_MEMORY = 1
+# --keep-attention: each attention half's output o [tokens, q] (compute dtype) and
+# log-sum-exp [tokens, H] (float32) are stored with the boundaries: all of them in RAM, or on
+# disk with two segments' worth in memory (the one whose recompute reads them, the one
+# prefetched); with half-block segments one attention half's (an MLP half's segment, which
+# keeps none, is always in use or prefetched beside it)
 
 
 @dataclass
@@ -232,10 +241,11 @@ def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
 
 
 def _half_activations(
-    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32, by_rows=False
 ) -> dict:
     """Bytes each half of one block's autodiff graph holds for `tokens` tokens, with
-    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32)."""
+    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32);
+    `by_rows`: the MLP half is a segment of its own (engine.SegmentStep._vjp_by_rows)."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
@@ -247,7 +257,11 @@ def _half_activations(
     c = min(cfg.attn_chunk, tokens) if cfg.attn_chunk else tokens
     attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + ATTN_KV_GRADS * s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
-    mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    per_d = MLP_HALF_PER_D if by_rows and 0 < cfg.mlp_chunk < tokens else MLP_TOKENWISE_PER_D
+    mlp = tokens * per_d * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    # the segment engine's dequantize_once scope: small weights' float32 copies (quant.py)
+    attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
+    mlp += quant.once_bytes([(s.I, s.D), (s.I, s.D), (s.D, s.I)])
     return {"attn": attn, "mlp": mlp}
 
 
@@ -409,8 +423,14 @@ def estimate(
         segment_w = _segment_blocks(cfg) * big if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
         head_w = m.frozen - sum(m.block_frozen) if streamed and not _tiled_head(cfg) else 0
+        if _keeps_attention(cfg):
+            n = s.n_layers
+            if not ram:
+                one = cfg.split_blocks and cfg.checkpoint_every == 1
+                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
+            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         if cfg.split_blocks and cfg.checkpoint_every == 1:  # the halves take turns
-            halves = _half_activations(s, tokens, cfg, True, act)
+            halves = _half_activations(s, tokens, cfg, True, act, by_rows=True)
             share = 1.0 if m.attn_share is None else m.attn_share
             attn_w, mlp_w = (big * share, big * (1 - share)) if streamed else (0, 0)
             if m.attn_share is None:
@@ -451,6 +471,16 @@ def n_blocks(cfg: TrainConfig, s: Shape) -> int:
     return max(1, s.n_layers if cfg.num_layers < 0 else min(cfg.num_layers, s.n_layers))
 
 
+def _keeps_attention(cfg: TrainConfig) -> bool:
+    """Whether the forward keeps attention outputs: only the chunked attention half does."""
+    return cfg.keep_attention and 0 < cfg.attn_chunk < cfg.max_seq_len
+
+
+def _kept_attention_bytes(s: Shape, tokens: int, act: int) -> int:
+    """One attention half's kept o and log-sum-exp (attn_half.record)."""
+    return tokens * (s.q * act + s.H * F32)
+
+
 def _optimizer_bytes(cfg: TrainConfig, s: Shape) -> float:
     """LoRA weights, gradients and AdamW state: all blocks', or with --stream-state only the
     running segment's units (state.py)."""
@@ -475,6 +505,9 @@ def disk_bytes(
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         tokens = cfg.batch_size * cfg.max_seq_len
         total += -(-n_units // cfg.checkpoint_every) * tokens * s.D * storage
+        if _keeps_attention(cfg):
+            act = (precision or Precision()).compute.size
+            total += s.n_layers * _kept_attention_bytes(s, tokens, act)
     if cfg.stream_weights:
         total += m.frozen  # every block, and the embedding/head
     if cfg.stream_state:

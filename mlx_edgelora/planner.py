@@ -50,6 +50,7 @@ SPACE: dict[str, list] = {
     "split_blocks": [True, False],
     "checkpoint_every": [1, 2, 4],
     "cache_policy": ["none", "last"],
+    "keep_attention": [True, False],
     "attn_chunk": [256, 1024],
     "mlp_chunk": [256, 1024],
     "vocab_chunk": [8192, 32768],
@@ -93,6 +94,7 @@ SPEED: dict[int, dict[str, dict]] = {
         "attn_chunk": {1024: 0.947},
         "mlp_chunk": {1024: 0.947},
         "vocab_chunk": {32768: 1.957},
+        "keep_attention": {False: 1.196},
     },
     2048: {
         "activations": {"ram": 0.829},
@@ -103,6 +105,7 @@ SPEED: dict[int, dict[str, dict]] = {
         # engine_speed 0.973 (1 step), bench/planner_pick.py 1.11 (3 steps, median): the
         # geometric mean, so that caching is not picked for a speed it did not show
         "cache_policy": {"last": 1.039},
+        "keep_attention": {False: 1.266},
     },
 }
 

@@ -17,6 +17,14 @@ included) for a subclass whose kernel is chosen once per backend:
   dequantization wait for its input, so MLX does not dequantize every layer up front.
   `dequant_matmul_reference` is the plain version it is tested against.
 
+Dequantize once (`dequantize_once`, the segment engine's scope around one segment's forward
+and its recompute): token chunks multiply each weight once per chunk, and per chunk it was
+dequantized again, in tiles sized to the chunk. Inside the scope the CPU kernels share one
+float32 copy of each weight across chunks, the recompute's forward and its dL/dx, while the
+copies total at most ONCE_BYTES, each at most ONCE_WEIGHT_BYTES: a small model's weights
+(SmolLM2's, Qwen2.5-0.5B's attention); larger ones (a 3B model's) keep their tiles, so that
+the scope adds no memory where memory is tight.
+
 The subclasses keep the names and parameters (weight, scales, biases, bias) of mlx's classes,
 so mlx-lm saves, loads and fuses them as usual. The CPU kernel computes in float32 whatever
 the dtype of the scales (float16 in most checkpoints) and returns the input's dtype (--dtype,
@@ -28,6 +36,8 @@ there half-precision operands are upcast (exactly) and multiplied by float32 BLA
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 from mlx import nn
@@ -53,6 +63,63 @@ def dequantize(w, scales, biases, group_size: int, bits: int, mode: str) -> mx.a
     scales = scales.astype(mx.float32)
     biases = None if biases is None else biases.astype(mx.float32)
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+
+ONCE_BYTES = 16 * 2**20  # the most float32 weight bytes a dequantize_once scope keeps
+ONCE_WEIGHT_BYTES = 4 * 2**20  # ... of one weight
+
+
+class _Once:
+    """One dequantize_once scope: the float32 weights it made (by id of the packed weight,
+    which it holds so that the id is not reused) and their bytes."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.arrays: dict[int, tuple[mx.array, mx.array]] = {}
+
+
+_scopes: list[_Once] = []
+
+
+@contextmanager
+def dequantize_once(budget: int | None = None) -> Iterator[None]:
+    """Inside, the CPU kernels dequantize each quantized weight once and share the float32
+    copy among all its uses, while the copies total at most `budget` bytes (default
+    ONCE_BYTES) and each is at most ONCE_WEIGHT_BYTES (the rest are dequantized in tiles per
+    use, as outside). The copies live
+    until the graphs built inside are evaluated."""
+    _scopes.append(_Once(ONCE_BYTES if budget is None else budget))
+    try:
+        yield
+    finally:
+        _scopes.pop()
+
+
+def _whole(qparams: tuple, fmt: tuple, in_dims: int) -> mx.array | None:
+    """The scope's shared float32 W [out, in] of a quantized weight, or None (no scope, or
+    the weight does not fit in what is left of its budget). Keyed by the packed weight's
+    Python object: call it with a module's own arrays (a custom function's primals are new
+    objects on every call)."""
+    if not _scopes:
+        return None
+    scope, w = _scopes[-1], qparams[0]
+    if id(w) in scope.arrays:
+        return scope.arrays[id(w)][1]
+    nbytes = 4 * qparams[1].shape[0] * in_dims
+    if nbytes > ONCE_WEIGHT_BYTES or scope.used + nbytes > scope.budget:
+        return None
+    scope.used += nbytes
+    wf = dequantize(w, qparams[1], qparams[2] if len(qparams) > 2 else None, *fmt)
+    scope.arrays[id(w)] = (w, wf)
+    return wf
+
+
+def once_bytes(weights: list[tuple[int, int]], budget: int | None = None) -> int:
+    """At most the float32 bytes a dequantize_once scope keeps for quantized weights of these
+    [out, in] shapes (used in any order): those small enough, capped by the budget."""
+    budget = ONCE_BYTES if budget is None else budget
+    fitting = [4 * o * i for o, i in weights if 4 * o * i <= min(budget, ONCE_WEIGHT_BYTES)]
+    return min(sum(fitting), budget)
 
 
 def dequant_matmul_reference(x, w, scales, biases, group_size: int, bits: int, mode: str):
@@ -171,7 +238,11 @@ def linear_input_grad(linear: nn.Module, dy: mx.array, low_rank=None) -> mx.arra
         return dx if extra is None else dx + extra
     qparams = (w, scales) if biases is None else (w, scales, biases)
     in_dims = w.shape[1] * 32 // fmt[1]
-    return _tiled_input_grad(dy.astype(mx.float32), qparams, fmt, in_dims, low_rank)
+    dy = dy.astype(mx.float32)
+    wf = _whole(qparams, fmt, in_dims)
+    if wf is not None:
+        return dy @ wf if low_rank is None else mx.addmm(low_rank[0] @ low_rank[1].T, dy, wf)
+    return _tiled_input_grad(dy, qparams, fmt, in_dims, low_rank)
 
 
 def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
@@ -182,6 +253,9 @@ def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str) 
             x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
         ).astype(x.dtype)
     qparams = (w, scales) if biases is None else (w, scales, biases)
+    wf = _whole(qparams, (group_size, bits, mode), x.shape[-1])
+    if wf is not None:  # plain autodiff: its VJP is dy @ wf, with the copy shared
+        return (x.astype(mx.float32) @ wf.T).astype(x.dtype)
     y = _dequant_matmul_fn(group_size, bits, mode)(x.astype(mx.float32), *qparams)
     return y.astype(x.dtype)
 

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_edgelora import blocks, engine, fused_lora, loss, quant
+from mlx_edgelora import attn_half, blocks, engine, fused_lora, loss, quant
 from mlx_edgelora.batching import Batch
 from mlx_edgelora.config import DEFAULT_LORA_KEYS, TrainConfig
 from mlx_edgelora.errors import UserError
@@ -120,6 +120,45 @@ def test_segments_match_graph(arch, bits, case, tmp_path):
         step.close()
     assert_same_step(got, ref)
     assert list(tmp_path.iterdir()) == []  # boundaries and streamed weights are gone
+
+
+@pytest.mark.parametrize("case", [(1, "disk", True), (3, "ram", True), (2, "ram", False)], ids=str)
+def test_kept_attention_outputs_give_the_same_bits_and_skip_the_attention_forward(
+    case, tmp_path, monkeypatch
+):
+    """--keep-attention: the recompute reuses the forward's o and lse (attn_half.reuse), so the
+    step is the one without it to the bit, and the VJP no longer calls attend_rows."""
+    every, where, split = case
+    model, batch = make_model("llama", 4), make_batch()
+    calls = []
+    monkeypatch.setattr(attn_half, "attend_rows", _counted(attn_half.attend_rows, calls))
+
+    def run(keep: bool):
+        cfg = TrainConfig(
+            spill_dir=str(tmp_path), out=str(tmp_path), checkpoint_every=every, activations=where,
+            split_blocks=split, attn_chunk=8, mlp_chunk=8, keep_attention=keep,
+        )  # fmt: skip
+        calls.clear()
+        got = engine.make_step(model, cfg, reference_head(model))(batch)
+        return got, len(calls)
+
+    (kept, n_kept), (plain, n_plain) = run(True), run(False)
+    assert kept[:2] == plain[:2]
+    g, r = dict(tree_flatten(kept[2])), dict(tree_flatten(plain[2]))
+    assert all(mx.array_equal(g[k], r[k]).item() for k in r)
+    # 4 blocks x 4 query chunks (L = 30, chunk 8): the forward, the recompute's custom
+    # function building its (never evaluated) forward again, and without keep the VJP's own
+    forward = 4 * 4
+    assert (n_kept, n_plain) == (2 * forward, 3 * forward)
+    assert list(tmp_path.iterdir()) == []  # the kept outputs' spill files are gone too
+
+
+def _counted(fn, calls: list):
+    def wrapped(*a, **k):
+        calls.append(1)
+        return fn(*a, **k)
+
+    return wrapped
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -133,6 +133,14 @@ def test_options_that_save_memory_lower_the_plan(tmp_path):
         return plan.estimate(model, TrainConfig(**{**cfg.to_dict(), **kw})).phases["loss head"]
 
     assert head_phase(cache_policy="last") >= head_phase() and total(cache_policy="last") >= total()
+    # kept attention outputs: every block's in RAM; with disk boundaries one attention half's
+    # (half-block segments), two whole blocks'
+    ram = total(activations="ram") - total(activations="ram", keep_attention=False)
+    disk = total() - total(keep_attention=False)
+    assert ram == pytest.approx(8 * disk) and disk > 0  # 8 blocks
+    whole = total(split_blocks=False) - total(split_blocks=False, keep_attention=False)
+    assert whole == pytest.approx(2 * disk)
+    assert total(keep_attention=True, attn_chunk=0) == total(keep_attention=False, attn_chunk=0)
     assert plan.estimate(model, cfg, 0.3).total_gb < plan.estimate(model, cfg, 1.0).total_gb
 
 

@@ -137,7 +137,9 @@ def test_nothing_fits_names_the_set_option_to_drop(tmp_path, sizes):
     free = _cfg(tmp_path)
     budget = min(_peak(sizes, c) for c in planner.candidates(free)) * 1.01
     argv = ["--memory-budget-gb", str(budget), "--no-split-blocks", "--checkpoint-every", "4"]
-    with pytest.raises(UserError, match=r"; --split-blocks --checkpoint-every 1 fits \("):
+    # (the smallest plan also drops --keep-attention, a free option)
+    fix = r"; --split-blocks --checkpoint-every 1 (--no-keep-attention )?fits \("
+    with pytest.raises(UserError, match=fix):
         planner.choose(sizes, _cfg(tmp_path, *argv))
 
 
@@ -175,6 +177,25 @@ def test_the_trainer_runs_the_planners_choice(tmp_path, tiny_model_dir):
     assert "planner: budget 50.00 GB" in printed and "chosen:" in printed
     saved = json.loads((out / "adapter_config.json").read_text())["edgelora"]
     assert saved["activations"] == "disk" and saved["stream_weights"] is False  # as chosen
+
+
+def test_keeps_attention_outputs_when_they_fit(tmp_path, sizes, monkeypatch):
+    """--keep-attention is faster (its speed factor) and costs memory: kept with room, dropped
+    when only that fits."""
+    monkeypatch.setattr(planner, "SPEED", {2048: {**SPEED, "keep_attention": {False: 1.2}}})
+    argv = ["--activations", "ram", "--no-stream-weights", "--checkpoint-every", "1"]
+    assert planner.choose(sizes, _cfg(tmp_path, "--memory-budget-gb", "100", *argv))[
+        0
+    ].keep_attention
+    free = _cfg(tmp_path, *argv)
+    peaks = {
+        keep: min(_peak(sizes, c) for c in planner.candidates(free) if c.keep_attention == keep)
+        for keep in (True, False)
+    }
+    assert peaks[False] < peaks[True]
+    budget = str((peaks[False] + peaks[True]) / 2)
+    cfg, _, _ = planner.choose(sizes, _cfg(tmp_path, "--memory-budget-gb", budget, *argv))
+    assert not cfg.keep_attention
 
 
 def _floor(sizes, cfg, dtype):
@@ -243,7 +264,8 @@ def test_an_explicit_dtype_is_kept(tmp_path, bf16_sizes):
     assert "kept as set: --dtype" in why
     free = _cfg(tmp_path)
     budget = (_floor(bf16_sizes, free, "auto") + _floor(bf16_sizes, free, "float32")) / 2
-    with pytest.raises(UserError, match=r"no configuration fits.*; --dtype (auto|bfloat16)"):
+    fix = r"no configuration fits.*; (--no-keep-attention )?--dtype (auto|bfloat16)"
+    with pytest.raises(UserError, match=fix):
         planner.choose(
             bf16_sizes, _cfg(tmp_path, "--memory-budget-gb", str(budget), "--dtype", "float32")
         )

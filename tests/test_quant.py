@@ -66,6 +66,48 @@ def test_custom_vjp_does_not_keep_dequantized_weights_for_backward():
     assert peak(quant.dequant_matmul) + 2 * weight_bytes < peak(quant.dequant_matmul_reference)
 
 
+def test_dequantize_once_shares_small_weights_and_gives_the_same_numbers(monkeypatch):
+    """Inside the scope, token chunks (and the VJP's dL/dx, with a LoRA term) share one
+    float32 copy of a small weight: the values equal the tiled kernel's, and the weight is
+    dequantized once; a weight over ONCE_WEIGHT_BYTES (or the budget) keeps its tiles."""
+    monkeypatch.setattr(quant, "TILE_BYTES", 40 * 64 * 4)  # 3 row tiles outside the scope
+    small, big = _quantized(96, 64, 4), _quantized(96, 64, 4, seed=1)
+    g, a = mx.random.normal((6, 3)), mx.random.normal((64, 3))
+    x, cot = mx.random.normal((2, 6, 64)), mx.random.normal((2, 6, 96))
+    fmt = (32, 4, "affine")
+
+    def chunks(x, w):  # three token chunks of 2, as tokenwise runs them
+        return mx.concatenate(
+            [quant.dequant_matmul(x[:, i : i + 2], *w, *fmt) for i in (0, 2, 4)], 1
+        )
+
+    def run(w):
+        y, (dx,) = mx.vjp(lambda x: chunks(x, w), [x], [cot])
+        lin = nn.QuantizedLinear(64, 96, bias=False, group_size=32, bits=4)
+        lin.update({"weight": w[0], "scales": w[1], "biases": w[2]})
+        quant.prepare_for_training(lin_holder := nn.Sequential(lin))
+        dx_lr = quant.linear_input_grad(lin_holder.layers[0], cot[0], low_rank=(g, a))
+        return [y[0], dx, dx_lr]
+
+    calls = []
+    dequantize = quant.dequantize
+    monkeypatch.setattr(quant, "dequantize", lambda *a: calls.append(a[0].shape) or dequantize(*a))
+    want = run(small)
+    tiles = len(calls)
+    calls.clear()
+    with quant.dequantize_once():
+        got = run(small)
+    assert calls == [(96, 8)]  # once, whole (64 4-bit columns packed in 8 uint32)
+    for u, v in zip(got, want):
+        assert _rel(u, v) < 1e-6
+    calls.clear()
+    monkeypatch.setattr(quant, "ONCE_WEIGHT_BYTES", 96 * 64 * 4 - 1)
+    with quant.dequantize_once():
+        run(big)
+    assert len(calls) == tiles
+    assert quant.once_bytes([(96, 64), (10, 10)], budget=10**6) == 10 * 10 * 4
+
+
 def _names(tree: dict) -> list[str]:
     return [k for k, _ in tree_flatten(tree)]
 

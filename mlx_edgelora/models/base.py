@@ -245,7 +245,7 @@ class Family:
             mods = [norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, post]
             return attention_half(fns, [m for m in mods if m is not None], x, chunk)
         k, v = kv_fn(0, x)
-        return out_fn(0, x, attention_core(q_fn(0, x), k, v, attn.scale, 0, window))
+        return out_fn(0, x, attention_core(q_fn(0, x), k, v, attn.scale, window))
 
 
 def add_residual(x: mx.array, r: mx.array) -> mx.array:
