@@ -155,7 +155,9 @@ class PhaseTracker:
         self._wrap(step, "_forward", lambda *a: "forward")
         self._wrap(step, "_loss_and_vjp", lambda *a: "loss head")
         self._wrap(step, "_backward", lambda *a: None, backward=True)
-        self._wrap(step, "_vjp", lambda us, *a: f"recompute {unit_names(us)}", in_backward=True)
+        # one segment's recompute: _segment_vjp (the MLP half by rows, or _vjp), or _vjp
+        vjp = "_segment_vjp" if hasattr(step, "_segment_vjp") else "_vjp"
+        self._wrap(step, vjp, lambda us, *a: f"recompute {unit_names(us)}", in_backward=True)
         self._wrap(step, "_hand_over", lambda j, us, *a: "hand over")
 
     def _wrap(self, obj, attr: str, name, backward=False, in_backward=False) -> None:
