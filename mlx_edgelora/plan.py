@@ -95,13 +95,12 @@ HEAD_FIT = 1.35
 TILED_HEAD_PER_ROW_D, TILED_HEAD_LOOP_PER_ROW_D, TILED_HEAD_TILES = 7.25, 2, 2.5
 TILED_HEAD_BLOCKS = (2.5, 4)
 # The chunked exact head under autodiff (the graph engine, --cache-policy last) recomputes
-# each vocabulary tile in its own VJP: per row one logits tile row and two [D] rows (the input
-# and its gradient), plus ~4.4 dequantized [tile, D] weight tiles in flight. Fitted (before
-# the tiled head) to SmolLM2 (6 blocks) at 512 and 2048 tokens (58.5 and 76.7 MB measured for
-# the head phase, weights included) and checked on
-# the Qwen2.5-0.5B shape at 512 and the Llama-3.2-3B cells (bench/results/plan_accuracy.md);
-# the terms above (fitted before the head had its own VJP) were 2.2x SmolLM2's at 2048 tokens.
-CHUNKED_HEAD = {"per_row_cols": 0, "per_row_D": 2, "weight_tiles": 6.5, "fit": 1.2}
+# each vocabulary tile in its own VJP: per row per_row_D [D] floats (the input's gradient and
+# its row blocks' partial sums), plus weight_tiles dequantized [tile, D] tiles in flight, times
+# fit. Fitted with --cache-policy last to SmolLM2 (6 blocks) at 512 and 2048 tokens and the
+# Qwen2.5-0.5B shape at 512 (whole steps, the merged code: 1.05x, 1.14x, 1.06x); before, one
+# logits row per row ([rows, tile]) and 2 [D]: 1.39x SmolLM2's phase at 2048 tokens.
+CHUNKED_HEAD = {"per_row_cols": 0, "per_row_D": 1.5, "weight_tiles": 6.25, "fit": 1.2}
 OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # --stream-state: one unit's state is in memory at a time; its update holds the old and new
 # weight, m and v and the gradient sum
@@ -242,11 +241,19 @@ def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
 
 
 def _half_activations(
-    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32, by_rows=False
+    s: Shape,
+    tokens: int,
+    cfg: TrainConfig,
+    chunked: bool,
+    act: int = F32,
+    by_rows=False,
+    once=True,
 ) -> dict:
     """Bytes each half of one block's autodiff graph holds for `tokens` tokens, with
     activations of `act` bytes (--dtype's compute dtype; attention scores stay float32);
-    `by_rows`: the MLP half is a segment of its own (engine.SegmentStep._vjp_by_rows)."""
+    `by_rows`: the MLP half is a segment of its own (engine.SegmentStep._vjp_by_rows);
+    `once`: in a dequantize_once scope (a checkpointed segment's recompute, not the cached
+    last segment of --cache-policy last)."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
@@ -261,8 +268,9 @@ def _half_activations(
     per_d = MLP_HALF_PER_D if by_rows and 0 < cfg.mlp_chunk < tokens else MLP_TOKENWISE_PER_D
     mlp = tokens * per_d * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
     # the segment engine's dequantize_once scope: small weights' float32 copies (quant.py)
-    attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
-    mlp += quant.once_bytes([(s.I, s.D), (s.I, s.D), (s.D, s.I)])
+    if once:
+        attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
+        mlp += quant.once_bytes([(s.I, s.D), (s.I, s.D), (s.D, s.I)])
     return {"attn": attn, "mlp": mlp}
 
 
@@ -280,10 +288,12 @@ def _kept(s: Shape, tokens: int, kind: str, act: int) -> float:
     return {"attn": attn, "mlp": mlp, "block": attn + mlp}[kind]
 
 
-def _units_recompute(s: Shape, tokens: int, cfg: TrainConfig, act: int, kinds) -> float:
+def _units_recompute(
+    s: Shape, tokens: int, cfg: TrainConfig, act: int, kinds, once: bool = True
+) -> float:
     """Bytes the recompute of units `kinds` (in order) holds: the largest VJP plus what the
     units before it keep."""
-    h = _half_activations(s, tokens, cfg, True, act)
+    h = _half_activations(s, tokens, cfg, True, act, once=once)
     vjp = {**h, "block": max(h["attn"], h["mlp"] + _kept(s, tokens, "attn", act))}
     return max(
         vjp[k] + sum(_kept(s, tokens, j, act) for j in kinds[:i]) for i, k in enumerate(kinds)
@@ -449,7 +459,7 @@ def estimate(
         if cfg.cache_policy == "last":  # the last segment's graph is alive with the loss head
             kinds = _last_segment_kinds(cfg, s)
             kept = sum(_kept(s, tokens, k, act) for k in kinds)
-            recomputed = _units_recompute(s, tokens, cfg, act, kinds)
+            recomputed = _units_recompute(s, tokens, cfg, act, kinds, once=False)
             # its input is the forward's output, not a boundary; its state is loaded too
             own = tokens * s.D * act + unit_state + head_w + segment_w
             phases["loss head"] = own + max(head + kept, recomputed)
