@@ -25,6 +25,7 @@ import mlx.core as mx
 
 # isort: on
 import argparse
+import itertools
 import json
 import sys
 from functools import partial
@@ -168,7 +169,8 @@ def report(rows: list[dict]) -> str:
 
 def trainer_plans(folder: str = "bench/.models/llama3b") -> list[str]:
     """The trainer's own plan (plan.estimate, CLI defaults) for the full-depth model at long
-    contexts, with float32 compute (a CPU) and bfloat16 compute (a Mac GPU), as table rows."""
+    contexts, with float32 compute (a CPU) and bfloat16 compute (a Mac GPU), with the default
+    --keep-attention and without it, as table rows."""
     from dataclasses import replace
 
     from mlx_edgelora import lora, plan, precision
@@ -182,8 +184,9 @@ def trainer_plans(folder: str = "bench/.models/llama3b") -> list[str]:
     rows = []
     for L in (2048, 4096, 8192, 16384, 32768, 65536):
         cells = []
-        for dt in (mx.float32, mx.bfloat16):
-            p = plan.estimate(sizes, replace(cfg, max_seq_len=L), precision=precision.Precision(
+        for keep, dt in itertools.product((True, False), (mx.float32, mx.bfloat16)):
+            c = replace(cfg, max_seq_len=L, keep_attention=keep)
+            p = plan.estimate(sizes, c, precision=precision.Precision(
                 storage=mx.bfloat16, compute=dt))  # fmt: skip
             peak = next(k for k in p.parts if "peak phase" in k).split(" (")[0]
             cells.append(f"{p.total_gb:.3f} ({peak})")
@@ -216,7 +219,11 @@ def main() -> None:
         "", "## The trainer's plan, Llama-3.2-3B shape, full depth (28 blocks), CLI defaults",
         "", "Segments, split blocks, weights and state streamed, disk boundaries, bf16 storage;",
         "GB, planned (plan.estimate; derived, not measured), the peak phase in brackets.",
-        "", "| tokens | float32 compute (CPU) | bfloat16 compute (Mac GPU) |", "|---|---|---|",
+        "Compute float32 (as on this CPU) or bfloat16 (as on a Mac GPU); --keep-attention (the",
+        "default: each attention half's output kept with its boundary, one [L, q] more in",
+        "memory) or --no-keep-attention.",
+        "", "| tokens | float32, keep | bfloat16, keep | float32, no keep | bfloat16, no keep |",
+        "|---|---|---|---|---|",
         *trainer_plans(), "",
     ])  # fmt: skip
     (RESULTS / "long_context.md").write_text(text)
