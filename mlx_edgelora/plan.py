@@ -60,6 +60,7 @@ ATTN_KV_GRADS = 2
 # shape's whole block at 512 tokens measured 1.002x with 3).
 MLP_HALF_PER_D, MLP_TOKENWISE_PER_D = 2, 3.5
 RECOMPUTE_PER_I = 16.5
+RECOMPUTE_BY_ROWS_PER_I = 15.5  # by rows (_vjp_by_rows): Llama-3.2-3B 2048 was 1.17x with 16.5
 # A segment's recompute runs its units' VJPs last to first, each while the units before it
 # keep their custom functions' inputs and outputs (an attention half: x, q, k, v, the
 # attention output: about KEPT_ATTN_PER_D [L, D] + KEPT_ATTN_PER_KV [L, kv]; an MLP half:
@@ -266,7 +267,9 @@ def _half_activations(
     attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + ATTN_KV_GRADS * s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
     per_d = MLP_HALF_PER_D if by_rows and 0 < cfg.mlp_chunk < tokens else MLP_TOKENWISE_PER_D
-    mlp = tokens * per_d * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    rows_by = by_rows and 0 < cfg.mlp_chunk < tokens
+    per_i = RECOMPUTE_BY_ROWS_PER_I if rows_by else RECOMPUTE_PER_I
+    mlp = tokens * per_d * s.D * act + mlp_rows * per_i * s.I * act
     # the segment engine's dequantize_once scope: small weights' float32 copies (quant.py)
     if once:
         attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
