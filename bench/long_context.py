@@ -4,8 +4,8 @@ Why: at 16K-64K tokens a step's peak is one of three phases (the plan, plan.py, 
 a split block's attention-half recompute, its MLP-half recompute, or the loss head. A whole
 trainer step on the Llama-3.2-3B shape at 16K costs CPU-hours here (the loss head alone is
 ~26 TFLOP), so this measures each phase on its own, as the trainer's step runs it
-(SegmentStep._vjp with the trainer's chunks; LossHead.value_and_grad), with its inputs and
-cotangent already evaluated, and reports `mx.get_peak_memory()` above what was resident
+(SegmentStep._segment_vjp with the trainer's chunks; LossHead.value_and_grad), with its
+inputs and cotangent already evaluated, and reports `mx.get_peak_memory()` above what was resident
 (weights, inputs): the plan's "peak phase" term, without the boundaries and the LoRA state.
 
 The head is measured with its first `--vocab` rows only (default 4 vocabulary tiles): its
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from recompute_profile import peak_above  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+CURRENT = "dx once"  # the label of rows measured on this code (the plan's terms are given)
 GB = 2**30
 
 
@@ -84,7 +85,7 @@ def run(model_path: str, L: int, dtype: str, phases: list[str], vocab: int) -> d
     def half(name: str):
         us = [(1, (name,))]
         grads = [{} for _ in blocks.layers(model)]
-        _, dx = step._vjp(us, x, dy, partial(step._run, us), grads)
+        dx = step._segment_vjp(us, x, dy, grads)
         return [dx, grads[1]]
 
     for name in ("attn", "mlp"):
@@ -122,7 +123,7 @@ def planned(row: dict) -> dict:
     )  # fmt: skip
     L, act = row["seq"], 4 if row["dtype"] == "float32" else 2
     cfg = TrainConfig(max_seq_len=L)
-    halves = plan._half_activations(shape, L, cfg, True, act)
+    halves = plan._half_activations(shape, L, cfg, True, act, by_rows=True)
     io = L * shape.D * act
     head = plan._loss_head_bytes(shape, L, cfg, L, act)
     return {
@@ -137,18 +138,22 @@ def report(rows: list[dict]) -> str:
         "# Long-context phase peaks (GB above resident: weights, the phase's inputs)",
         "",
         "`nice -n 10 python bench/long_context.py --model M --seq L --label X [--dtype D]`:",
-        "one split block's attention- and MLP-half recompute under VJP (SegmentStep._vjp, the",
-        "trainer's chunks 256/256) and the tiled loss head (its first 4 vocabulary tiles),",
+        "one split block's attention- and MLP-half recompute under VJP (the trainer's backward",
+        "of one unit, SegmentStep._segment_vjp, chunks 256/256) and the tiled loss head (its",
+        "first 4 vocabulary tiles),",
         "with the input x and the cotangent [L, D] in the compute dtype already in memory.",
         "",
         "Each cell: measured GB; in brackets the plan's term for it (plan.py of this code,",
-        "less the resident x and cotangent, or h; not given for the code before).",
+        "less the resident x and cotangent, or h), given for the rows of this code only.",
+        "Labels: `before`, the separate custom functions; `after`, attn_half.py and the",
+        "row-blocked head (tokenwise.py's MLP VJP held dx twice); `dx once`, the MLP half's",
+        "backward as one evaluated VJP per token chunk (engine.SegmentStep._vjp_by_rows).",
         "",
         "| label | model | tokens | compute | attn half | mlp half | loss head |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        p, q = r["phases"], ({} if r["label"] == "before" else planned(r))
+        p, q = r["phases"], (planned(r) if r["label"] == CURRENT else {})
         cells = [
             (f"{p[k]:.3f}" + (f" ({q[k]:.3f})" if k in q else "")) if k in p else "-"
             for k in ("attn half", "mlp half", "loss head")

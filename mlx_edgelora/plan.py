@@ -44,11 +44,15 @@ ATTN_PER_D = 6
 # at 4096 tokens (tests/test_attn_half.py). Before, the separate custom functions held ~9
 # [L, D] (0.383 GB at 4096; the old terms: 6 D + 4 kv per token and [H, L, chunk] scores).
 ATTN_HALF_PER_D, ATTN_TILES, ATTN_CHUNK_ROWS = 3, 8, 16
-# The MLP half (tokenwise.py, residual inside its custom VJP) holds MLP_HALF_PER_D [L, D] (x,
-# the cotangent, dx and its chunks, which MLX computes ahead of their writes into dx) and, for
-# one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
-# gradients, and the dequantized weight tiles); fitted as above (before: 6 [L, D]).
-MLP_HALF_PER_D = 4
+# The MLP half's recompute (engine.SegmentStep._vjp_by_rows: one VJP per token chunk,
+# evaluated in turn) holds MLP_HALF_PER_D [L, D] (x, the cotangent, dx written in place) and,
+# for one token chunk, RECOMPUTE_PER_I [chunk, I] arrays (gate, up and their products and
+# gradients, and the dequantized weight tiles). Fitted as above: 0.162 GB above x and the
+# cotangent at 4096 tokens, the plan 1.06x (bench/results/long_context.md). Before: 4 [L, D]
+# (tokenwise.py's custom VJP computed every chunk's dx ahead of their writes), and 6 before it.
+# Segments of more than one unit (whole blocks, --checkpoint-every > 1) still run the MLP
+# through tokenwise.py's VJP: MLP_TOKENWISE_PER_D.
+MLP_HALF_PER_D, MLP_TOKENWISE_PER_D = 3, 4
 RECOMPUTE_PER_I = 16
 # A whole block's recompute (--no-split-blocks) runs its MLP half's VJP while the attention
 # half's custom functions keep their inputs and outputs (x, q, k, v, the attention output:
@@ -89,6 +93,11 @@ OPT_COPIES = 5  # LoRA weight + gradient + accumulated gradient + AdamW m and v
 # weight, m and v and the gradient sum
 STREAMED_OPT_COPIES = 7
 DISK_BOUNDARIES_IN_MEMORY = 3  # --activations disk: one being written, one in use, one prefetched
+# ... while a segment's recompute runs, only one: the boundary read back is freed once cast to
+# the compute dtype (x, counted in the recompute) and the next one is prefetched into host
+# memory (counted here). Measured on a tiny model's whole step (tests/test_engine.py): at each
+# backward unit's start only its cotangent and its stored boundary are alive.
+DISK_BOUNDARIES_IN_RECOMPUTE = 1
 # --keep-attention: each attention half's output o [tokens, q] (compute dtype) and
 # log-sum-exp [tokens, H] (float32) are stored with the boundaries: all of them in RAM, or on
 # disk with two segments' worth in memory (the one whose recompute reads them, the one
@@ -200,10 +209,11 @@ def _weights_gb(m: ModelSizes, cfg: TrainConfig) -> float:
 
 
 def _half_activations(
-    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32
+    s: Shape, tokens: int, cfg: TrainConfig, chunked: bool, act: int = F32, by_rows=False
 ) -> dict:
     """Bytes each half of one block's autodiff graph holds for `tokens` tokens, with
-    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32)."""
+    activations of `act` bytes (--dtype's compute dtype; attention scores stay float32);
+    `by_rows`: the MLP half is a segment of its own (engine.SegmentStep._vjp_by_rows)."""
     attn_cols = min(cfg.attn_chunk, tokens) if chunked and cfg.attn_chunk else tokens
     scores = cfg.batch_size * s.H * (tokens // cfg.batch_size) * attn_cols * F32 * 2
     mlp_rows = min(cfg.mlp_chunk, tokens) if chunked and cfg.mlp_chunk else tokens
@@ -214,7 +224,8 @@ def _half_activations(
     c = min(cfg.attn_chunk, tokens) if cfg.attn_chunk else tokens
     attn = tokens * ((ATTN_HALF_PER_D * s.D + 2 * s.kv) * act + s.kv * F32)
     attn += (ATTN_TILES * s.H * c * c + ATTN_CHUNK_ROWS * c * s.D) * F32 * cfg.batch_size
-    mlp = tokens * MLP_HALF_PER_D * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
+    per_d = MLP_HALF_PER_D if by_rows and 0 < cfg.mlp_chunk < tokens else MLP_TOKENWISE_PER_D
+    mlp = tokens * per_d * s.D * act + mlp_rows * RECOMPUTE_PER_I * s.I * act
     # the segment engine's dequantize_once scope: small weights' float32 copies (quant.py)
     attn += quant.once_bytes([(s.q, s.D), (s.kv, s.D), (s.kv, s.D), (s.D, s.q)])
     mlp += quant.once_bytes([(s.I, s.D), (s.I, s.D), (s.D, s.I)])
@@ -241,7 +252,9 @@ def _segment_activations(s: Shape, tokens: int, cfg: TrainConfig, act: int = F32
     k = cfg.checkpoint_every
     if not cfg.split_blocks:
         return k * _whole_block_recompute(s, tokens, cfg, act)
-    big, small = sorted(_half_activations(s, tokens, cfg, True, act).values(), reverse=True)
+    by_rows = k == 1  # one half per segment
+    halves = _half_activations(s, tokens, cfg, True, act, by_rows)
+    big, small = sorted(halves.values(), reverse=True)
     return -(-k // 2) * big + k // 2 * small
 
 
@@ -323,14 +336,12 @@ def estimate(
     else:
         n_units = s.n_layers * (2 if cfg.split_blocks else 1)
         n_seg = -(-n_units // cfg.checkpoint_every)
-        kept = n_seg if cfg.activations == "ram" else DISK_BOUNDARIES_IN_MEMORY
-        parts["segment boundaries"] = min(kept, n_seg) * tokens * s.D * precision.storage.size / GB
-        if _keeps_attention(cfg):
-            n = s.n_layers
-            if cfg.activations == "disk":
-                one = cfg.split_blocks and cfg.checkpoint_every == 1
-                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
-            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
+        boundary = tokens * s.D * precision.storage.size
+        ram = cfg.activations == "ram"
+        stored = {  # boundaries in memory during each phase
+            "segment recompute": n_seg if ram else min(DISK_BOUNDARIES_IN_RECOMPUTE, n_seg),
+            "loss head": n_seg if ram else min(DISK_BOUNDARIES_IN_MEMORY, n_seg),
+        }
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
@@ -344,7 +355,14 @@ def estimate(
             kept = n * tokens * (CACHED_PER_D * s.D + CACHED_PER_KV * s.kv) * act
             recomputed = n * _whole_block_recompute(s, tokens, cfg, act)
             phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
-        name = max(phases, key=phases.get)
+        name = max(phases, key=lambda k: phases[k] + stored[k] * boundary)
+        parts["segment boundaries"] = stored[name] * boundary / GB
+        if _keeps_attention(cfg):
+            n = s.n_layers
+            if cfg.activations == "disk":
+                one = cfg.split_blocks and cfg.checkpoint_every == 1
+                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
+            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         parts[f"{name} (peak phase)"] = phases[name] / GB
     if token_bytes:
         parts["token store"] = token_bytes / GB

@@ -11,6 +11,11 @@ before the next starts, and each whole output (and input gradient) is written ch
 into one buffer (`assemble`: `mx.slice_update`, which reuses the buffer it updates) instead of
 concatenated: a concatenation holds every chunk and the result, twice the bytes.
 `tokenwise_reference` is the same loop under plain autodiff.
+Measured limit: MLX still evaluates every chunk's input gradient before the writes that
+assemble dx (about 2 [L, D] at the peak), and `mx.eval` inside this VJP cannot help (it keeps
+what it evaluates linked to the traced graph). So the segment engine's backward of an
+MLP-half segment does not use this VJP: it runs one evaluated VJP per chunk itself
+(engine.SegmentStep._vjp_by_rows, dx held once).
 """
 
 from __future__ import annotations
