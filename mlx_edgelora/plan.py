@@ -342,6 +342,12 @@ def estimate(
             "segment recompute": n_seg if ram else min(DISK_BOUNDARIES_IN_RECOMPUTE, n_seg),
             "loss head": n_seg if ram else min(DISK_BOUNDARIES_IN_MEMORY, n_seg),
         }
+        if _keeps_attention(cfg):
+            n = s.n_layers
+            if cfg.activations == "disk":
+                one = cfg.split_blocks and cfg.checkpoint_every == 1
+                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
+            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         segment = _segment_activations(s, tokens, cfg, act)
         segment_w = _segment_blocks(cfg) * max(m.block_frozen) if streamed else 0
         # a streamed head is loaded whole for the loss, unless read tile by tile from disk
@@ -357,12 +363,6 @@ def estimate(
             phases["loss head"] = head_w + segment_w + max(head + kept, recomputed)
         name = max(phases, key=lambda k: phases[k] + stored[k] * boundary)
         parts["segment boundaries"] = stored[name] * boundary / GB
-        if _keeps_attention(cfg):
-            n = s.n_layers
-            if cfg.activations == "disk":
-                one = cfg.split_blocks and cfg.checkpoint_every == 1
-                n = min(n, 1 if one else 2 * _segment_blocks(cfg))
-            parts["kept attention outputs"] = n * _kept_attention_bytes(s, tokens, act) / GB
         parts[f"{name} (peak phase)"] = phases[name] / GB
     if token_bytes:
         parts["token store"] = token_bytes / GB
