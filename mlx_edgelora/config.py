@@ -246,6 +246,17 @@ class TrainConfig:
         "the ones you set are kept; refuse to start if nothing fits (default: half of this "
         "machine's memory, and the default options are kept whenever they fit it)",
     )
+    gpu_buffers: str = _opt(
+        "auto",
+        "on a GPU (Metal, CUDA), how much work MLX queues per command buffer: every array an "
+        "op makes stays allocated until its buffer finishes on the GPU, above the memory "
+        "plan (measured on CUDA: up to 3.6x the plan at 16K tokens). small: one op per "
+        "buffer (MLX_MAX_OPS_PER_BUFFER=1, MLX_MAX_MB_PER_BUFFER=1; the plan held, steps ~3x "
+        "slower there); mlx: MLX's own limits (fastest); auto: small when "
+        "--memory-budget-gb is given, mlx otherwise. The CLI starts itself again with the "
+        "limits; in Python set them before importing mlx. No effect on a CPU",
+        choices=["auto", "small", "mlx"],
+    )
     config: str | None = _opt(None, "YAML file whose keys mirror these flags")
     # Not an option: the names of the options the user set (CLI or YAML), which the planner
     # never changes. None (a TrainConfig built in Python): every option that differs from its

@@ -6,9 +6,11 @@ and exits with 130 (143) so the run can be continued with --resume.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
+from . import gpu_buffers
 from .config import parse_config
 from .errors import Terminated, UserError
 
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(argv)
+        _restart_for_gpu_buffers(cfg, argv)
         result = train(cfg, keep_model=False)  # exits next: no need to reload weights
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -41,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         '--prompt "..."'
     )
     return 0
+
+
+def _restart_for_gpu_buffers(cfg, argv: list[str] | None) -> None:
+    """--gpu-buffers small on a GPU: MLX reads its limits only at import, so start again."""
+    from .precision import on_gpu
+
+    budget = cfg.is_given("memory_budget_gb")
+    env = gpu_buffers.restart_env(cfg.gpu_buffers, budget, on_gpu(), os.environ)
+    if env is not None:
+        limits = " ".join(f"{k}={v}" for k, v in gpu_buffers.SMALL.items())
+        print(f"--gpu-buffers {cfg.gpu_buffers}: starting again with {limits}", flush=True)
+        gpu_buffers.restart(sys.argv[1:] if argv is None else argv, env)
 
 
 if __name__ == "__main__":

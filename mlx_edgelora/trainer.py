@@ -23,7 +23,19 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint, distributed, engine, files, lora, loss, planner, precision, quant, report
+from . import (
+    checkpoint,
+    distributed,
+    engine,
+    files,
+    gpu_buffers,
+    lora,
+    loss,
+    planner,
+    precision,
+    quant,
+    report,
+)
 from .batching import BatchIterator, iter_eval_batches
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -281,6 +293,9 @@ def _setup(
     precision.cast_weights(model, prec.storage)  # before the stream writes them (lazily)
     adapter_cfg["edgelora"] = cfg.to_dict()  # the options as run, the planner's included
     reporter.info(prec.describe())
+    if precision.on_gpu():
+        budget = cfg.is_given("memory_budget_gb")
+        reporter.info(gpu_buffers.describe(cfg.gpu_buffers, budget, os.environ))
     reporter.info(choice)
     reporter.info(memory_plan.describe())
     if world.is_main:
