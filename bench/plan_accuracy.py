@@ -80,6 +80,9 @@ FRESH_ROWS = [  # the most telling first (a run on a shared CPU may not get to t
     ("smollm2:6", 512, ALL[3:]),
     ("llama3b:2", 2048, ["defaults", "no split blocks"]),
     ("qwen3b:2", 2048, ["defaults"]),
+    # long contexts: the attention half's per-token terms (one block: the phases are per unit)
+    ("llama3b:1", 8192, ["defaults"]),
+    ("llama3b:1", 16384, ["defaults"]),
 ]
 # The modules whose code decides a step's memory: a row measured with other versions of them
 # is "older code" (plan.py and planner.py only estimate, so they are not here).

@@ -128,6 +128,14 @@ def child() -> None:
     print(json.dumps(rec))
 
 
+def _load_words(loads: list[float]) -> str:
+    """How busy the 2-core machine was: at a load of 2.5 or less the bench was alone on it."""
+    span = f"load average {min(loads):.1f}-{max(loads):.1f}"
+    if max(loads) <= 2.5:
+        return f"Measured with nothing else running ({span}: the bench's own process) on 2 cores."
+    return f"Measured UNDER LOAD ({span}) on the shared 2-core CPU."
+
+
 def report() -> str:
     rec = json.loads((RESULTS / "planner_pick.json").read_text())
     med = {k: statistics.median(v) for k, v in rec["step_s"].items()}
@@ -137,8 +145,7 @@ def report() -> str:
         f"SmolLM2-135M (Q4_1 GGUF), first {rec['layers']} of 30 blocks, {rec['seq']} tokens,",
         "batch 1;",
         f"`python bench/planner_pick.py` ({rec['rounds']} rounds + a warm-up, interleaved, one",
-        "process under the timing lock), then `--report`. Measured UNDER LOAD (load average",
-        f"{min(rec['loadavg']):.1f}-{max(rec['loadavg']):.1f}) on the shared 2-core CPU.",
+        "process under the timing lock), then `--report`. " + _load_words(rec["loadavg"]),
         "Target: the pick within 10% of the fastest measured configuration that fits. max/min:",
         "the spread of one configuration's own steps (the noise a ratio has to beat).",
         "",
