@@ -453,7 +453,8 @@ def trainer_rows() -> list[dict]:
             continue
         cfg = parse_config(["--max-seq-len", str(r["context"]), "--out", "/tmp/x", *r["flags"]])
         folder = _model_path(f"{r['shape']}:2")  # 2 blocks: the plan's other sizes per block
-        model = load_model(folder, lazy=True).model
+        loaded = load_model(folder, lazy=True)
+        model = loaded.model
         lora.apply_adapter(model, cfg)
         quant.prepare_for_training(model)
         m = plan.sizes(model)
@@ -464,7 +465,8 @@ def trainer_rows() -> list[dict]:
             m, shape=shape, frozen=m.frozen + (n - 2) * per_block, block_frozen=(per_block,) * n
         )
         # as the trainer plans it: --dtype auto on a CPU (bf16 storage, float32 compute)
-        prec = precision.resolve(cfg.dtype, m.native, gpu=False)
+        # the model's own dtype as the trainer takes it (load_model gives float32 weights)
+        prec = precision.resolve(cfg.dtype, loaded.dtype or m.native, gpu=False)
         full = full.stored_as(prec.storage)
         planned = plan.estimate(full, cfg, 1.0, TOKEN_STORE_BYTES, precision=prec)
         key = f"{r['shape']} {r['context']} {r['steps']} steps {' '.join(r['flags'])}".strip()
@@ -474,7 +476,7 @@ def trainer_rows() -> list[dict]:
                 key,
                 planned,
                 r["step_peaks_gb"] and max(r["step_peaks_gb"]) or r["reported_peak_gb"],
-                _measured_with_current_code(r),
+                _measured_with_current_code({"commit": r.get("code")}),  # its commit
             )
         )
     return out

@@ -424,9 +424,11 @@ def estimate(
         ram = cfg.activations == "ram"
         kept = n_seg if ram else DISK_BOUNDARIES_IN_MEMORY
         parts["segment boundaries"] = min(kept, n_seg) * boundary / GB
-        # the recompute's input x: on disk, the boundary read back (in RAM, one of them);
-        # in another dtype than the compute's, its cast too; and the running units' state
-        x_in = (0 if ram else boundary) + (tokens * s.D * act if storage != act else 0)
+        # the recompute's input x: on disk, the boundary read back (in RAM, one of them); in
+        # another dtype than the compute's, its cast instead (the read-back storage copy is
+        # freed once the cast is evaluated: engine.SegmentStep._backward); and the running
+        # units' state (bench/results/plan_accuracy.md: the trainer's rows, bf16 storage)
+        x_in = 0 if ram and storage == act else tokens * s.D * act
         unit_state = 0
         if streamed_state:
             unit_state = (
