@@ -4,9 +4,10 @@ The limits' effect needs a GPU (bench/results/gpu_trainer.md measured it on CUDA
 decision, the restart's command line and environment, and that a CPU never restarts."""
 
 # isort: off
-import mlx_edgelora  # noqa: F401  (preloads OpenBLAS before mlx)
+import mlx_edgelora  # (first: preloads OpenBLAS before mlx)
 
 # isort: on
+from contextlib import contextmanager
 from importlib import import_module
 
 import pytest
@@ -14,7 +15,27 @@ import pytest
 from mlx_edgelora import gpu_buffers, precision
 from mlx_edgelora.errors import UserError
 
-cli = import_module("mlx_edgelora.train")  # the module (the package's `train` is the function)
+
+@contextmanager
+def _cli_module():
+    """The CLI module mlx_edgelora.train, imported for one test only: importing it makes the
+    package attribute `train` the module, which would shadow the public function `train`
+    for every test after (the package resolves it lazily)."""
+    before = vars(mlx_edgelora).get("train")
+    try:
+        yield import_module("mlx_edgelora.train")
+    finally:
+        if before is None:
+            vars(mlx_edgelora).pop("train", None)
+        else:
+            mlx_edgelora.train = before
+
+
+@pytest.fixture
+def cli():
+    with _cli_module() as module:
+        yield module
+
 
 SMALL = gpu_buffers.SMALL
 
@@ -57,7 +78,7 @@ def _capture_exec(monkeypatch):
     return calls
 
 
-def test_cli_restarts_on_a_gpu_with_its_arguments(monkeypatch):
+def test_cli_restarts_on_a_gpu_with_its_arguments(monkeypatch, cli):
     for k in SMALL:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(precision, "on_gpu", lambda: True)
@@ -71,7 +92,7 @@ def test_cli_restarts_on_a_gpu_with_its_arguments(monkeypatch):
 
 
 @pytest.mark.parametrize("gpu, argv", [(False, ["--gpu-buffers", "small"]), (True, [])])
-def test_cli_runs_on_without_restart(monkeypatch, gpu, argv):
+def test_cli_runs_on_without_restart(monkeypatch, cli, gpu, argv):
     """A CPU, or a GPU with no budget and the default `auto`: straight to training."""
     for k in SMALL:
         monkeypatch.delenv(k, raising=False)
@@ -90,3 +111,13 @@ def test_startup_line_says_what_the_plan_means():
     assert "op by op" in gpu_buffers.describe("mlx", False, dict(SMALL))
     assert "before importing mlx" in gpu_buffers.describe("small", False, {})
     assert "--gpu-buffers small" in gpu_buffers.describe("auto", False, {})
+
+
+def test_public_train_is_the_trainer_after_the_cli_module_was_imported():
+    """What _cli_module guards: test_export's SmolLM2 run failed ('module' object is not
+    callable) when a collected test module imported the CLI at import time."""
+    with _cli_module():
+        pass
+    from mlx_edgelora import train
+
+    assert callable(train) and train.__module__ == "mlx_edgelora.trainer"

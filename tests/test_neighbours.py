@@ -114,7 +114,8 @@ def test_auto_uses_approx_for_large_heads_on_cpu(tmp_path, monkeypatch):
 def test_table_is_built_in_tiles_without_a_float_copy_of_the_head(monkeypatch, method):
     """A quantized head is dequantized one vocabulary chunk at a time: the build's peak stays
     well under the head's float32 copy (one lazy graph over all chunks dequantized the whole
-    head at once), and the table equals the one built in one tile."""
+    head at once), and the table equals the one built in one tile (the approximate one up to
+    near ties at its candidate cut)."""
     model, _ = build_tiny_model(
         "llama", quantize_bits=4, vocab_size=4096, hidden_size=256, num_hidden_layers=1
     )
@@ -133,6 +134,10 @@ def test_table_is_built_in_tiles_without_a_float_copy_of_the_head(monkeypatch, m
     base = mx.get_active_memory()
     table = build(model, 8)
     peak = mx.get_peak_memory() - base
-    assert np.array_equal(table, whole)
+    if method == "exact":
+        assert np.array_equal(table, whole)
+    else:  # tiles round the rank-32 projection differently: a near tie at the candidate cut
+        # can swap one candidate (seen: 1 row of 4096 on one CPU, 0 on others)
+        assert (table != whole).any(axis=1).mean() <= 0.002
     float_head = 4096 * 256 * 4
     assert peak < 0.75 * float_head, (peak, float_head)  # before: 2.1x (exact)
