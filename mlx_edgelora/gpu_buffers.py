@@ -35,8 +35,14 @@ def restart_env(
     return {**SMALL, **environ}
 
 
+def _assignments(environ: Mapping[str, str]) -> str:
+    """The limits as shell assignments, with `environ`'s values (the user's kept)."""
+    return " ".join(f"{k}={environ[k]}" for k in SMALL if k in environ)
+
+
 def restart(argv: list[str], env: dict) -> None:
-    """Replace this process with `python -m mlx_edgelora.train argv` under `env`."""
+    """Replace this process with `python -m mlx_edgelora.train argv` under `env`, saying so."""
+    print(f"--gpu-buffers: starting again with {_assignments(env)}")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "mlx_edgelora.train", *argv], env)
@@ -45,14 +51,13 @@ def restart(argv: list[str], env: dict) -> None:
 def describe(choice: str, budget_given: bool, environ: Mapping[str, str]) -> str:
     """The startup line on a GPU: which limits this process runs with, and what that means
     for the memory plan."""
-    limits = ", ".join(f"{k}={environ[k]}" for k in SMALL if k in environ)
+    limits = _assignments(environ)
     if limits:
         return f"gpu buffers: {limits} (arrays freed op by op, as the memory plan counts them)"
     if wanted(choice, budget_given):
         return (
-            "gpu buffers: MLX's defaults, although --gpu-buffers asks for small ones: set "
-            + " ".join(f"{k}={v}" for k, v in SMALL.items())
-            + " before importing mlx, or the peak can exceed the memory plan"
+            f"gpu buffers: MLX's defaults, although --gpu-buffers asks for small ones: set "
+            f"{_assignments(SMALL)} before importing mlx, or the peak can exceed the memory plan"
         )
     return (
         "gpu buffers: MLX's defaults (fastest; in-flight command buffers hold arrays beyond "

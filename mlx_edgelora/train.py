@@ -53,8 +53,6 @@ def _restart_for_gpu_buffers(cfg, argv: list[str] | None) -> None:
     budget = cfg.is_given("memory_budget_gb")
     env = gpu_buffers.restart_env(cfg.gpu_buffers, budget, on_gpu(), os.environ)
     if env is not None:
-        limits = " ".join(f"{k}={env[k]}" for k in gpu_buffers.SMALL)
-        print(f"--gpu-buffers {cfg.gpu_buffers}: starting again with {limits}", flush=True)
         gpu_buffers.restart(sys.argv[1:] if argv is None else argv, env)
 
 
